@@ -1,0 +1,68 @@
+"""Stage 1, decode: encoded photo bytes -> RGB uint8 array, EXIF-upright, long side capped."""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from shared_protocol import ErrorCode, ProtocolError, limits
+
+DEFAULT_MAX_SIDE = 2048   # pixels; longer photos are downscaled to this long side
+
+Image.MAX_IMAGE_PIXELS = limits.MAX_PHOTO_PIXELS
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A decoded photo. rgb: (H, W, 3) uint8, sRGB. scale: decoded pixels per original pixel (<= 1)."""
+
+    name: str
+    rgb: np.ndarray
+    original_size: tuple[int, int]   # (width, height) after EXIF rotation, before downscaling
+    scale: float
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.rgb.shape[1], self.rgb.shape[0]
+
+
+def decode_photo(data: bytes, name: str, max_side: int = DEFAULT_MAX_SIDE) -> Photo:
+    """JPEG, PNG, WebP, BMP or TIFF bytes -> Photo. Raises ProtocolError naming the file on bad input."""
+    if len(data) > limits.MAX_PHOTO_BYTES:
+        raise ProtocolError(ErrorCode.IMAGE_TOO_LARGE,
+                            f"{name}: {len(data)} bytes, over the limit of {limits.MAX_PHOTO_BYTES}")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.format not in ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"):
+                raise ProtocolError(ErrorCode.BAD_IMAGE, f"{name}: {image.format} images are not "
+                                    "supported; use JPEG, PNG, WebP, BMP or TIFF")
+            width, height = image.size
+            if width * height > limits.MAX_PHOTO_PIXELS:
+                raise ProtocolError(ErrorCode.IMAGE_TOO_LARGE, f"{name}: {width}x{height} pixels, over "
+                                    f"the limit of {limits.MAX_PHOTO_PIXELS}")
+            orientation = image.getexif().get(0x0112, 1)
+            original_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+            image.draft("RGB", (max_side, max_side))       # JPEG: decode at reduced size when possible
+            image = ImageOps.exif_transpose(image)
+            if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                image = Image.alpha_composite(background, rgba)
+            image = image.convert("RGB")
+    except ProtocolError:
+        raise
+    except Image.DecompressionBombError:
+        raise ProtocolError(ErrorCode.IMAGE_TOO_LARGE, f"{name}: more than {limits.MAX_PHOTO_PIXELS} pixels") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ProtocolError(ErrorCode.BAD_IMAGE, f"{name}: not a readable image ({exc})") from None
+    if min(width, height) < limits.MIN_PHOTO_SIDE:
+        raise ProtocolError(ErrorCode.IMAGE_TOO_SMALL, f"{name}: {width}x{height} pixels; a photo needs "
+                            f"at least {limits.MIN_PHOTO_SIDE} pixels on each side")
+    scale = min(1.0, max_side / max(image.size))
+    if scale < 1.0:
+        image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)),
+                             Image.Resampling.LANCZOS)
+    scale = image.size[0] / original_size[0]
+    return Photo(name=name, rgb=np.asarray(image, dtype=np.uint8), original_size=original_size, scale=scale)

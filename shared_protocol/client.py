@@ -1,0 +1,147 @@
+"""A DEALER client shared by the CLI, the tests and the Blender add-on.
+
+Needs pyzmq (the add-on ships its wheels); the rest of shared_protocol is standard library only.
+Non-blocking use (the add-on's timer): `submit()` then `poll()` until it returns None.
+Blocking use (CLI, tests): `reconstruct()` or `status()`.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import uuid
+from pathlib import Path
+from typing import Callable
+
+import zmq
+
+from . import limits
+from .errors import ErrorCode, ProtocolError
+from .messages import (Cancel, Error, Message, Ping, Pong, ReconstructOptions, ReconstructRequest,
+                       Result, Status, StatusRequest, decode, encode, Progress, Accepted)
+
+
+def load_curve_keys(client_secret_file: str | os.PathLike) -> tuple[bytes, bytes]:
+    """(public, secret) Z85 keys from a `.key_secret` file made by `facerecon-backend keys generate`."""
+    import zmq.auth
+    public, secret = zmq.auth.load_certificate(os.fspath(client_secret_file))
+    if not secret:
+        raise ProtocolError(ErrorCode.BAD_FIELD, f"{client_secret_file} holds no secret key")
+    return public, secret
+
+
+def read_server_public_key(path_or_key: str) -> bytes:
+    """A server public key given as a Z85 string (40 chars) or as a `.key` file path."""
+    if len(path_or_key) == 40 and not Path(path_or_key).exists():
+        return path_or_key.encode("ascii")
+    import zmq.auth
+    public, _ = zmq.auth.load_certificate(path_or_key)
+    return public
+
+
+class Client:
+    """One DEALER connection to a backend. Not thread-safe: use it from one thread."""
+
+    def __init__(self, address: str, *, server_public_key: bytes | None = None,
+                 client_keys: tuple[bytes, bytes] | None = None,
+                 context: zmq.Context | None = None) -> None:
+        self.address = address
+        self._context = context or zmq.Context.instance()
+        self._socket = self._context.socket(zmq.DEALER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, limits.MAX_MESSAGE_BYTES)
+        if server_public_key is not None:
+            if client_keys is None:
+                client_keys = zmq.curve_keypair()
+            self._socket.curve_serverkey = server_public_key
+            self._socket.curve_publickey, self._socket.curve_secretkey = client_keys
+        self._socket.connect(address)
+        self._nonces = itertools.count(1)
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- non-blocking primitives -------------------------------------------------------------
+    def send(self, message: Message) -> None:
+        self._socket.send_multipart(encode(message), copy=False)
+
+    def poll(self, timeout_ms: int = 0) -> Message | None:
+        """The next message, or None if none arrives within timeout_ms. Bad frames -> Error message."""
+        if not self._socket.poll(timeout_ms, zmq.POLLIN):
+            return None
+        frames = self._socket.recv_multipart()
+        try:
+            return decode(frames)
+        except ProtocolError as exc:
+            return Error(exc.code, f"bad message from the backend: {exc.message}")
+
+    def submit(self, photo: bytes, photo_name: str, options: ReconstructOptions | None = None) -> str:
+        """Send a reconstruct request; returns its request_id (answers carry it, then the job_id)."""
+        request_id = uuid.uuid4().hex
+        self.send(ReconstructRequest(request_id, photo_name, photo, options or ReconstructOptions()))
+        return request_id
+
+    def cancel(self, job_id: str) -> None:
+        self.send(Cancel(job_id))
+
+    # --- blocking helpers --------------------------------------------------------------------
+    def _wait(self, timeout_s: float, accept: Callable[[Message], bool]) -> Message:
+        end = time.monotonic() + timeout_s
+        while True:
+            remaining = int((end - time.monotonic()) * 1000)
+            if remaining <= 0:
+                raise ProtocolError(ErrorCode.TIMEOUT,
+                                    f"no answer from {self.address} within {timeout_s:.0f} s; "
+                                    "is the backend running (facerecon-backend serve)?")
+            message = self.poll(remaining)
+            if message is not None and accept(message):
+                return message
+
+    def ping(self, timeout_s: float = 5.0) -> float:
+        """Round-trip seconds of a Ping/Pong heartbeat."""
+        nonce = next(self._nonces)
+        start = time.monotonic()
+        self.send(Ping(nonce))
+        self._wait(timeout_s, lambda m: isinstance(m, Pong) and m.nonce == nonce)
+        return time.monotonic() - start
+
+    def status(self, timeout_s: float = 5.0) -> Status:
+        self.send(StatusRequest())
+        message = self._wait(timeout_s, lambda m: isinstance(m, (Status, Error)))
+        if isinstance(message, Error):
+            raise ProtocolError(message.code, message.message)
+        return message
+
+    def reconstruct(self, photo: bytes, photo_name: str, options: ReconstructOptions | None = None,
+                    timeout_s: float = 300.0,
+                    on_progress: Callable[[Progress], None] | None = None) -> Result:
+        """Blocking round trip. Raises ProtocolError with the backend's code on failure."""
+        request_id = self.submit(photo, photo_name, options)
+        job_id: str | None = None
+
+        def mine(message: Message) -> bool:
+            nonlocal job_id
+            if isinstance(message, Accepted) and message.request_id == request_id:
+                job_id = message.job_id
+                return False
+            if isinstance(message, Progress) and message.job_id == job_id:
+                if on_progress:
+                    on_progress(message)
+                return False
+            if isinstance(message, Result):
+                return message.job_id == job_id
+            if isinstance(message, Error):
+                return (message.request_id == request_id or (job_id is not None and message.job_id == job_id)
+                        or (message.request_id is None and message.job_id is None))
+            return False
+
+        message = self._wait(timeout_s, mine)
+        if isinstance(message, Error):
+            raise ProtocolError(message.code, message.message)
+        return message

@@ -1,0 +1,422 @@
+"""Every message between the add-on, the CLI client and the backend, and its multipart framing.
+
+Framing (one ZeroMQ multipart message; a ROUTER socket sees the peer identity frame before it):
+
+    frame 0     UTF-8 JSON object: {"protocol_version": "1.0", "type": "<type>", ...fields,
+                "payloads": [{"name": str, "size": int}, ...]}
+    frame 1..n  binary payloads, in the order and with the sizes the header lists
+
+`encode(message) -> list[bytes]` and `decode(frames) -> Message` are exact inverses for valid
+messages. `decode` raises only `ProtocolError`, with a specific `ErrorCode`, for anything else.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence, Union
+
+from .errors import ErrorCode, ProtocolError
+from . import limits
+
+PROTOCOL_VERSION = "1.0"
+PROTOCOL_MAJOR = 1
+
+STAGES = ("queued", "decode", "detect", "landmarks", "fit", "bake", "export")
+OUTPUT_KINDS = ("obj", "mtl", "png", "json")
+
+
+def _fail(message: str, code: ErrorCode = ErrorCode.BAD_FIELD) -> ProtocolError:
+    return ProtocolError(code, message)
+
+
+class _Fields:
+    """Typed access to a decoded header; every getter raises BAD_FIELD with the field's name."""
+
+    def __init__(self, header: dict[str, Any], type_name: str) -> None:
+        self.header = header
+        self.type_name = type_name
+
+    def _get(self, name: str, required: bool) -> Any:
+        if name not in self.header:
+            if required:
+                raise _fail(f"'{self.type_name}' needs field '{name}'")
+            return None
+        return self.header[name]
+
+    def text(self, name: str, required: bool = True, max_chars: int = 4096) -> str | None:
+        value = self._get(name, required)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or len(value) > max_chars:
+            raise _fail(f"field '{name}' must be a string of at most {max_chars} characters")
+        return value
+
+    def integer(self, name: str, low: int, high: int, required: bool = True) -> int | None:
+        value = self._get(name, required)
+        if value is None and not required:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise _fail(f"field '{name}' must be an integer in [{low}, {high}]")
+        return value
+
+    def number(self, name: str, low: float, high: float) -> float:
+        value = self._get(name, True)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+            raise _fail(f"field '{name}' must be a number in [{low}, {high}]")
+        return float(value)
+
+    def choice(self, name: str, allowed: Sequence[str]) -> str:
+        value = self._get(name, True)
+        if value not in allowed:
+            raise _fail(f"field '{name}' must be one of {', '.join(allowed)}")
+        return value
+
+    def text_list(self, name: str, allowed: Sequence[str] | None = None) -> list[str]:
+        value = self._get(name, True)
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _fail(f"field '{name}' must be a list of strings")
+        if allowed is not None and any(v not in allowed for v in value):
+            raise _fail(f"field '{name}' may hold only {', '.join(allowed)}")
+        return value
+
+    def obj(self, name: str) -> dict[str, Any]:
+        value = self._get(name, True)
+        if not isinstance(value, dict):
+            raise _fail(f"field '{name}' must be a JSON object")
+        return value
+
+
+def _check_file_name(name: str) -> str:
+    """A bare file name: no folders, no '..', no control characters (keeps writes in their folder)."""
+    if (not name or len(name) > limits.MAX_NAME_CHARS or name in (".", "..") or "/" in name
+            or "\\" in name or any(ord(c) < 32 for c in name) or ":" in name):
+        raise _fail(f"'{name[:60]}' is not a bare file name")
+    return name
+
+
+@dataclass(frozen=True)
+class ReconstructOptions:
+    """What the client wants. face: index into faces sorted largest first, or -1 for all faces."""
+
+    face: int = 0
+    texture_size: int = limits.DEFAULT_TEXTURE_SIZE   # pixels per side
+    model: str = "builtin"
+    outputs: tuple[str, ...] = OUTPUT_KINDS
+    subdivision: int = 1                              # Loop subdivision levels of the mesh
+
+    def to_json(self) -> dict[str, Any]:
+        return {"face": self.face, "texture_size": self.texture_size, "model": self.model,
+                "outputs": list(self.outputs), "subdivision": self.subdivision}
+
+    @classmethod
+    def from_json(cls, value: dict[str, Any]) -> "ReconstructOptions":
+        f = _Fields(value, "options")
+        options = cls(
+            face=f.integer("face", -1, 63),
+            texture_size=f.integer("texture_size", limits.MIN_TEXTURE_SIZE, limits.MAX_TEXTURE_SIZE),
+            model=f.text("model", max_chars=64),
+            outputs=tuple(f.text_list("outputs", OUTPUT_KINDS)),
+            subdivision=f.integer("subdivision", 0, 2),
+        )
+        if options.texture_size & (options.texture_size - 1):
+            raise _fail("field 'texture_size' must be a power of two")
+        return options
+
+
+@dataclass(frozen=True)
+class ReconstructRequest:
+    """Client -> server: reconstruct the face(s) in one photo. request_id is chosen by the client."""
+
+    TYPE: ClassVar[str] = "reconstruct"
+    request_id: str
+    photo_name: str
+    photo: bytes
+    options: ReconstructOptions = field(default_factory=ReconstructOptions)
+
+    def header(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "photo_name": self.photo_name,
+                "options": self.options.to_json()}
+
+    def payloads(self) -> list[tuple[str, bytes]]:
+        return [("photo", self.photo)]
+
+    @classmethod
+    def parse(cls, f: _Fields, payloads: list[tuple[str, bytes]]) -> "ReconstructRequest":
+        if len(payloads) != 1 or payloads[0][0] != "photo":
+            raise _fail("'reconstruct' carries exactly one payload named 'photo'", ErrorCode.BAD_FRAMES)
+        photo = payloads[0][1]
+        if not photo:
+            raise _fail("the photo payload is empty")
+        if len(photo) > limits.MAX_PHOTO_BYTES:
+            raise _fail(f"photo is {len(photo)} bytes, over the limit of {limits.MAX_PHOTO_BYTES}",
+                        ErrorCode.PAYLOAD_TOO_LARGE)
+        return cls(request_id=f.text("request_id", max_chars=128),
+                   photo_name=_check_file_name(f.text("photo_name", max_chars=limits.MAX_NAME_CHARS)),
+                   photo=photo, options=ReconstructOptions.from_json(f.obj("options")))
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """Server -> client: the request is queued as job_id; queue_position 0 means running next."""
+
+    TYPE: ClassVar[str] = "accepted"
+    request_id: str
+    job_id: str
+    queue_position: int
+
+    def header(self) -> dict[str, Any]:
+        return {"request_id": self.request_id, "job_id": self.job_id,
+                "queue_position": self.queue_position}
+
+    @classmethod
+    def parse(cls, f: _Fields, payloads: list) -> "Accepted":
+        return cls(f.text("request_id", max_chars=128), f.text("job_id", max_chars=128),
+                   f.integer("queue_position", 0, 1 << 31))
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Server -> client: job_id entered `stage` (one of STAGES); fraction of the whole job, 0..1."""
+
+    TYPE: ClassVar[str] = "progress"
+    job_id: str
+    stage: str
+    fraction: float
+
+    def header(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "stage": self.stage, "fraction": self.fraction}
+
+    @classmethod
+    def parse(cls, f: _Fields, payloads: list) -> "Progress":
+        return cls(f.text("job_id", max_chars=128), f.choice("stage", STAGES),
+                   f.number("fraction", 0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class ResultFile:
+    """One output file: a bare file name, its kind (obj, mtl, png, json) and its bytes."""
+
+    name: str
+    kind: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Result:
+    """Server -> client: the finished job's files (for face=-1, one set of files per face)."""
+
+    TYPE: ClassVar[str] = "result"
+    job_id: str
+    files: tuple[ResultFile, ...]
+    summary: dict[str, Any] = field(default_factory=dict)   # small JSON facts: faces, timings
+
+    def header(self) -> dict[str, Any]:
+        return {"job_id": self.job_id, "kinds": [f.kind for f in self.files], "summary": self.summary}
+
+    def payloads(self) -> list[tuple[str, bytes]]:
+        return [(f.name, f.data) for f in self.files]
+
+    @classmethod
+    def parse(cls, f: _Fields, payloads: list[tuple[str, bytes]]) -> "Result":
+        kinds = f.text_list("kinds", OUTPUT_KINDS)
+        if len(kinds) != len(payloads):
+            raise _fail("'kinds' must list one kind per payload", ErrorCode.BAD_FRAMES)
+        for name, data in payloads:
+            _check_file_name(name)
+            if len(data) > limits.MAX_RESULT_FILE_BYTES:
+                raise _fail(f"result file {name} is over the limit", ErrorCode.PAYLOAD_TOO_LARGE)
+        files = tuple(ResultFile(name, kind, data) for (name, data), kind in zip(payloads, kinds))
+        return cls(f.text("job_id", max_chars=128), files, f.obj("summary"))
+
+
+@dataclass(frozen=True)
+class Error:
+    """Either direction: a failure with a stable code. job_id/request_id say what failed, if known."""
+
+    TYPE: ClassVar[str] = "error"
+    code: ErrorCode
+    message: str
+    job_id: str | None = None
+    request_id: str | None = None
+
+    def header(self) -> dict[str, Any]:
+        return {"code": self.code.value, "message": self.message, "job_id": self.job_id,
+                "request_id": self.request_id}
+
+    @classmethod
+    def parse(cls, f: _Fields, payloads: list) -> "Error":
+        code = f.choice("code", [c.value for c in ErrorCode])
+        job_id = f.header.get("job_id")
+        request_id = f.header.get("request_id")
+        for name, value in (("job_id", job_id), ("request_id", request_id)):
+            if value is not None and (not isinstance(value, str) or len(value) > 128):
+                raise _fail(f"field '{name}' must be null or a short string")
+        return cls(ErrorCode(code), f.text("message", max_chars=8192), job_id, request_id)
+
+
+@dataclass(frozen=True)
+class Cancel:
+    """Client -> server: cancel job_id (queued: at once; running: at the next stage boundary)."""
+
+    TYPE: ClassVar[str] = "cancel"
+    job_id: str
+
+    def header(self) -> dict[str, Any]:
+        return {"job_id": self.job_id}
+
+    @classmethod
+    def parse(cls, f: _Fields, payloads: list) -> "Cancel":
+        return cls(f.text("job_id", max_chars=128))
+
+
+@dataclass(frozen=True)
+class Ping:
+    """Either direction: liveness check (heartbeat); the peer answers Pong with the same nonce."""
+
+    TYPE: ClassVar[str] = "ping"
+    nonce: int
+
+    def header(self) -> dict[str, Any]:
+        return {"nonce": self.nonce}
+
+    @classmethod
+    def parse(cls, f: _Fields, payloads: list) -> "Ping":
+        return cls(f.integer("nonce", 0, (1 << 53) - 1))
+
+
+@dataclass(frozen=True)
+class Pong:
+    TYPE: ClassVar[str] = "pong"
+    nonce: int
+
+    def header(self) -> dict[str, Any]:
+        return {"nonce": self.nonce}
+
+    @classmethod
+    def parse(cls, f: _Fields, payloads: list) -> "Pong":
+        return cls(f.integer("nonce", 0, (1 << 53) - 1))
+
+
+@dataclass(frozen=True)
+class StatusRequest:
+    """Client -> server: ask for Status. Answered even while every worker is busy."""
+
+    TYPE: ClassVar[str] = "status_request"
+
+    def header(self) -> dict[str, Any]:
+        return {}
+
+    @classmethod
+    def parse(cls, f: _Fields, payloads: list) -> "StatusRequest":
+        return cls()
+
+
+@dataclass(frozen=True)
+class Status:
+    """Server -> client: versions, devices, models, queue depth and counters."""
+
+    TYPE: ClassVar[str] = "status"
+    server_version: str
+    devices: tuple[str, ...]
+    models: tuple[str, ...]
+    workers: tuple[dict[str, Any], ...]     # one per worker: device, state, jobs_done, gpu_memory_mb
+    queue_depth: int
+    jobs_done: int
+    jobs_failed: int
+    uptime_s: float
+    protocol_version: str = PROTOCOL_VERSION
+
+    def header(self) -> dict[str, Any]:
+        return {"server_version": self.server_version, "server_protocol_version": self.protocol_version,
+                "devices": list(self.devices), "models": list(self.models),
+                "workers": list(self.workers), "queue_depth": self.queue_depth,
+                "jobs_done": self.jobs_done, "jobs_failed": self.jobs_failed, "uptime_s": self.uptime_s}
+
+    @classmethod
+    def parse(cls, f: _Fields, payloads: list) -> "Status":
+        workers = f.header.get("workers")
+        if not isinstance(workers, list) or not all(isinstance(w, dict) for w in workers):
+            raise _fail("field 'workers' must be a list of objects")
+        return cls(f.text("server_version", max_chars=64), tuple(f.text_list("devices")),
+                   tuple(f.text_list("models")), tuple(workers),
+                   f.integer("queue_depth", 0, 1 << 31), f.integer("jobs_done", 0, 1 << 53),
+                   f.integer("jobs_failed", 0, 1 << 53), f.number("uptime_s", 0.0, 1e12),
+                   f.text("server_protocol_version", max_chars=16))
+
+
+Message = Union[ReconstructRequest, Accepted, Progress, Result, Error, Cancel, Ping, Pong,
+                StatusRequest, Status]
+MESSAGE_TYPES: dict[str, type] = {cls.TYPE: cls for cls in (
+    ReconstructRequest, Accepted, Progress, Result, Error, Cancel, Ping, Pong, StatusRequest, Status)}
+
+
+def encode(message: Message) -> list[bytes]:
+    """Message -> multipart frames (header JSON first, then payloads)."""
+    payloads = message.payloads() if hasattr(message, "payloads") else []
+    header = {"protocol_version": PROTOCOL_VERSION, "type": message.TYPE, **message.header(),
+              "payloads": [{"name": name, "size": len(data)} for name, data in payloads]}
+    return [json.dumps(header, separators=(",", ":")).encode("utf-8"), *(data for _, data in payloads)]
+
+
+def _check_version(header: dict[str, Any]) -> None:
+    version = header.get("protocol_version")
+    if not isinstance(version, str):
+        raise _fail("header needs a string 'protocol_version'", ErrorCode.BAD_HEADER)
+    major = version.split(".", 1)[0]
+    if not major.isdigit():
+        raise _fail(f"protocol_version '{version[:16]}' is not MAJOR.MINOR", ErrorCode.BAD_HEADER)
+    if int(major) != PROTOCOL_MAJOR:
+        raise _fail(f"peer speaks protocol {version[:16]}, this side speaks {PROTOCOL_VERSION}; "
+                    "update the add-on or the backend so that both match", ErrorCode.PROTOCOL_MISMATCH)
+
+
+def _payload_table(header: dict[str, Any], frames: Sequence[bytes]) -> list[tuple[str, bytes]]:
+    table = header.get("payloads")
+    if not isinstance(table, list):
+        raise _fail("header needs a 'payloads' list", ErrorCode.BAD_HEADER)
+    if len(table) != len(frames) - 1:
+        raise _fail(f"header lists {len(table)} payloads but {len(frames) - 1} frames follow",
+                    ErrorCode.BAD_FRAMES)
+    payloads = []
+    for entry, data in zip(table, frames[1:]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise _fail("each payload entry needs a 'name' string", ErrorCode.BAD_HEADER)
+        size = entry.get("size")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise _fail("each payload entry needs a non-negative integer 'size'", ErrorCode.BAD_HEADER)
+        if size > limits.MAX_RESULT_FILE_BYTES:
+            raise _fail(f"payload '{entry['name'][:60]}' declares {size} bytes, over the limit",
+                        ErrorCode.PAYLOAD_TOO_LARGE)
+        if size != len(data):
+            raise _fail(f"payload '{entry['name'][:60]}' declares {size} bytes but carries {len(data)}",
+                        ErrorCode.PAYLOAD_SIZE_MISMATCH)
+        payloads.append((entry["name"], bytes(data)))
+    return payloads
+
+
+def decode(frames: Sequence[bytes]) -> Message:
+    """Multipart frames -> Message. Raises ProtocolError (never anything else) on any defect."""
+    if not isinstance(frames, (list, tuple)) or not frames:
+        raise _fail("a message needs at least a header frame", ErrorCode.BAD_FRAMES)
+    if len(frames) > limits.MAX_FRAMES:
+        raise _fail(f"{len(frames)} frames, over the limit of {limits.MAX_FRAMES}", ErrorCode.BAD_FRAMES)
+    if not all(isinstance(f, (bytes, bytearray, memoryview)) for f in frames):
+        raise _fail("frames must be bytes", ErrorCode.BAD_FRAMES)
+    raw = bytes(frames[0])
+    if len(raw) > limits.MAX_HEADER_BYTES:
+        raise _fail(f"header is {len(raw)} bytes, over {limits.MAX_HEADER_BYTES}", ErrorCode.PAYLOAD_TOO_LARGE)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _fail(f"header is not UTF-8 JSON ({type(exc).__name__})", ErrorCode.BAD_HEADER) from None
+    if not isinstance(header, dict):
+        raise _fail("header must be a JSON object", ErrorCode.BAD_HEADER)
+    _check_version(header)
+    type_name = header.get("type")
+    cls = MESSAGE_TYPES.get(type_name) if isinstance(type_name, str) else None
+    if cls is None:
+        raise _fail(f"unknown message type {str(type_name)[:40]!r}", ErrorCode.UNKNOWN_TYPE)
+    payloads = _payload_table(header, frames)
+    if cls not in (ReconstructRequest, Result) and payloads:
+        raise _fail(f"'{type_name}' carries no payloads", ErrorCode.BAD_FRAMES)
+    return cls.parse(_Fields(header, type_name), payloads)
