@@ -1,0 +1,137 @@
+"""Stage 5, bake: photo colours -> UV texture through the fitted mesh.
+
+Texture frame: `size` x `size` pixels, row 0 at the top; UV (u, v) has its origin bottom-left, so
+texel (row r, column c) sits at u = (c + 0.5) / size, v = 1 - (r + 0.5) / size. sRGB uint8.
+
+A texel takes the photo's colour where its surface point faces the camera and passes the z-buffer
+test (nothing nearer covers it). Texels not seen take the colour of their mirror texel
+(u -> 1 - u; the UV layout is left/right symmetric) when that one was seen; everything else,
+inside the islands and around them, is filled by pull-push inpainting, which also pads the
+islands so no seams show at coarse mip levels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import cv2
+import numpy as np
+from scipy import sparse
+
+from ..models.builtin import MeshTopology
+from ..render.rasterize import rasterize
+from .fit import Camera
+
+MIN_FACING_COS = 0.15          # surface seen at more than ~81 degrees off its normal is not used
+DEPTH_TOLERANCE_M = 0.005      # a point this far behind the z-buffer still counts as seen
+
+
+@dataclass(frozen=True)
+class TexelMap:
+    """Covered texels of a UV layout: flat texel indices (N,) and `weights` (N, V), the sparse
+    barycentric map from per-vertex attributes to per-texel ones (3 non-zeros a row)."""
+
+    size: int
+    texel: np.ndarray
+    weights: sparse.csr_matrix
+
+
+@dataclass(frozen=True)
+class Bake:
+    texture: np.ndarray         # (size, size, 3) uint8
+    seen_fraction: float        # covered texels coloured from the photo directly
+    mirrored_fraction: float    # covered texels coloured from their mirror texel
+
+
+@lru_cache(maxsize=8)
+def texel_map(topology: MeshTopology, size: int) -> TexelMap:
+    """Rasterize the UV layout once per (topology, size); workers keep it for every later photo."""
+    uv_px = np.stack([topology.uvs[:, 0] * size, (1.0 - topology.uvs[:, 1]) * size], axis=1)
+    raster = rasterize(uv_px, np.zeros(len(uv_px)), topology.triangles, size, size)
+    texel = np.flatnonzero(raster.covered.ravel())
+    corners = topology.triangles[raster.triangle.ravel()[texel]]
+    rows = np.repeat(np.arange(len(texel)), 3)
+    weights = sparse.csr_matrix((raster.bary.reshape(-1, 3)[texel].ravel(), (rows, corners.ravel())),
+                                shape=(len(texel), topology.vertex_count), dtype=np.float32)
+    return TexelMap(size, texel, weights)
+
+
+def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """Area-weighted unit normals (V, 3); outward for counter-clockwise triangles."""
+    a, b, c = (vertices[triangles[:, k]] for k in range(3))
+    face = np.cross(b - a, c - a)
+    normals = np.zeros_like(vertices)
+    for k in range(3):
+        np.add.at(normals, triangles[:, k], face)
+    return normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+
+
+def pull_push_fill(image: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """Fill unknown pixels of a float32 (H, W, C) image from known ones, coarse to fine; known
+    pixels keep their values exactly."""
+    height, width = known.shape
+    weight = known.astype(np.float32)
+    colour = image * weight[..., None]
+    levels = []
+    while min(weight.shape) > 1:
+        h, w = (weight.shape[0] + 1) // 2, (weight.shape[1] + 1) // 2
+        colour = cv2.resize(colour, (w, h), interpolation=cv2.INTER_AREA)
+        weight = cv2.resize(weight, (w, h), interpolation=cv2.INTER_AREA)
+        levels.append((colour, weight))
+    filled = levels[-1][0] / np.maximum(levels[-1][1], 1e-8)[..., None]
+    for colour, weight in reversed(levels[:-1]):
+        h, w = weight.shape
+        upsampled = cv2.resize(filled, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, -1)
+        alpha = np.minimum(weight, 1.0)[..., None]
+        filled = colour / np.maximum(weight, 1e-8)[..., None] * alpha + upsampled * (1 - alpha)
+    upsampled = cv2.resize(filled, (width, height), interpolation=cv2.INTER_LINEAR).reshape(image.shape)
+    return np.where(known[..., None], image, upsampled)
+
+
+def sample_bilinear(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
+    """Bilinear samples (N, C) float32 of an (H, W, C) image at (N, 2) pixel positions (x, y),
+    pixel centres at +0.5; positions outside take the nearest border pixel."""
+    count = len(xy)
+    padded = np.zeros((-(-count // 1024) * 1024, 2), np.float32)        # cv2.remap: < 32767 columns
+    padded[:count] = xy - 0.5
+    samples = cv2.remap(image, padded.reshape(-1, 1024, 2), None, cv2.INTER_LINEAR,
+                        borderMode=cv2.BORDER_REPLICATE)
+    return samples.reshape(-1, image.shape[2] if image.ndim == 3 else 1)[:count].astype(np.float32)
+
+
+def bake_texture(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopology,
+                 camera: Camera, size: int) -> Bake:
+    """photo_rgb: (H, W, 3) uint8; vertices: (V, 3) camera-frame metres of `topology`'s mesh."""
+    texels = texel_map(topology, size)
+    triangles = topology.triangles
+    screen = camera.project(vertices)
+    distance = -vertices[:, 2]
+    zbuffer = rasterize(screen, distance, triangles, camera.width, camera.height).depth
+
+    attributes = np.concatenate([screen, vertices, vertex_normals(vertices, triangles)], axis=1)
+    per_texel = texels.weights @ attributes.astype(np.float32)             # (N, 8)
+    xy, point, normal = per_texel[:, :2], per_texel[:, 2:5], per_texel[:, 5:8]
+    facing = np.einsum("nc,nc->n", normal, -point) / np.sqrt(np.maximum(
+        np.einsum("nc,nc->n", normal, normal) * np.einsum("nc,nc->n", point, point), 1e-24))
+    col = np.clip(np.floor(xy[:, 0]).astype(np.int64), 0, camera.width - 1)
+    row = np.clip(np.floor(xy[:, 1]).astype(np.int64), 0, camera.height - 1)
+    inside = (xy[:, 0] >= 0) & (xy[:, 0] < camera.width) & (xy[:, 1] >= 0) & (xy[:, 1] < camera.height)
+    seen = inside & (facing > MIN_FACING_COS) & (-point[:, 2] <= zbuffer[row, col] + DEPTH_TOLERANCE_M)
+
+    colours = sample_bilinear(photo_rgb, xy)
+
+    flat = np.zeros((size * size, 3), np.float32)
+    known = np.zeros(size * size, bool)
+    flat[texels.texel[seen]] = colours[seen]
+    known[texels.texel[seen]] = True
+    # Mirror fill: texel (r, c) takes (r, size - 1 - c) where only the mirror was seen.
+    rows, cols = np.divmod(texels.texel, size)
+    mirror = rows * size + (size - 1 - cols)
+    use_mirror = ~known[texels.texel] & known[mirror]
+    flat[texels.texel[use_mirror]] = flat[mirror[use_mirror]]
+    known[texels.texel[use_mirror]] = True
+
+    filled = pull_push_fill(flat.reshape(size, size, 3), known.reshape(size, size))
+    texture = np.clip(np.rint(filled), 0, 255).astype(np.uint8)
+    covered = max(len(texels.texel), 1)
+    return Bake(texture, float(seen.sum()) / covered, float(use_mirror.sum()) / covered)

@@ -1,0 +1,1 @@
+"""Rasterizers with one contract: `rasterize` on the CPU (numpy) and on CUDA (nvdiffrast)."""
