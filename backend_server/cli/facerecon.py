@@ -1,0 +1,249 @@
+"""`facerecon`: batch reconstruction and quality evaluation from the command line.
+
+    facerecon reconstruct PHOTO_OR_DIR... -o OUT [--face N|all] [--texture-size 2048] ...
+    facerecon reconstruct --demo -o OUT        # matplotlib's sample portrait
+    facerecon evaluate PHOTO_OR_DIR... [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from shared_protocol import ProtocolError, ReconstructOptions, limits
+
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def demo_photo() -> Path:
+    import matplotlib
+    return Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+
+
+def gather_photos(inputs: list[str]) -> list[Path]:
+    """Files as given; folders searched recursively for photo suffixes. Sorted, duplicates removed."""
+    photos: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            photos += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+        else:
+            photos.append(path)
+    return list(dict.fromkeys(photos))
+
+
+def output_stems(photos: list[Path]) -> dict[Path, str]:
+    """A distinct output stem per photo (a.jpg and a.png in one batch become a and a_png)."""
+    from backend_server.pipeline.export import safe_stem
+    stems: dict[Path, str] = {}
+    taken: set[str] = set()
+    for photo in photos:
+        stem = safe_stem(photo.name)
+        if stem in taken:
+            stem = safe_stem(f"{stem}_{photo.suffix.lstrip('.')}")
+        n = 2
+        base = stem
+        while stem in taken:
+            stem, n = f"{base}_{n}", n + 1
+        taken.add(stem)
+        stems[photo] = stem
+    return stems
+
+
+@dataclass
+class Outcome:
+    photo: Path
+    status: str                   # done, failed, skipped
+    detail: str = ""
+    seconds: float = 0.0
+    stem: str = ""
+
+
+_worker_reconstructor = None
+
+
+def _worker_init(texture_size: int, subdivision: int) -> None:
+    global _worker_reconstructor
+    from backend_server.pipeline.reconstruct import Reconstructor
+    _worker_reconstructor = Reconstructor()
+    _worker_reconstructor.warm_up(texture_size, subdivision)
+
+
+def _worker_run(task: tuple[Path, str, Path, ReconstructOptions]) -> Outcome:
+    from backend_server.pipeline.export import write_files
+    photo, stem, out_dir, options = task
+    start = time.perf_counter()
+    try:
+        data = photo.read_bytes()
+        result = _worker_reconstructor.run(data, stem + photo.suffix, options)
+        write_files(out_dir, result.files)
+        return Outcome(photo, "done", f"{len(result.faces)} face(s)", time.perf_counter() - start, stem)
+    except ProtocolError as exc:
+        return Outcome(photo, "failed", f"{exc.code.value}: {exc.message}", time.perf_counter() - start)
+    except OSError as exc:
+        return Outcome(photo, "failed", f"cannot read or write: {exc}", time.perf_counter() - start)
+
+
+def parse_device(value: str) -> list[str]:
+    devices = [d.strip() for d in value.split(",") if d.strip()]
+    for device in devices:
+        if device != "cpu" and not device.startswith("cuda"):
+            raise argparse.ArgumentTypeError(f"unknown device {device!r}: use cpu or cuda:0,cuda:1,...")
+    return devices
+
+
+def run_reconstruct(args: argparse.Namespace) -> int:
+    if args.demo:
+        args.inputs = [str(demo_photo())] + args.inputs
+    if not args.inputs:
+        print("facerecon reconstruct: give photos or folders, or --demo", file=sys.stderr)
+        return 2
+    if any(d != "cpu" for d in args.device):
+        print("facerecon: CUDA devices are not supported by this build yet; use --device cpu", file=sys.stderr)
+        return 2
+    photos = gather_photos(args.inputs)
+    out_dir = Path(args.output)
+    options = ReconstructOptions(face=args.face, texture_size=args.texture_size,
+                                 outputs=("png", "json") if args.uv_only else ("obj", "mtl", "png", "json"),
+                                 subdivision=args.subdivision)
+    stems = output_stems(photos)
+    outcomes: list[Outcome] = []
+    tasks = []
+    for photo in photos:
+        marker = out_dir / (f"{stems[photo]}.json" if args.face != -1 else f"{stems[photo]}_face0.json")
+        if marker.exists() and not args.overwrite:
+            outcomes.append(Outcome(photo, "skipped", f"already done ({marker.name}); --overwrite redoes it"))
+        else:
+            tasks.append((photo, stems[photo], out_dir, options))
+
+    from tqdm import tqdm
+    progress = tqdm(total=len(tasks), unit="photo", disable=args.quiet or not tasks)
+    workers = max(1, min(args.workers, len(tasks)))
+    if workers == 1:
+        _worker_init(args.texture_size, args.subdivision)
+        results: Iterator[Outcome] = map(_worker_run, tasks)
+        pool = None
+    else:
+        pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init,
+                                                         (args.texture_size, args.subdivision))
+        results = pool.imap_unordered(_worker_run, tasks, chunksize=args.batch_size)
+    try:
+        for outcome in results:
+            outcomes.append(outcome)
+            progress.update(1)
+            if outcome.status == "failed":
+                progress.write(f"failed: {outcome.photo}: {outcome.detail}")
+    finally:
+        progress.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return summarize(outcomes, out_dir)
+
+
+def summarize(outcomes: list[Outcome], out_dir: Path) -> int:
+    done = [o for o in outcomes if o.status == "done"]
+    failed = [o for o in outcomes if o.status == "failed"]
+    skipped = [o for o in outcomes if o.status == "skipped"]
+    for outcome in skipped:
+        print(f"skipped: {outcome.photo}: {outcome.detail}")
+    for outcome in failed:
+        print(f"FAILED:  {outcome.photo}: {outcome.detail}")
+    mean = sum(o.seconds for o in done) / len(done) if done else 0.0
+    print(f"{len(done)} done, {len(failed)} failed, {len(skipped)} skipped "
+          f"({mean:.2f} s per photo); results in {out_dir.resolve()}")
+    for outcome in done[:5]:
+        print(f"  {outcome.photo.name} -> {out_dir.resolve() / outcome.stem}.*")
+    return 1 if failed else 0
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from backend_server.pipeline.evaluate import landmark_error, photo_metrics, read_pts
+    from backend_server.pipeline.reconstruct import Reconstructor
+    photos = gather_photos(args.inputs or [str(demo_photo())])
+    reconstructor = Reconstructor()
+    rows, failures = [], 0
+    print(f"{'photo':28s} {'PSNR dB':>8s} {'SSIM':>6s} {'seen':>5s} {'yaw':>6s} {'lm68 %IOD':>9s}")
+    for photo in photos:
+        options = ReconstructOptions(texture_size=args.texture_size, subdivision=args.subdivision)
+        try:
+            result = reconstructor.run(photo.read_bytes(), photo.name, options)
+        except (ProtocolError, OSError) as exc:
+            print(f"{photo.name:28s} failed: {exc}")
+            failures += 1
+            continue
+        face = result.faces[0]
+        row = {"photo": str(photo), **photo_metrics(result.photo.rgb, face.vertices, face.topology,
+                                                     face.bake.texture, face.fit.camera),
+               "seen_fraction": face.bake.seen_fraction, **face.fit.pose.euler_degrees()}
+        pts = photo.with_suffix(".pts")
+        if pts.exists():
+            predicted = reconstructor.model.ibug68_points(face.landmarks[:, :2]) / result.photo.scale
+            row.update(landmark_error(predicted, read_pts(pts)))
+        rows.append(row)
+        lm = f"{100 * row['landmark68_normalized']:8.2f}%" if "landmark68_normalized" in row else f"{'-':>9s}"
+        print(f"{photo.name:28s} {row['psnr_db']:8.2f} {row['ssim']:6.3f} {row['seen_fraction']:5.2f} "
+              f"{row['yaw']:6.1f} {lm}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 1 if failures else 0
+
+
+def face_choice(value: str) -> int:
+    if value == "all":
+        return -1
+    if value.isdigit() and int(value) < 64:
+        return int(value)
+    raise argparse.ArgumentTypeError("--face takes a face index (0 = largest) or 'all'")
+
+
+def texture_size(value: str) -> int:
+    size = int(value)
+    if size & (size - 1) or not limits.MIN_TEXTURE_SIZE <= size <= limits.MAX_TEXTURE_SIZE:
+        raise argparse.ArgumentTypeError(f"a power of two from {limits.MIN_TEXTURE_SIZE} to {limits.MAX_TEXTURE_SIZE}")
+    return size
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facerecon", description="Single-photo 3D face reconstruction.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    rec = commands.add_parser("reconstruct", help="photos -> .obj/.mtl/.png/.json per face")
+    rec.add_argument("inputs", nargs="*", help="photos or folders (searched recursively)")
+    rec.add_argument("-o", "--output", default="out", help="output folder (default: out)")
+    rec.add_argument("--demo", action="store_true", help="also reconstruct matplotlib's sample portrait")
+    rec.add_argument("--face", type=face_choice, default=0, help="face index, largest first, or 'all'")
+    rec.add_argument("--texture-size", type=texture_size, default=limits.DEFAULT_TEXTURE_SIZE)
+    rec.add_argument("--subdivision", type=int, choices=(0, 1, 2), default=1,
+                     help="Loop subdivision levels of the mesh (default 1)")
+    rec.add_argument("--uv-only", action="store_true", help="write only the texture and the JSON")
+    rec.add_argument("--device", type=parse_device, default=["cpu"], help="cpu (default) or cuda:0,cuda:1,...")
+    rec.add_argument("--workers", type=int, default=1, help="worker processes (CPU)")
+    rec.add_argument("--batch-size", type=int, default=1, help="photos handed to a worker at once")
+    rec.add_argument("--overwrite", action="store_true", help="redo photos whose results exist")
+    rec.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    rec.set_defaults(run=run_reconstruct)
+    ev = commands.add_parser("evaluate", help="re-render into each photo: PSNR, SSIM, landmark error")
+    ev.add_argument("inputs", nargs="*", help="photos or folders; a PHOTO.pts beside a photo is used as "
+                    "ground-truth iBUG-68 landmarks (default: the demo photo)")
+    ev.add_argument("--texture-size", type=texture_size, default=limits.DEFAULT_TEXTURE_SIZE)
+    ev.add_argument("--subdivision", type=int, choices=(0, 1, 2), default=1)
+    ev.add_argument("--json", help="also write the figures to this JSON file")
+    ev.set_defaults(run=run_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GLOG_minloglevel", "2")        # MediaPipe's native logging
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
