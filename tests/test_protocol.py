@@ -1,0 +1,157 @@
+"""shared_protocol: every message type round-trips; every defect is rejected with its own code."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from shared_protocol import (Accepted, Cancel, Error, ErrorCode, Ping, Pong, Progress, ProtocolError,
+                             ReconstructOptions, ReconstructRequest, Result, ResultFile, Status,
+                             StatusRequest, decode, encode, limits, MESSAGE_TYPES)
+from tests.conftest import ROOT
+
+EXAMPLES = [
+    ReconstructRequest("r1", "me.jpg", b"\xff\xd8jpegbytes", ReconstructOptions(face=-1, texture_size=1024)),
+    Accepted("r1", "j1", 3),
+    Progress("j1", "bake", 0.5),
+    Result("j1", (ResultFile("me.obj", "obj", b"v 0 0 0\n"), ResultFile("me.png", "png", b"\x89PNG")),
+           {"faces": 1}),
+    Error(ErrorCode.NO_FACE, "no face", job_id="j1", request_id="r1"),
+    Error(ErrorCode.BAD_HEADER, "bad"),
+    Cancel("j1"),
+    Ping(7),
+    Pong(7),
+    StatusRequest(),
+    Status("0.1.0", ("cpu",), ("builtin",), ({"device": "cpu", "state": "idle"},), 2, 10, 1, 12.5),
+]
+
+
+def test_examples_cover_every_message_type():
+    assert {type(m).TYPE for m in EXAMPLES} == set(MESSAGE_TYPES)
+
+
+@pytest.mark.parametrize("message", EXAMPLES, ids=lambda m: type(m).__name__)
+def test_round_trip(message):
+    assert decode(encode(message)) == message
+
+
+def header_of(message) -> dict:
+    return json.loads(encode(message)[0])
+
+
+def frames_with(header: dict, *payloads: bytes) -> list[bytes]:
+    return [json.dumps(header).encode(), *payloads]
+
+
+def rejected(frames) -> ErrorCode:
+    with pytest.raises(ProtocolError) as info:
+        decode(frames)
+    return info.value.code
+
+
+def test_rejects_empty_and_too_many_frames():
+    assert rejected([]) == ErrorCode.BAD_FRAMES
+    assert rejected(encode(Ping(1)) + [b""] * limits.MAX_FRAMES) == ErrorCode.BAD_FRAMES
+
+
+def test_rejects_non_json_and_non_object_headers():
+    assert rejected([b"\xff\xfe"]) == ErrorCode.BAD_HEADER
+    assert rejected([b"{not json"]) == ErrorCode.BAD_HEADER
+    assert rejected([b"[1, 2]"]) == ErrorCode.BAD_HEADER
+    assert rejected([b"x" * (limits.MAX_HEADER_BYTES + 1)]) == ErrorCode.PAYLOAD_TOO_LARGE
+
+
+def test_rejects_other_major_version_with_protocol_mismatch():
+    header = header_of(Ping(1)) | {"protocol_version": "2.0"}
+    assert rejected(frames_with(header)) == ErrorCode.PROTOCOL_MISMATCH
+    assert rejected(frames_with(header_of(Ping(1)) | {"protocol_version": "x"})) == ErrorCode.BAD_HEADER
+    # A newer minor version of the same major is accepted.
+    assert decode(frames_with(header_of(Ping(1)) | {"protocol_version": "1.9"})) == Ping(1)
+
+
+def test_rejects_unknown_type():
+    assert rejected(frames_with(header_of(Ping(1)) | {"type": "teleport"})) == ErrorCode.UNKNOWN_TYPE
+    assert rejected(frames_with(header_of(Ping(1)) | {"type": 5})) == ErrorCode.UNKNOWN_TYPE
+
+
+def test_rejects_missing_and_mistyped_fields():
+    header = header_of(Progress("j", "bake", 0.5))
+    for broken in ({k: v for k, v in header.items() if k != "job_id"}, header | {"fraction": "half"},
+                   header | {"fraction": 1.5}, header | {"stage": "dance"}, header | {"job_id": 3}):
+        assert rejected(frames_with(broken)) == ErrorCode.BAD_FIELD
+    request = header_of(EXAMPLES[0])
+    for options in ({"texture_size": 1000}, {"texture_size": 1 << 20}, {"face": True},
+                    {"outputs": ["exe"]}, {"model": None}):
+        broken = request | {"options": request["options"] | options}
+        assert rejected(frames_with(broken, EXAMPLES[0].photo)) == ErrorCode.BAD_FIELD
+
+
+def test_rejects_payload_count_and_size_mismatch():
+    frames = encode(EXAMPLES[0])
+    assert rejected(frames[:1]) == ErrorCode.BAD_FRAMES                      # payload missing
+    assert rejected(frames + [b"extra"]) == ErrorCode.BAD_FRAMES             # one too many
+    assert rejected([frames[0], frames[1][:-1]]) == ErrorCode.PAYLOAD_SIZE_MISMATCH
+    header = header_of(EXAMPLES[0])
+    header["payloads"][0]["size"] = 10 ** 12
+    assert rejected(frames_with(header, frames[1])) == ErrorCode.PAYLOAD_TOO_LARGE
+    header["payloads"][0]["size"] = -1
+    assert rejected(frames_with(header, frames[1])) == ErrorCode.BAD_HEADER
+    assert rejected(encode(Ping(1)) + [b"x"]) == ErrorCode.BAD_FRAMES         # ping carries none
+
+
+def test_rejects_oversize_photo_and_unsafe_file_names():
+    big = ReconstructRequest("r", "big.jpg", b"x" * (limits.MAX_PHOTO_BYTES + 1))
+    assert rejected(encode(big)) == ErrorCode.PAYLOAD_TOO_LARGE
+    for name in ("../evil.obj", "a/b.png", "..", "c:\\x.png", ""):
+        result = Result("j", (ResultFile(name, "obj", b"v"),))
+        assert rejected(encode(result)) == ErrorCode.BAD_FIELD
+        request = ReconstructRequest("r", name, b"photo")
+        assert rejected(encode(request)) == ErrorCode.BAD_FIELD
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.binary(max_size=200), min_size=0, max_size=6))
+def test_random_frames_raise_only_protocol_errors(frames):
+    try:
+        decode(frames)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(EXAMPLES), st.data())
+def test_truncated_or_mutated_frames_raise_only_protocol_errors(message, data):
+    frames = encode(message)
+    index = data.draw(st.integers(0, len(frames) - 1))
+    cut = data.draw(st.integers(0, len(frames[index])))
+    frames[index] = frames[index][:cut] + data.draw(st.binary(max_size=8))
+    frames = frames[:data.draw(st.integers(1, len(frames)))]
+    try:
+        decode(frames)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.sampled_from(["type", "protocol_version", "payloads", "job_id", "nonce",
+                                        "options", "code", "message", "files", "kinds", "stage"]),
+                       st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+                                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                                    max_leaves=8)))
+def test_random_json_headers_raise_only_protocol_errors(header):
+    try:
+        decode([json.dumps(header).encode()])
+    except ProtocolError:
+        pass
+
+
+def test_imports_with_the_standard_library_only():
+    code = ("import sys; sys.path.insert(0, %r); import shared_protocol as p; "
+            "assert 'numpy' not in sys.modules and 'zmq' not in sys.modules; "
+            "print(p.decode(p.encode(p.Ping(1))))" % str(ROOT))
+    done = subprocess.run([sys.executable, "-S", "-I", "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "Ping(nonce=1)" in done.stdout
