@@ -168,10 +168,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from backend_server.pipeline.reconstruct import Reconstructor
     photos = gather_photos(args.inputs or [str(demo_photo())])
     reconstructor = Reconstructor()
+    options = ReconstructOptions(texture_size=args.texture_size, subdivision=args.subdivision)
     rows, failures = [], 0
     print(f"{'photo':28s} {'PSNR dB':>8s} {'SSIM':>6s} {'seen':>5s} {'yaw':>6s} {'lm68 %IOD':>9s}")
     for photo in photos:
-        options = ReconstructOptions(texture_size=args.texture_size, subdivision=args.subdivision)
         try:
             result = reconstructor.run(photo.read_bytes(), photo.name, options)
         except (ProtocolError, OSError) as exc:

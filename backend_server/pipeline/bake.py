@@ -28,11 +28,13 @@ DEPTH_TOLERANCE_M = 0.005      # a point this far behind the z-buffer still coun
 
 @dataclass(frozen=True)
 class TexelMap:
-    """Covered texels of a UV layout: flat texel indices (N,) and `weights` (N, V), the sparse
-    barycentric map from per-vertex attributes to per-texel ones (3 non-zeros a row)."""
+    """Covered texels of a UV layout: flat texel indices (N,), their mirror texels (N,; row r,
+    column c -> row r, column size - 1 - c) and `weights` (N, V), the sparse barycentric map from
+    per-vertex attributes to per-texel ones (3 non-zeros a row)."""
 
     size: int
     texel: np.ndarray
+    mirror: np.ndarray
     weights: sparse.csr_matrix
 
 
@@ -43,17 +45,23 @@ class Bake:
     mirrored_fraction: float    # covered texels coloured from their mirror texel
 
 
+def uv_to_texture_px(uvs: np.ndarray, size: int) -> np.ndarray:
+    """(N, 2) UVs (origin bottom-left) -> (N, 2) texture pixel positions (x right, y down)."""
+    return np.stack([uvs[:, 0] * size, (1.0 - uvs[:, 1]) * size], axis=1)
+
+
 @lru_cache(maxsize=8)
 def texel_map(topology: MeshTopology, size: int) -> TexelMap:
     """Rasterize the UV layout once per (topology, size); workers keep it for every later photo."""
-    uv_px = np.stack([topology.uvs[:, 0] * size, (1.0 - topology.uvs[:, 1]) * size], axis=1)
+    uv_px = uv_to_texture_px(topology.uvs, size)
     raster = rasterize(uv_px, np.zeros(len(uv_px)), topology.triangles, size, size)
     texel = np.flatnonzero(raster.covered.ravel())
+    rows, cols = np.divmod(texel, size)
     corners = topology.triangles[raster.triangle.ravel()[texel]]
-    rows = np.repeat(np.arange(len(texel)), 3)
-    weights = sparse.csr_matrix((raster.bary.reshape(-1, 3)[texel].ravel(), (rows, corners.ravel())),
+    weights = sparse.csr_matrix((raster.bary.reshape(-1, 3)[texel].ravel(),
+                                 (np.repeat(np.arange(len(texel)), 3), corners.ravel())),
                                 shape=(len(texel), topology.vertex_count), dtype=np.float32)
-    return TexelMap(size, texel, weights)
+    return TexelMap(size, texel, rows * size + (size - 1 - cols), weights)
 
 
 def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
@@ -124,9 +132,8 @@ def bake_texture(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopo
     known = np.zeros(size * size, bool)
     flat[texels.texel[seen]] = colours[seen]
     known[texels.texel[seen]] = True
-    # Mirror fill: texel (r, c) takes (r, size - 1 - c) where only the mirror was seen.
-    rows, cols = np.divmod(texels.texel, size)
-    mirror = rows * size + (size - 1 - cols)
+    # Mirror fill: a texel not seen takes its mirror texel's colour where that one was seen.
+    mirror = texels.mirror
     use_mirror = ~known[texels.texel] & known[mirror]
     flat[texels.texel[use_mirror]] = flat[mirror[use_mirror]]
     known[texels.texel[use_mirror]] = True

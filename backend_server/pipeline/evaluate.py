@@ -14,7 +14,7 @@ import numpy as np
 
 from ..models.builtin import MeshTopology
 from ..render.rasterize import rasterize
-from .bake import sample_bilinear
+from .bake import sample_bilinear, uv_to_texture_px
 from .fit import Camera
 
 SILHOUETTE_BAND_PX = 2
@@ -27,10 +27,8 @@ def render_textured(vertices: np.ndarray, topology: MeshTopology, texture: np.nd
                        camera.width, camera.height)
     mask = raster.covered
     uv = raster.interpolate(topology.uvs, topology.triangles)[mask]
-    size = texture.shape[0]
-    texel_xy = np.stack([uv[:, 0] * size, (1.0 - uv[:, 1]) * size], axis=1)
     rendered = np.zeros((camera.height, camera.width, 3), np.float32)
-    rendered[mask] = sample_bilinear(texture, texel_xy)
+    rendered[mask] = sample_bilinear(texture, uv_to_texture_px(uv, texture.shape[0]))
     return rendered, mask
 
 

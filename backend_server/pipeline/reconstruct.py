@@ -113,16 +113,15 @@ class Reconstructor:
             bake = bake_texture(photo.rgb, vertices, topology, camera, options.texture_size)
             faces.append(FaceReconstruction(index, box, landmarks, fit, topology, vertices, bake, {}))
         stem = safe_stem(photo_name)
+        names = [stem if options.face != -1 else f"{stem}_face{face.index}" for face in faces]
         clock.enter("export", 0.9)
-        for face in faces:
-            name = stem if options.face != -1 else f"{stem}_face{face.index}"
-            face.facts = face_facts(photo, face, options, clock.timings, len(chosen))
-            face.files = face_files(name, face, options)
+        for name, face in zip(names, faces):
+            face.files = mesh_and_texture_files(name, face, options)
         clock.stop()
-        for face in faces:      # export time is known only now; the JSON carries all stages
-            face.facts["timings_ms"] = dict(clock.timings)
-            face.files = [ResultFile(f.name, f.kind, json_bytes(face.facts)) if f.kind == "json" else f
-                          for f in face.files]
+        for name, face in zip(names, faces):   # written last: the JSON carries every stage's time
+            face.facts = face_facts(photo, face, options, clock.timings, len(chosen))
+            if "json" in options.outputs:
+                face.files.append(ResultFile(f"{name}.json", "json", json_bytes(face.facts)))
         return PhotoReconstruction(photo, faces, clock.timings)
 
 
@@ -130,7 +129,8 @@ def json_bytes(facts: dict[str, Any]) -> bytes:
     return json.dumps(facts, indent=1).encode("utf-8")
 
 
-def face_files(name: str, face: FaceReconstruction, options: ReconstructOptions) -> list[ResultFile]:
+def mesh_and_texture_files(name: str, face: FaceReconstruction, options: ReconstructOptions
+                           ) -> list[ResultFile]:
     files = []
     if "obj" in options.outputs:
         head = face.fit.head_frame(face.vertices)
@@ -141,8 +141,6 @@ def face_files(name: str, face: FaceReconstruction, options: ReconstructOptions)
         files.append(ResultFile(f"{name}.mtl", "mtl", mtl_bytes(name, f"{name}.png")))
     if "png" in options.outputs:
         files.append(ResultFile(f"{name}.png", "png", png_bytes(face.bake.texture)))
-    if "json" in options.outputs:
-        files.append(ResultFile(f"{name}.json", "json", json_bytes(face.facts)))
     return files
 
 
