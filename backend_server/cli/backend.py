@@ -1,0 +1,139 @@
+"""`facerecon-backend`: run the server, make CURVE keys, ask a running server for its status.
+
+    facerecon-backend serve [--bind tcp://127.0.0.1:5555] [--devices cpu] [--workers N] [--keys DIR]
+    facerecon-backend keys generate --dir DIR                 # the server's key pair
+    facerecon-backend keys generate --dir DIR --client NAME   # an artist's key pair, authorised
+    facerecon-backend status [--connect ADDRESS] [--server-key FILE --client-key FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+from shared_protocol import ProtocolError, limits
+
+DEFAULT_ADDRESS = "tcp://127.0.0.1:5555"
+
+
+def default_cpu_workers() -> int:
+    """One worker per two cores: each worker's numpy/OpenCV uses a second thread in places."""
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from backend_server.server.router import Server, ServerConfig, is_loopback
+    if args.devices != "cpu":
+        print("facerecon-backend: CUDA devices are not supported by this build yet; use --devices cpu",
+              file=sys.stderr)
+        return 2
+    if args.keys is None and not is_loopback(args.bind):
+        if not args.insecure:
+            print(f"facerecon-backend: refusing to serve {args.bind} without authentication: anyone who "
+                  "can reach it could use this machine. Make keys (facerecon-backend keys generate) and "
+                  "pass --keys DIR, or pass --insecure on a network you trust.", file=sys.stderr)
+            return 2
+        logging.warning("!!! serving %s WITHOUT authentication or encryption (--insecure) !!!", args.bind)
+    config = ServerConfig(bind=args.bind, devices=["cpu"] * args.workers,
+                          max_queued_jobs=args.queue_size, job_timeout_s=args.job_timeout,
+                          drain_timeout_s=args.drain_timeout, keys_dir=args.keys,
+                          warm_texture_size=args.warm_texture_size)
+    try:
+        server = Server(config)
+    except (OSError, ValueError) as exc:
+        print(f"facerecon-backend: cannot start: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:                         # zmq.ZMQError: address in use, bad endpoint
+        print(f"facerecon-backend: cannot serve {args.bind}: {exc}", file=sys.stderr)
+        return 2
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.request_stop())
+    return server.run()
+
+
+def run_keys_generate(args: argparse.Namespace) -> int:
+    from backend_server.server.auth import AUTHORIZED_FOLDER, SERVER_NAME, generate_key_pair
+    folder = Path(args.dir)
+    try:
+        if args.client is None:
+            public, secret = generate_key_pair(folder, SERVER_NAME)
+            (folder / AUTHORIZED_FOLDER).mkdir(exist_ok=True)
+            print(f"server key pair: {public} (public: give it to every artist) and {secret} (secret: "
+                  f"keep it here)\nserve with: facerecon-backend serve --keys {folder} --bind tcp://*:5555")
+        else:
+            public, secret = generate_key_pair(folder / "clients", args.client)
+            authorized = folder / AUTHORIZED_FOLDER
+            authorized.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(public, authorized / public.name)
+            print(f"client key pair for {args.client}: give {secret} and {folder / (SERVER_NAME + '.key')} "
+                  f"to {args.client} (add-on preferences: client key file and server key file).\n"
+                  f"{public.name} is authorised in {authorized}; restart the server to admit it. "
+                  f"Delete it from there to revoke.")
+    except FileExistsError as exc:
+        print(f"facerecon-backend: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    from shared_protocol.client import Client, load_curve_keys, read_server_public_key
+    server_key = read_server_public_key(args.server_key) if args.server_key else None
+    client_keys = load_curve_keys(args.client_key) if args.client_key else None
+    with Client(args.connect, server_public_key=server_key, client_keys=client_keys) as client:
+        try:
+            status = client.status(timeout_s=args.timeout)
+        except ProtocolError as exc:
+            print(f"facerecon-backend: {exc.message}", file=sys.stderr)
+            return 1
+    print(json.dumps(status.header(), indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="facerecon-backend", description="FaceRecon backend server.")
+    parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="serve reconstruction requests over ZeroMQ")
+    serve.add_argument("--bind", default=DEFAULT_ADDRESS, help=f"ZeroMQ address (default {DEFAULT_ADDRESS}, "
+                       "loopback only; tcp://*:5555 for the network, with --keys)")
+    serve.add_argument("--devices", default="cpu", help="cpu (default)")
+    serve.add_argument("--workers", type=int, default=default_cpu_workers(),
+                       help=f"CPU worker processes (default {default_cpu_workers()}: one per two cores)")
+    serve.add_argument("--queue-size", type=int, default=512, help="queued jobs before 'busy' (default 512)")
+    serve.add_argument("--keys", type=Path, help="CURVE keys folder (facerecon-backend keys generate)")
+    serve.add_argument("--insecure", action="store_true",
+                       help="allow a non-loopback --bind without --keys (trusted networks only)")
+    serve.add_argument("--job-timeout", type=float, default=600.0, help="seconds before a job's worker is killed")
+    serve.add_argument("--drain-timeout", type=float, default=60.0,
+                       help="seconds SIGTERM waits for running jobs (default 60)")
+    serve.add_argument("--warm-texture-size", type=int, default=limits.DEFAULT_TEXTURE_SIZE,
+                       help="texture size prepared before the first job (default 2048)")
+    serve.set_defaults(run=run_serve)
+    keys = commands.add_parser("keys", help="CURVE key pairs").add_subparsers(dest="keys_command", required=True)
+    generate = keys.add_parser("generate", help="make the server's key pair, or an artist's with --client")
+    generate.add_argument("--dir", default="keys", help="keys folder (default: keys)")
+    generate.add_argument("--client", metavar="NAME", help="make and authorise a key pair for this artist")
+    generate.set_defaults(run=run_keys_generate)
+    status = commands.add_parser("status", help="print a running server's status as JSON")
+    status.add_argument("--connect", default=DEFAULT_ADDRESS)
+    status.add_argument("--server-key", help="server public key file (server.key) when CURVE is on")
+    status.add_argument("--client-key", help="your .key_secret file when CURVE is on")
+    status.add_argument("--timeout", type=float, default=5.0)
+    status.set_defaults(run=run_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

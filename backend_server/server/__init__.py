@@ -1,0 +1,1 @@
+"""The ZeroMQ backend server: router (clients), scheduler (fair bounded queue), workers, auth."""

@@ -1,0 +1,109 @@
+"""The bounded, fair job queue between the ROUTER socket and the workers.
+
+Fairness: one FIFO per client, served round robin, so a client's batch of 500 photos
+and another client's single photo interleave (the single photo waits for at most one job
+of each other client). Bounds: a job count and a byte total (encoded photos); a request
+over either bound is refused with `busy` at once, never left waiting.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+
+from shared_protocol import ReconstructRequest
+
+
+@dataclass
+class Job:
+    """One accepted request. `client` is the ROUTER identity of the client that sent it."""
+
+    client: bytes
+    request: ReconstructRequest
+    job_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    accepted_at: float = field(default_factory=time.monotonic)   # monotonic seconds
+    started_at: float | None = None
+    worker: str | None = None                                     # worker name while running
+
+    @property
+    def photo_bytes(self) -> int:
+        return len(self.request.photo)
+
+
+class FairQueue:
+    """Per-client FIFOs served round robin; at most `max_jobs` jobs and `max_bytes` photo bytes."""
+
+    def __init__(self, max_jobs: int, max_bytes: int) -> None:
+        self.max_jobs = max_jobs
+        self.max_bytes = max_bytes
+        self._by_client: OrderedDict[bytes, deque[Job]] = OrderedDict()
+        self._jobs = 0
+        self._bytes = 0
+
+    def __len__(self) -> int:
+        return self._jobs
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
+    def refusal(self, photo_bytes: int) -> str | None:
+        """Why a request of this size cannot be queued now, or None if it can."""
+        if self._jobs >= self.max_jobs:
+            return f"the job queue is full ({self._jobs} of {self.max_jobs} jobs queued); retry later"
+        if self._bytes + photo_bytes > self.max_bytes:
+            return (f"the job queue holds {self._bytes / 2**20:.0f} MiB of photos, the limit is "
+                    f"{self.max_bytes / 2**20:.0f} MiB; retry later")
+        return None
+
+    def push(self, job: Job) -> int:
+        """Queue a job (caller checked `refusal`); returns how many queued jobs run before it."""
+        own = self._by_client.setdefault(job.client, deque())
+        ahead_of_own = len(own)
+        own.append(job)
+        self._jobs += 1
+        self._bytes += job.photo_bytes
+        others = sum(min(len(q), ahead_of_own + 1) for c, q in self._by_client.items() if c != job.client)
+        return ahead_of_own + others
+
+    def pop(self) -> Job | None:
+        """The next job in round-robin order over clients, or None when empty."""
+        if not self._by_client:
+            return None
+        client, own = next(iter(self._by_client.items()))
+        job = own.popleft()
+        if own:
+            self._by_client.move_to_end(client)
+        else:
+            del self._by_client[client]
+        self._jobs -= 1
+        self._bytes -= job.photo_bytes
+        return job
+
+    def remove(self, job_id: str, client: bytes) -> Job | None:
+        """Take a queued job of this client out of the queue (cancel); None if not queued."""
+        own = self._by_client.get(client)
+        for job in own or ():
+            if job.job_id == job_id:
+                own.remove(job)
+                if not own:
+                    del self._by_client[client]
+                self._jobs -= 1
+                self._bytes -= job.photo_bytes
+                return job
+        return None
+
+    def remove_client(self, client: bytes) -> list[Job]:
+        """Take every queued job of this client out of the queue (the client disconnected)."""
+        jobs = list(self._by_client.pop(client, ()))
+        self._jobs -= len(jobs)
+        self._bytes -= sum(job.photo_bytes for job in jobs)
+        return jobs
+
+    def drain(self) -> list[Job]:
+        """Every queued job, emptying the queue (shutdown)."""
+        jobs = [job for own in self._by_client.values() for job in own]
+        self._by_client.clear()
+        self._jobs = self._bytes = 0
+        return jobs
