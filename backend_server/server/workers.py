@@ -90,6 +90,7 @@ def run_job(reconstructor: Any, link: Any, request: Any) -> list:
             if isinstance(incoming, Cancel) and incoming.job_id == job_id:
                 raise ProtocolError(ErrorCode.CANCELLED, f"cancelled before stage '{stage}'")
 
+    start = time.perf_counter()
     try:
         outcome = reconstructor.run(request.photo, request.photo_name, request.options, on_stage)
     except ProtocolError as exc:
@@ -98,7 +99,8 @@ def run_job(reconstructor: Any, link: Any, request: Any) -> list:
         log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         return [Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", job_id=job_id)]
     summary = {"faces": len(outcome.faces), "photo_size_px": list(outcome.photo.size),
-               "timings_ms": {k: round(v, 2) for k, v in outcome.timings_ms.items()}}
+               "timings_ms": {k: round(v, 2) for k, v in outcome.timings_ms.items()},
+               "worker_ms": round((time.perf_counter() - start) * 1000, 2)}    # the whole pipeline call
     return [Result(job_id, tuple(outcome.files), summary)]
 
 
