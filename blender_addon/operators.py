@@ -1,0 +1,233 @@
+"""Operators (thin) and the timer that drives a job: Blender's UI never waits on the network.
+
+`bpy.app.timers` calls `tick_job` every 0.1 s; it polls the socket without blocking, updates the
+panel, and on the result writes the files and imports them on the main thread. The Reconstruct
+button's modal handler only listens for Esc (cancel) and reports the outcome when the job ends.
+"""
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+
+import bpy
+
+from . import preferences
+from .blender_import import import_result
+from .properties import set_models
+from .protocol import ReconstructOptions
+from .result_files import write_result
+from .transport import ReconstructJob, StatusCheck, describe_status
+
+TICK_S = 0.1
+_job: ReconstructJob | None = None
+_job_scene = ""
+_check: StatusCheck | None = None
+
+
+def _state() -> bpy.types.PropertyGroup:
+    return bpy.context.window_manager.facerecon
+
+
+def _redraw() -> None:
+    for window in bpy.context.window_manager.windows:
+        for area in window.screen.areas:
+            if area.type == "VIEW_3D":
+                area.tag_redraw()
+
+
+def _show(message: str, error: bool) -> None:
+    state = _state()
+    state.message, state.message_is_error = message, error
+
+
+def job_options(settings: bpy.types.PropertyGroup) -> ReconstructOptions:
+    return ReconstructOptions(face=-1 if settings.all_faces else settings.face_index,
+                              texture_size=int(settings.texture_size), model=settings.model or "builtin")
+
+
+def start_job(context: bpy.types.Context) -> str | None:
+    """Send the scene's photo to the backend; returns an error message, or None when started."""
+    global _job, _job_scene
+    if job_running():
+        return "a reconstruction is already running; cancel it first"
+    settings = context.scene.facerecon
+    job = ReconstructJob(preferences.connection(context), bpy.path.abspath(settings.photo_path),
+                         job_options(settings))
+    job.start()
+    if job.finished:
+        _show(job.error, True)
+        return job.error
+    _job, _job_scene = job, context.scene.name
+    state = context.window_manager.facerecon
+    state.running, state.stage, state.progress = True, "connecting", 0.0
+    _show(f"Sending {Path(job.photo_path).name} to {job.connection.address}", False)
+    if not bpy.app.timers.is_registered(tick_job):
+        bpy.app.timers.register(tick_job, first_interval=TICK_S)
+    return None
+
+
+def job_running() -> bool:
+    return _job is not None and not _job.finished
+
+
+def cancel_job() -> None:
+    if _job is not None:
+        _job.cancel()
+
+
+def tick_job() -> float | None:
+    """The timer function: advance the job; returns the next interval, None when the job ended."""
+    global _job
+    if _job is None:
+        return None
+    _job.poll()
+    state = _state()
+    state.stage, state.progress = _job.stage, _job.fraction
+    if _job.state == "queued" and _job.queue_position:
+        state.stage = f"queued ({_job.queue_position} ahead)"
+    if _job.finished:
+        job, _job = _job, None
+        finish_job(job)
+        state.running = False
+    _redraw()
+    return None if state.running is False else TICK_S
+
+
+def finish_job(job: ReconstructJob) -> None:
+    """Write and import a result, or show why there is none. Runs on the main thread (timer)."""
+    if job.state == "cancelled":
+        return _show("Cancelled", False)
+    if job.state == "failed":
+        return _show(f"{job.error} [{job.error_code}]", True)
+    context = bpy.context
+    scene = bpy.data.scenes.get(_job_scene) or context.scene
+    view_layer = context.view_layer if context.scene == scene else scene.view_layers[0]
+    parent, temporary = preferences.output_folder(context)
+    stem = Path(job.photo_path).stem or "face"
+    try:
+        folder = write_result(Path(parent), stem, job.result.files)
+        objects = import_result(folder, job.photo_path, scene, view_layer, pack_texture=temporary)
+    except Exception as exc:                      # disk full, unreadable result: say so, add nothing
+        traceback.print_exc()
+        return _show(f"the result could not be imported: {exc}", True)
+    _push_undo("Reconstruct Face")
+    faces = job.result.summary.get("faces", len(objects))
+    _show(f"Imported {', '.join(o.name for o in objects)} ({faces} face{'s' * (faces != 1)}, "
+          f"{len(objects[0].data.vertices)} vertices) from {folder}", False)
+
+
+def _push_undo(message: str) -> None:
+    """One undo step for the whole import (the timer runs outside any operator)."""
+    try:
+        window = bpy.context.window_manager.windows[0]
+        with bpy.context.temp_override(window=window):
+            bpy.ops.ed.undo_push(message=message)
+    except (RuntimeError, IndexError):
+        pass                                      # no undo stack (background mode)
+
+
+def tick_check() -> float | None:
+    global _check
+    if _check is None:
+        return None
+    _check.poll()
+    if not _check.finished:
+        return TICK_S
+    state = _state()
+    check, _check = _check, None
+    state.checking = False
+    if check.status is not None:
+        state.status_text, state.status_is_error = "\n".join(describe_status(check.status)), False
+        set_models(list(check.status.models))
+    else:
+        state.status_text, state.status_is_error = f"{check.error} [{check.error_code}]", True
+    _redraw()
+    return None
+
+
+class FACERECON_OT_reconstruct(bpy.types.Operator):
+    """Send the photo to the FaceRecon backend and import the textured face at the 3D cursor"""
+
+    bl_idname = "facerecon.reconstruct"
+    bl_label = "Reconstruct Face"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return not job_running()
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        error = start_job(context)
+        if error is not None:
+            self.report({"ERROR"}, error)
+            return {"CANCELLED"}
+        return {"FINISHED"}
+
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        if self.execute(context) != {"FINISHED"} or context.window is None:
+            return {"FINISHED"} if job_running() else {"CANCELLED"}
+        self._timer = context.window_manager.event_timer_add(0.25, window=context.window)
+        context.window_manager.modal_handler_add(self)
+        return {"RUNNING_MODAL"}
+
+    def modal(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        if job_running():
+            if event.type == "ESC" and event.value == "PRESS":
+                cancel_job()
+                return {"RUNNING_MODAL"}
+            return {"PASS_THROUGH"}
+        context.window_manager.event_timer_remove(self._timer)
+        state = context.window_manager.facerecon
+        self.report({"ERROR"} if state.message_is_error else {"INFO"}, state.message)
+        return {"FINISHED"}
+
+
+class FACERECON_OT_cancel(bpy.types.Operator):
+    """Cancel the running reconstruction (queued: at once; running: at the next stage)"""
+
+    bl_idname = "facerecon.cancel"
+    bl_label = "Cancel"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return job_running()
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        cancel_job()
+        return {"FINISHED"}
+
+
+class FACERECON_OT_test_connection(bpy.types.Operator):
+    """Ask the backend for its status: version, devices, models, workers, queue"""
+
+    bl_idname = "facerecon.test_connection"
+    bl_label = "Test Connection"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        global _check
+        if _check is not None:
+            return {"CANCELLED"}
+        check = StatusCheck(preferences.connection(context))
+        check.start()
+        state = context.window_manager.facerecon
+        if check.finished:
+            state.status_text, state.status_is_error = check.error, True
+            self.report({"ERROR"}, check.error)
+            return {"CANCELLED"}
+        _check, state.checking, state.status_text = check, True, "asking the backend..."
+        bpy.app.timers.register(tick_check, first_interval=TICK_S)
+        return {"FINISHED"}
+
+
+CLASSES = (FACERECON_OT_reconstruct, FACERECON_OT_cancel, FACERECON_OT_test_connection)
+
+
+def unregister() -> None:
+    """Stop timers and close sockets so that disabling the add-on leaves nothing running."""
+    global _job, _check
+    for function in (tick_job, tick_check):
+        if bpy.app.timers.is_registered(function):
+            bpy.app.timers.unregister(function)
+    for exchange in (_job, _check):
+        if exchange is not None:
+            exchange.close()
+    _job = _check = None

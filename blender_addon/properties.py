@@ -1,0 +1,75 @@
+"""Panel inputs (saved with the scene) and the running job's display state (window manager, not saved)."""
+from __future__ import annotations
+
+import os
+
+import bpy
+
+_previews = None                       # bpy.utils.previews collection for the photo thumbnail
+_model_items: list[tuple[str, str, str]] = [("builtin", "Built-in", "MediaPipe topology, any face")]
+
+
+def photo_preview(path: str) -> "bpy.types.ImagePreview | None":
+    """A thumbnail of the photo at `path`, loaded once (None if there is no such file)."""
+    if _previews is None or not path or not os.path.isfile(path):
+        return None
+    if path not in _previews:
+        _previews.load(path, path, "IMAGE")
+    return _previews[path]
+
+
+def set_models(names: list[str]) -> None:
+    """Model choices offered by the backend (from the last status)."""
+    _model_items[:] = [(n, n.replace("_", " ").replace("-", " ").title(), f"face model '{n}'") for n in names]
+
+
+def _models(self, context):
+    return _model_items
+
+
+class FACERECON_PG_settings(bpy.types.PropertyGroup):
+    """What the artist picks in the panel (per scene)."""
+
+    photo_path: bpy.props.StringProperty(name="Photo", subtype="FILE_PATH",
+                                         description="A photo with a face (JPEG, PNG, WebP, BMP, TIFF)")
+    face_index: bpy.props.IntProperty(name="Face", default=0, min=0, max=63,
+                                      description="Which face: 0 is the largest in the photo")
+    all_faces: bpy.props.BoolProperty(name="All faces", default=False,
+                                      description="Reconstruct every face in the photo, one object each")
+    texture_size: bpy.props.EnumProperty(
+        name="Texture", default="2048", description="UV texture size in pixels",
+        items=[("1024", "1024²", ""), ("2048", "2048²", ""), ("4096", "4096²", "")])
+    model: bpy.props.EnumProperty(name="Model", items=_models, description="Face model on the backend")
+
+
+class FACERECON_PG_state(bpy.types.PropertyGroup):
+    """What the panel shows about the running job and the last outcome (not saved)."""
+
+    running: bpy.props.BoolProperty(default=False)
+    stage: bpy.props.StringProperty(default="")
+    progress: bpy.props.FloatProperty(default=0.0, min=0.0, max=1.0)
+    message: bpy.props.StringProperty(default="")
+    message_is_error: bpy.props.BoolProperty(default=False)
+    checking: bpy.props.BoolProperty(default=False)
+    status_text: bpy.props.StringProperty(default="")
+    status_is_error: bpy.props.BoolProperty(default=False)
+
+
+CLASSES = (FACERECON_PG_settings, FACERECON_PG_state)
+
+
+def register() -> None:
+    global _previews
+    import bpy.utils.previews
+    _previews = bpy.utils.previews.new()
+    bpy.types.Scene.facerecon = bpy.props.PointerProperty(type=FACERECON_PG_settings)
+    bpy.types.WindowManager.facerecon = bpy.props.PointerProperty(type=FACERECON_PG_state)
+
+
+def unregister() -> None:
+    global _previews
+    del bpy.types.WindowManager.facerecon
+    del bpy.types.Scene.facerecon
+    if _previews is not None:
+        bpy.utils.previews.remove(_previews)
+        _previews = None

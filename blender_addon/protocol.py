@@ -1,0 +1,18 @@
+"""The wire protocol for the add-on: `shared_protocol`, vendored inside the built add-on.
+
+`build_addon.py` copies the repository's `shared_protocol/` into the add-on as a subpackage, so
+the installed extension needs nothing outside itself but pyzmq (shipped as wheels). Run from the
+repository (development, tests of the unbuilt package) the top-level `shared_protocol` is used.
+"""
+import importlib.util
+
+if importlib.util.find_spec(f"{__package__}.shared_protocol") is not None:
+    from .shared_protocol import (PROTOCOL_VERSION, Accepted, Error, ErrorCode, Ping, Progress,
+                                  ProtocolError, ReconstructOptions, Result, ResultFile, Status,
+                                  StatusRequest, limits)
+    from .shared_protocol.client import Client, load_curve_keys, read_server_public_key
+else:
+    from shared_protocol import (PROTOCOL_VERSION, Accepted, Error, ErrorCode, Ping, Progress,  # noqa: F401
+                                 ProtocolError, ReconstructOptions, Result, ResultFile, Status,
+                                 StatusRequest, limits)
+    from shared_protocol.client import Client, load_curve_keys, read_server_public_key  # noqa: F401

@@ -1,0 +1,159 @@
+"""Runs inside a fresh Python process with bpy 5.0.1 (Blender as a module): installs the built
+add-on zip like a user would, drives it like the panel's button does, prints facts as JSON.
+
+    python tests/blender_session.py SCENARIO ZIP BACKEND_ADDRESS WORK_DIR [PHOTO...]
+
+BLENDER_USER_RESOURCES must point into WORK_DIR so nothing touches the real user profile.
+Scenarios: `import` (reconstruct twice, save, reload) and `errors` (one reconstruct per photo, each
+expected to fail). The last stdout line is `RESULT <json>`.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import bpy
+
+ADDON = "bl_ext.user_default.facerecon"
+
+
+def install(zip_path: str, address: str, output: Path) -> None:
+    bpy.ops.extensions.package_install_files(filepath=zip_path, repo="user_default", enable_on_install=True)
+    prefs = bpy.context.preferences.addons[ADDON].preferences
+    prefs.backend_address = address
+    prefs.output_folder = str(output)
+    prefs.timeout_s = 120.0
+
+
+def reconstruct(photo: str) -> dict:
+    """Press the button (the operator's execute path) and run the add-on's timer until it stops."""
+    operators = sys.modules[f"{ADDON}.operators"]
+    bpy.context.scene.facerecon.photo_path = photo
+    try:
+        started = bpy.ops.facerecon.reconstruct()
+    except RuntimeError as report:            # an ERROR report raises when called from a script
+        started = {"CANCELLED", f"report: {report}"}
+    state = bpy.context.window_manager.facerecon
+    polls, end = 0, time.monotonic() + 180
+    if started == {"FINISHED"}:
+        while operators.tick_job() is not None and time.monotonic() < end:
+            polls += 1
+            time.sleep(0.05)
+    return {"operator": sorted(started), "running": state.running, "message": state.message,
+            "error": state.message_is_error, "polls": polls}
+
+
+def describe_objects() -> list[dict]:
+    facts = []
+    for obj in bpy.data.objects:
+        if obj.type != "MESH":
+            continue
+        mesh = obj.data
+        material = mesh.materials[0] if mesh.materials else None
+        images = [n.image for n in material.node_tree.nodes if n.type == "TEX_IMAGE"] if material else []
+        base_color_links = [l.from_node.type for l in material.node_tree.links
+                            if l.to_socket.name == "Base Color"] if material else []
+        zs = [v.co.z for v in mesh.vertices]
+        ys = [v.co.y for v in mesh.vertices]
+        nose = max(mesh.vertices, key=lambda v: -v.co.y)           # the point furthest toward -Y
+        facts.append({
+            "name": obj.name, "vertices": len(mesh.vertices), "polygons": len(mesh.polygons),
+            "uv_layers": [layer.name for layer in mesh.uv_layers],
+            "smooth": all(p.use_smooth for p in mesh.polygons),
+            "location": list(obj.location), "selected": obj.select_get(),
+            "active": bpy.context.view_layer.objects.active == obj,
+            "height_m": max(zs) - min(zs), "depth_m": max(ys) - min(ys),
+            "nose_y_minus_centre": nose.co.y - sum(ys) / len(ys),
+            "material": material.name if material else None, "base_color_from": base_color_links,
+            "images": [{"size": list(i.size), "filepath": bpy.path.abspath(i.filepath),
+                        "packed": i.packed_file is not None, "mean_rgb": mean_rgb(i)} for i in images],
+            "properties": sorted(k for k in obj.keys() if k.startswith("facerecon_")),
+            "photo_property": obj.get("facerecon_photo"),
+            "yaw_deg": obj["facerecon_pose"]["yaw_deg"] if "facerecon_pose" in obj else None,
+            "result_folder": obj.get("facerecon_result_folder"),
+        })
+    return facts
+
+
+def mean_rgb(image: bpy.types.Image) -> list[float]:
+    """Mean of the image's R, G, B in 0..255 (Blender decodes the PNG: proves the pixels loaded)."""
+    import numpy as np
+    pixels = np.empty(image.size[0] * image.size[1] * image.channels, dtype=np.float32)
+    image.pixels.foreach_get(pixels)
+    return (pixels.reshape(-1, image.channels)[:, :3].mean(axis=0) * 255).tolist()
+
+
+def counts() -> dict:
+    return {"objects": len(bpy.data.objects), "meshes": len(bpy.data.meshes),
+            "materials": len(bpy.data.materials), "images": len(bpy.data.images)}
+
+
+class LayoutRecorder:
+    """Stands in for a UI layout headless: records what the panel draws (labels, operators, props)."""
+
+    def __init__(self, log: list) -> None:
+        self.log = log
+
+    def __getattr__(self, name: str):
+        def call(*args, **kwargs):
+            self.log.append((name, [a for a in args if isinstance(a, str)],
+                             {k: v for k, v in kwargs.items() if isinstance(v, (str, float, int))}))
+            return LayoutRecorder(self.log)
+        return call
+
+
+def draw_panel() -> list:
+    log: list = []
+    stand_in = type("PanelStandIn", (), {"layout": LayoutRecorder(log)})()
+    bpy.types.FACERECON_PT_panel.draw(stand_in, bpy.context)
+    return [entry for entry in log if entry[0] in ("operator", "label", "progress", "prop", "template_icon")]
+
+
+def test_connection() -> str:
+    operators = sys.modules[f"{ADDON}.operators"]
+    bpy.ops.facerecon.test_connection()
+    end = time.monotonic() + 30
+    while operators.tick_check() is not None and time.monotonic() < end:
+        time.sleep(0.05)
+    return bpy.context.window_manager.facerecon.status_text
+
+
+def scenario_import(zip_path: str, address: str, work: Path, photos: list[str]) -> dict:
+    install(zip_path, address, work / "results")
+    status_text = test_connection()
+    bpy.context.scene.facerecon.photo_path = photos[0]
+    panel_before = draw_panel()
+    thumbnail = list(sys.modules[f"{ADDON}.properties"].photo_preview(photos[0]).image_size)
+    bpy.context.scene.cursor.location = (1.0, 2.0, 0.5)
+    before = counts()
+    first = reconstruct(photos[0])
+    second = reconstruct(photos[0])
+    after = counts()
+    objects = describe_objects()
+    panel_after = draw_panel()
+    bpy.ops.ed.undo()                                   # one step removes the second import only
+    after_undo = sorted(o.name for o in bpy.data.objects)
+    bpy.ops.ed.redo()
+    blend = work / "scene.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend))
+    bpy.ops.wm.open_mainfile(filepath=str(blend))
+    reloaded = describe_objects()
+    return {"before": before, "after": after, "runs": [first, second], "objects": objects,
+            "after_undo": after_undo, "status_text": status_text, "thumbnail": thumbnail, "panel_before": panel_before,
+            "panel_after": panel_after, "category": bpy.types.FACERECON_PT_panel.bl_category,
+            "reloaded": reloaded, "folders": sorted(p.name for p in (work / "results").iterdir())}
+
+
+def scenario_errors(zip_path: str, address: str, work: Path, photos: list[str]) -> dict:
+    install(zip_path, address, work / "results")
+    before = counts()
+    runs = [reconstruct(photo) for photo in photos]
+    return {"before": before, "after": counts(), "runs": runs}
+
+
+if __name__ == "__main__":
+    scenario, zip_arg, address_arg, work_arg, *photo_args = sys.argv[1:]
+    run = {"import": scenario_import, "errors": scenario_errors}[scenario]
+    print("RESULT " + json.dumps(run(zip_arg, address_arg, Path(work_arg), photo_args)))
