@@ -7,12 +7,12 @@ repository (development, tests of the unbuilt package) the top-level `shared_pro
 import importlib.util
 
 if importlib.util.find_spec(f"{__package__}.shared_protocol") is not None:
-    from .shared_protocol import (PROTOCOL_VERSION, Accepted, Error, ErrorCode, Ping, Progress,
+    from .shared_protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, ErrorCode, Ping, Progress,
                                   ProtocolError, ReconstructOptions, Result, ResultFile, Status,
                                   StatusRequest, limits)
     from .shared_protocol.client import Client, load_curve_keys, read_server_public_key
 else:
-    from shared_protocol import (PROTOCOL_VERSION, Accepted, Error, ErrorCode, Ping, Progress,  # noqa: F401
+    from shared_protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, ErrorCode, Ping, Progress,  # noqa: F401
                                  ProtocolError, ReconstructOptions, Result, ResultFile, Status,
                                  StatusRequest, limits)
     from shared_protocol.client import Client, load_curve_keys, read_server_public_key  # noqa: F401

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .protocol import (Accepted, Client, Error, ErrorCode, Ping, Progress, ProtocolError,
+from .protocol import (Accepted, Cancel, Client, Error, ErrorCode, Ping, Progress, ProtocolError,
                        ReconstructOptions, Result, Status, StatusRequest, limits, load_curve_keys,
                        read_server_public_key)
 
@@ -83,9 +83,16 @@ class _Exchange:
         elif now - self.last_heard > self.connection.connect_timeout_s:
             self._fail(ErrorCode.UNREACHABLE.value, self.connection.silence_message(now - self.last_heard))
         elif now - self._last_ping > HEARTBEAT_S:
-            self.client.send(Ping(int(now * 1000)))
+            self._send(Ping(int(now * 1000)))
             self._last_ping = now
         return messages
+
+    def _send(self, message: object) -> None:
+        """Send without blocking; a connection that cannot take it fails the exchange."""
+        try:
+            self.client.send(message)
+        except ProtocolError as exc:
+            self._fail(exc.code.value, exc.message)
 
     def close(self) -> None:
         if self.client is not None:
@@ -133,7 +140,7 @@ class ReconstructJob(_Exchange):
         """Ask the backend to stop; a job not yet accepted is cancelled when its id arrives."""
         self._cancel_requested = True
         if self.job_id is not None and self.client is not None:
-            self.client.cancel(self.job_id)
+            self._send(Cancel(self.job_id))
         elif self.client is None and not self.finished:
             self.state = "cancelled"
 
@@ -142,7 +149,7 @@ class ReconstructJob(_Exchange):
             return
         if time.monotonic() - self.started > self.connection.job_timeout_s:
             if self.job_id is not None:
-                self.client.cancel(self.job_id)
+                self._send(Cancel(self.job_id))
             return self._fail(ErrorCode.TIMEOUT.value, f"the job took over {self.connection.job_timeout_s:.0f} s "
                               "(the timeout in the add-on preferences); it was cancelled")
         for message in self._receive():
@@ -154,7 +161,7 @@ class ReconstructJob(_Exchange):
         if isinstance(message, Accepted) and message.request_id == self.request_id:
             self.job_id, self.queue_position, self.stage = message.job_id, message.queue_position, "queued"
             if self._cancel_requested:
-                self.client.cancel(self.job_id)
+                self._send(Cancel(self.job_id))
         elif isinstance(message, Progress) and message.job_id == self.job_id:
             self.state, self.stage, self.fraction = "running", message.stage, message.fraction
         elif isinstance(message, Result) and message.job_id == self.job_id:

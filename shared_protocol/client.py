@@ -69,7 +69,14 @@ class Client:
 
     # --- non-blocking primitives -------------------------------------------------------------
     def send(self, message: Message) -> None:
-        self._socket.send_multipart(encode(message), copy=False)
+        """Queue a message without ever blocking. A DEALER with no usable connection (e.g. the
+        server refused our CURVE key) cannot queue: that raises ProtocolError UNREACHABLE."""
+        try:
+            self._socket.send_multipart(encode(message), flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            raise ProtocolError(ErrorCode.UNREACHABLE,
+                                f"cannot send to {self.address}: no connection (is the backend running, "
+                                "and does it accept this client's key?)") from None
 
     def poll(self, timeout_ms: int = 0) -> Message | None:
         """The next message, or None if none arrives within timeout_ms. Bad frames -> Error message."""

@@ -42,3 +42,6 @@ class ProtocolError(Exception):
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
+
+    def __reduce__(self) -> tuple:            # picklable across worker processes
+        return (ProtocolError, (self.code, self.message))

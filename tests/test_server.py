@@ -303,10 +303,10 @@ def test_curve_admits_only_authorised_keys(tmp_path, grace_hopper_bytes):
         assert [f.name for f in result.files] == ["alice.json"]
         for stranger in ({"server_public_key": server_key}, {}):     # unknown key; no CURVE at all
             with Client(server.address, **stranger) as client:
-                client.submit(grace_hopper_bytes, "mallory.jpg", QUICK)
                 with pytest.raises(ProtocolError) as refused:
+                    client.submit(grace_hopper_bytes, "mallory.jpg", QUICK)
                     client.status(timeout_s=2)
-                assert refused.value.code == ErrorCode.TIMEOUT
+                assert refused.value.code in (ErrorCode.TIMEOUT, ErrorCode.UNREACHABLE)
         assert "mallory" not in server.log()
     finally:
         assert server.stop() == 0

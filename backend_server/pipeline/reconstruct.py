@@ -37,7 +37,7 @@ class FaceReconstruction:
     fit: Fit
     topology: MeshTopology
     vertices: np.ndarray           # (V, 3) camera-frame metres of the output mesh
-    bake: Bake
+    bake: Bake | None
     facts: dict[str, Any]
     files: list[ResultFile] = field(default_factory=list)
 
@@ -72,13 +72,33 @@ class _StageClock:
             self._current = None
 
 
-class Reconstructor:
-    """Holds the detectors and the model; not thread-safe (one per worker)."""
+@dataclass
+class PreparedPhoto:
+    """A photo after decode, detect, landmarks and fit: everything bake needs, per face."""
 
-    def __init__(self) -> None:
+    photo: Photo
+    faces: list[FaceReconstruction]          # bake still None until baked
+    names: list[str]                         # output file stem per face
+    camera: Camera
+    clock: _StageClock
+
+
+class Reconstructor:
+    """Holds the detectors, the model and (for a CUDA device) the GPU baker; one per worker.
+
+    `run` = `prepare` (decode, detect, landmarks, fit; CPU) + `bake` + `finish` (export). The GPU
+    batch path calls the three apart so that many photos share one GPU bake.
+    """
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.device = device
         self.detector = FaceDetector()
         self.landmarker = LandmarkDetector()
         self.model = load_builtin()
+        self.gpu_baker = None
+        if device != "cpu":
+            from .bake_gpu import GpuBaker
+            self.gpu_baker = GpuBaker(device)
 
     def close(self) -> None:
         self.detector.close()
@@ -86,10 +106,20 @@ class Reconstructor:
 
     def warm_up(self, texture_size: int, subdivision: int = 1) -> None:
         """Build the cached UV rasterization so the first job is as fast as the rest."""
-        texel_map(builtin_topology(subdivision), texture_size)
+        if self.gpu_baker is not None:
+            self.gpu_baker.warm_up(builtin_topology(subdivision), texture_size)
+        else:
+            texel_map(builtin_topology(subdivision), texture_size)
 
     def run(self, data: bytes, photo_name: str, options: ReconstructOptions = ReconstructOptions(),
             on_stage: StageCallback | None = None) -> PhotoReconstruction:
+        prepared = self.prepare(data, photo_name, options, on_stage)
+        prepared.clock.enter("bake", 0.4)
+        self.bake(prepared, options)
+        return self.finish(prepared, options)
+
+    def prepare(self, data: bytes, photo_name: str, options: ReconstructOptions = ReconstructOptions(),
+                on_stage: StageCallback | None = None) -> PreparedPhoto:
         if options.model not in AVAILABLE_MODELS:
             raise ProtocolError(ErrorCode.UNKNOWN_MODEL, f"model {options.model!r} is not installed; "
                                 f"available: {', '.join(AVAILABLE_MODELS)}")
@@ -101,28 +131,47 @@ class Reconstructor:
         topology = builtin_topology(options.subdivision)
         camera = Camera.for_photo(*photo.size)
         faces = []
-        span = 0.8 / len(chosen)
         for n, (index, box) in enumerate(chosen):
-            base = 0.2 + n * span
-            clock.enter("landmarks", base)
+            clock.enter("landmarks", 0.2)
             landmarks = self.landmarker(photo.rgb, box, photo_name)
-            clock.enter("fit", base + 0.1 * span)
+            clock.enter("fit", 0.3)
             fit = fit_builtin(landmarks, self.model.reference_vertices, camera)
             vertices = topology.refine @ fit.vertices
-            clock.enter("bake", base + 0.2 * span)
-            bake = bake_texture(photo.rgb, vertices, topology, camera, options.texture_size)
-            faces.append(FaceReconstruction(index, box, landmarks, fit, topology, vertices, bake, {}))
+            faces.append(FaceReconstruction(index, box, landmarks, fit, topology, vertices, None, {}))
         stem = safe_stem(photo_name)
         names = [stem if options.face != -1 else f"{stem}_face{face.index}" for face in faces]
-        clock.enter("export", 0.9)
-        for name, face in zip(names, faces):
-            face.files = mesh_and_texture_files(name, face, options)
         clock.stop()
-        for name, face in zip(names, faces):   # written last: the JSON carries every stage's time
-            face.facts = face_facts(photo, face, options, clock.timings, len(chosen))
-            if "json" in options.outputs:
-                face.files.append(ResultFile(f"{name}.json", "json", json_bytes(face.facts)))
-        return PhotoReconstruction(photo, faces, clock.timings)
+        return PreparedPhoto(photo, faces, names, camera, clock)
+
+    def bake(self, prepared: PreparedPhoto, options: ReconstructOptions) -> None:
+        """Texture every face of one photo (on the GPU when this worker has one)."""
+        if self.gpu_baker is not None:
+            bakes = self.gpu_baker.bake([prepared.photo.rgb] * len(prepared.faces),
+                                        [face.vertices for face in prepared.faces],
+                                        [prepared.camera] * len(prepared.faces),
+                                        prepared.faces[0].topology, options.texture_size)
+        else:
+            bakes = [bake_texture(prepared.photo.rgb, face.vertices, face.topology, prepared.camera,
+                                  options.texture_size) for face in prepared.faces]
+        for face, bake in zip(prepared.faces, bakes):
+            face.bake = bake
+
+    def finish(self, prepared: PreparedPhoto, options: ReconstructOptions) -> PhotoReconstruction:
+        return export_faces(prepared, options)
+
+
+def export_faces(prepared: PreparedPhoto, options: ReconstructOptions) -> PhotoReconstruction:
+    """Stage 6 for every baked face of a photo: OBJ/MTL/PNG files, then the JSON with all timings."""
+    clock = prepared.clock
+    clock.enter("export", 0.9)
+    for name, face in zip(prepared.names, prepared.faces):
+        face.files = mesh_and_texture_files(name, face, options)
+    clock.stop()
+    for name, face in zip(prepared.names, prepared.faces):   # last: the JSON carries every stage's time
+        face.facts = face_facts(prepared.photo, face, options, clock.timings, len(prepared.faces))
+        if "json" in options.outputs:
+            face.files.append(ResultFile(f"{name}.json", "json", json_bytes(face.facts)))
+    return PhotoReconstruction(prepared.photo, prepared.faces, clock.timings)
 
 
 def json_bytes(facts: dict[str, Any]) -> bytes:
