@@ -27,11 +27,16 @@ def default_cpu_workers() -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from backend_server.devices import parse_devices
     from backend_server.server.router import Server, ServerConfig, is_loopback
-    if args.devices != "cpu":
-        print("facerecon-backend: CUDA devices are not supported by this build yet; use --devices cpu",
-              file=sys.stderr)
+    try:
+        devices = parse_devices(args.devices)
+    except ValueError as exc:
+        print(f"facerecon-backend: {exc}", file=sys.stderr)
         return 2
+    if devices != ["cpu"]:
+        from backend_server.render.rasterize_cuda import build_plugin
+        build_plugin()
     if args.keys is None and not is_loopback(args.bind):
         if not args.insecure:
             print(f"facerecon-backend: refusing to serve {args.bind} without authentication: anyone who "
@@ -39,7 +44,7 @@ def run_serve(args: argparse.Namespace) -> int:
                   "pass --keys DIR, or pass --insecure on a network you trust.", file=sys.stderr)
             return 2
         logging.warning("!!! serving %s WITHOUT authentication or encryption (--insecure) !!!", args.bind)
-    config = ServerConfig(bind=args.bind, devices=["cpu"] * args.workers,
+    config = ServerConfig(bind=args.bind, devices=["cpu"] * args.workers if devices == ["cpu"] else devices,
                           max_queued_jobs=args.queue_size, job_timeout_s=args.job_timeout,
                           drain_timeout_s=args.drain_timeout, keys_dir=args.keys,
                           warm_texture_size=args.warm_texture_size)
@@ -101,9 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="serve reconstruction requests over ZeroMQ")
     serve.add_argument("--bind", default=DEFAULT_ADDRESS, help=f"ZeroMQ address (default {DEFAULT_ADDRESS}, "
                        "loopback only; tcp://*:5555 for the network, with --keys)")
-    serve.add_argument("--devices", default="cpu", help="cpu (default)")
+    serve.add_argument("--devices", default="cpu",
+                       help="cpu (default), or GPUs such as 0,1 or cuda:0,cuda:1: one worker process each")
     serve.add_argument("--workers", type=int, default=default_cpu_workers(),
-                       help=f"CPU worker processes (default {default_cpu_workers()}: one per two cores)")
+                       help=f"CPU worker processes with --devices cpu (default {default_cpu_workers()}: one per two cores)")
     serve.add_argument("--queue-size", type=int, default=512, help="queued jobs before 'busy' (default 512)")
     serve.add_argument("--keys", type=Path, help="CURVE keys folder (facerecon-backend keys generate)")
     serve.add_argument("--insecure", action="store_true",

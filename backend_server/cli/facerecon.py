@@ -91,11 +91,11 @@ def _worker_run(task: tuple[Path, str, Path, ReconstructOptions]) -> Outcome:
 
 
 def parse_device(value: str) -> list[str]:
-    devices = [d.strip() for d in value.split(",") if d.strip()]
-    for device in devices:
-        if device != "cpu" and not device.startswith("cuda"):
-            raise argparse.ArgumentTypeError(f"unknown device {device!r}: use cpu or cuda:0,cuda:1,...")
-    return devices
+    from backend_server.devices import parse_devices
+    try:
+        return parse_devices(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
@@ -103,9 +103,6 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         args.inputs = [str(demo_photo())] + args.inputs
     if not args.inputs:
         print("facerecon reconstruct: give photos or folders, or --demo", file=sys.stderr)
-        return 2
-    if any(d != "cpu" for d in args.device):
-        print("facerecon: CUDA devices are not supported by this build yet; use --device cpu", file=sys.stderr)
         return 2
     photos = gather_photos(args.inputs)
     out_dir = Path(args.output)
@@ -124,6 +121,8 @@ def run_reconstruct(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
     progress = tqdm(total=len(tasks), unit="photo", disable=args.quiet or not tasks)
+    if args.device != ["cpu"]:
+        return run_on_gpus(args, tasks, options, outcomes, progress, out_dir)
     workers = max(1, min(args.workers, len(tasks)))
     if workers == 1:
         _worker_init(args.texture_size, args.subdivision)
@@ -132,7 +131,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     else:
         pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init,
                                                          (args.texture_size, args.subdivision))
-        results = pool.imap_unordered(_worker_run, tasks, chunksize=args.batch_size)
+        results = pool.imap_unordered(_worker_run, tasks)
     try:
         for outcome in results:
             outcomes.append(outcome)
@@ -144,6 +143,28 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         if pool is not None:
             pool.close()
             pool.join()
+    return summarize(outcomes, out_dir)
+
+
+def run_on_gpus(args: argparse.Namespace, tasks: list, options: ReconstructOptions, outcomes: list[Outcome],
+                progress, out_dir: Path) -> int:
+    """CUDA devices: CPU stages in a process pool, bake batched on each GPU (pipeline.batch_gpu)."""
+    from backend_server.pipeline.batch_gpu import run_batch
+
+    def on_outcome(result) -> None:
+        outcomes.append(Outcome(result.photo, result.status, result.detail, result.seconds, result.stem))
+        progress.update(1)
+        if result.status == "failed":
+            progress.write(f"failed: {result.photo}: {result.detail}")
+
+    try:
+        report = run_batch(args.device, [(photo, stem) for photo, stem, _, _ in tasks], out_dir, options,
+                           max(1, args.batch_size), on_outcome)
+    finally:
+        progress.close()
+    if tasks:
+        gpus = ", ".join(f"{d}: {g['faces']:.0f} faces, peak {g['peak_mb']:.0f} MB" for d, g in report.gpu.items())
+        print(f"{report.photos_per_s:.1f} photos/s on {len(args.device)} GPU(s) ({gpus})")
     return summarize(outcomes, out_dir)
 
 
@@ -222,9 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--subdivision", type=int, choices=(0, 1, 2), default=1,
                      help="Loop subdivision levels of the mesh (default 1)")
     rec.add_argument("--uv-only", action="store_true", help="write only the texture and the JSON")
-    rec.add_argument("--device", type=parse_device, default=["cpu"], help="cpu (default) or cuda:0,cuda:1,...")
-    rec.add_argument("--workers", type=int, default=1, help="worker processes (CPU)")
-    rec.add_argument("--batch-size", type=int, default=1, help="photos handed to a worker at once")
+    rec.add_argument("--device", type=parse_device, default=["cpu"],
+                     help="cpu (default), or GPUs: 0,1 or cuda:0,cuda:1 (one GPU process each)")
+    rec.add_argument("--workers", type=int, default=1,
+                     help="worker processes on the CPU path (the GPU path uses every core)")
+    rec.add_argument("--batch-size", type=int, default=16,
+                     help="faces baked at once on each GPU (default 16)")
     rec.add_argument("--overwrite", action="store_true", help="redo photos whose results exist")
     rec.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     rec.set_defaults(run=run_reconstruct)

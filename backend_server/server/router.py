@@ -305,6 +305,7 @@ class Server:
             return
         self._send_to_client(job.client, frames[1:])
         if header["type"] in ("result", "error"):
+            worker.gpu_memory_mb = header.get("summary", {}).get("gpu_memory_mb", worker.gpu_memory_mb)
             worker.job, worker.state = None, "idle"
             worker.jobs_done += 1
             self._finish(job, None, "done" if header["type"] == "result" else header.get("code", "error"))

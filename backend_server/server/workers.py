@@ -52,7 +52,7 @@ def worker_main(config: WorkerConfig, identity: bytes, device: str) -> None:
     link.setsockopt(zmq.LINGER, 2000)
     link.identity = identity
     link.connect(config.address)
-    reconstructor = Reconstructor()
+    reconstructor = Reconstructor(device)
     reconstructor.warm_up(config.texture_size, config.subdivision)
     link.send_multipart([READY, json.dumps({"pid": os.getpid(), "device": device}).encode()])
     parent = multiprocessing.parent_process()
@@ -99,9 +99,18 @@ def run_job(reconstructor: Any, link: Any, request: Any) -> list:
         log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         return [Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", job_id=job_id)]
     summary = {"faces": len(outcome.faces), "photo_size_px": list(outcome.photo.size),
+               "gpu_memory_mb": gpu_memory_mb(reconstructor.device),
                "timings_ms": {k: round(v, 2) for k, v in outcome.timings_ms.items()},
                "worker_ms": round((time.perf_counter() - start) * 1000, 2)}    # the whole pipeline call
     return [Result(job_id, tuple(outcome.files), summary)]
+
+
+def gpu_memory_mb(device: str) -> float | None:
+    """Peak GPU memory this worker process has allocated (MiB); None on the CPU."""
+    if device == "cpu":
+        return None
+    import torch
+    return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 
 
 @dataclass
@@ -117,6 +126,7 @@ class WorkerHandle:
     jobs_done: int = 0
     restarts: int = 0
     restart_at: float = 0.0        # monotonic seconds; when a waiting slot starts again
+    gpu_memory_mb: float | None = None   # peak, as the worker last reported it
     started_at: float = field(default_factory=time.monotonic)
 
     @property
@@ -149,4 +159,4 @@ class WorkerHandle:
         return {"name": self.name, "device": self.device, "state": self.state,
                 "pid": self.process.pid if self.process is not None else None,
                 "job_id": self.job.job_id if self.job is not None else None,
-                "jobs_done": self.jobs_done, "restarts": self.restarts, "gpu_memory_mb": None}
+                "jobs_done": self.jobs_done, "restarts": self.restarts, "gpu_memory_mb": self.gpu_memory_mb}

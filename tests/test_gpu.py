@@ -1,0 +1,131 @@
+"""The CUDA path against the CPU path as reference. GPU tests are marked `gpu` and skip without CUDA;
+the pull-push fill and device parsing run on any machine."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backend_server.devices import parse_devices
+from backend_server.models.builtin import builtin_topology
+from backend_server.pipeline.bake import bake_texture, pull_push_fill
+
+CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the lent GPU machine)")
+
+
+def test_pull_push_fill_in_torch_matches_the_opencv_one():
+    from backend_server.pipeline.bake_gpu import pull_push_fill_gpu
+    rng = np.random.default_rng(3)
+    image = rng.uniform(0, 255, (64, 64, 3)).astype(np.float32)
+    known = rng.uniform(size=(64, 64)) < 0.3
+    known[20:40, 20:40] = False
+    reference = pull_push_fill(image * known[..., None], known)
+    ours = pull_push_fill_gpu(torch.from_numpy(image * known[..., None]).permute(2, 0, 1)[None],
+                              torch.from_numpy(known)[None, None])[0].permute(1, 2, 0).numpy()
+    assert np.abs(ours - reference).max() < 1e-3
+    assert np.array_equal(ours[known], image[known])
+
+
+def test_device_lists_are_checked():
+    assert parse_devices("cpu") == ["cpu"]
+    with pytest.raises(ValueError, match="unknown device"):
+        parse_devices("gpu0")
+    with pytest.raises(ValueError, match="cuda:99 does not exist on this machine; GPUs here"):
+        parse_devices("0,99" if CUDA else "99")
+
+
+def resized_jpeg(data: bytes, size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(data)).resize(size).save(buffer, format="JPEG", quality=92)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def prepared(reconstructor, grace_hopper_bytes):
+    """Two photos of different sizes (512x600 and 700x820)."""
+    return [reconstructor.prepare(grace_hopper_bytes, "grace.jpg"),
+            reconstructor.prepare(resized_jpeg(grace_hopper_bytes, (700, 820)), "grace_big.jpg")]
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_rasterizer_matches_the_cpu_one():
+    from backend_server.render.rasterize import rasterize
+    from backend_server.render.rasterize_cuda import rasterize_batch
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 200, (300, 2)).astype(np.float32)
+    depth = rng.uniform(1, 2, 300).astype(np.float32)
+    triangles = rng.integers(0, 300, (200, 3)).astype(np.int32)
+    triangles = triangles[(triangles[:, 0] != triangles[:, 1]) & (triangles[:, 1] != triangles[:, 2])
+                          & (triangles[:, 0] != triangles[:, 2])]
+    cpu = rasterize(xy, depth, triangles, 200, 160)
+    cuda = rasterize_batch(torch.tensor(xy, device="cuda")[None], torch.tensor(depth, device="cuda")[None],
+                           torch.tensor(triangles, device="cuda"), 200, 160)
+    same = (cuda.triangle[0].cpu().numpy() == cpu.triangle)
+    assert same.mean() > 0.995, same.mean()                   # edge pixels may break ties differently
+    both = same & cpu.covered
+    assert np.abs(cuda.depth[0].cpu().numpy()[both] - cpu.depth[both]).max() < 1e-4
+    assert np.abs(cuda.bary[0].cpu().numpy()[both] - cpu.bary[both]).max() < 1e-3
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_bake_matches_the_cpu_bake(prepared):
+    from backend_server.pipeline.bake_gpu import GpuBaker
+    topology = builtin_topology(1)
+    baker = GpuBaker("cuda:0")
+    photos = [p.photo.rgb for p in prepared]
+    vertices = [p.faces[0].vertices for p in prepared]
+    cameras = [p.camera for p in prepared]
+    together = baker.bake(photos, vertices, cameras, topology, 2048)            # photos of different sizes
+    for k, p in enumerate(prepared):
+        alone = baker.bake(photos[k:k + 1], vertices[k:k + 1], cameras[k:k + 1], topology, 2048)[0]
+        assert np.array_equal(alone.texture, together[k].texture)             # batching changes nothing
+        cpu = bake_texture(p.photo.rgb, vertices[k], topology, p.camera, 2048)
+        difference = np.abs(cpu.texture.astype(int) - together[k].texture.astype(int))
+        assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 8, (difference.mean(),
+                                                                               np.percentile(difference, 99))
+        assert abs(cpu.seen_fraction - together[k].seen_fraction) < 0.01
+
+
+@gpu
+@pytest.mark.gpu
+def test_batch_command_line_on_gpu_writes_every_file(tmp_path, grace_hopper_bytes):
+    from backend_server.cli.facerecon import main
+    photos = tmp_path / "in"
+    photos.mkdir()
+    for k in range(5):
+        (photos / f"grace{k}.jpg").write_bytes(grace_hopper_bytes)
+        (photos / f"big{k}.jpg").write_bytes(resized_jpeg(grace_hopper_bytes, (700 + k, 820)))
+    (photos / "broken.jpg").write_text("not a photo")
+    assert main(["reconstruct", str(photos), "-o", str(tmp_path / "out"), "--device", "cuda:0",
+                 "--batch-size", "4", "-q"]) == 1                               # the broken one fails
+    for k in range(5):
+        for stem in (f"grace{k}", f"big{k}"):
+            texture = np.asarray(Image.open(tmp_path / "out" / f"{stem}.png"))
+            assert texture.shape == (2048, 2048, 3)
+            facts = json.loads((tmp_path / "out" / f"{stem}.json").read_text())
+            assert facts["timings_ms"]["bake"] > 0 and facts["quality"]["texture_seen_fraction"] > 0.3
+    assert not (tmp_path / "out" / "broken.json").exists()
+
+
+@gpu
+@pytest.mark.gpu
+def test_server_on_gpu_reports_memory(tmp_path, grace_hopper_bytes):
+    from backend_process import BackendProcess
+    from shared_protocol.client import Client
+    server = BackendProcess(tmp_path / "serve.log", "--devices", "0", workers=1).start(timeout_s=240)
+    try:
+        with Client(server.address) as client:
+            result = client.reconstruct(grace_hopper_bytes, "grace.jpg", timeout_s=120)
+        png = next(f.data for f in result.files if f.name == "grace.png")
+        assert Image.open(io.BytesIO(png)).size == (2048, 2048)
+        [worker] = server.status().workers
+        assert worker["device"] == "cuda:0" and 0 < worker["gpu_memory_mb"] < 2048
+    finally:
+        assert server.stop() == 0
