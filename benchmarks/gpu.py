@@ -62,13 +62,20 @@ def serve_latency(devices: str, photos: list[Path], runs: int, log: Path) -> dic
                               cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
     try:
         with Client(address) as client:
-            for _ in range(900):
+            for _ in range(600):
                 try:
                     if all(w["state"] == "idle" for w in client.status(timeout_s=1).workers):
                         break
                 except ProtocolError:
                     pass
+                if server.poll() is not None:
+                    break
                 time.sleep(0.2)
+            else:
+                server.poll()
+            status = client.status(timeout_s=5) if server.returncode is None else None
+            if status is None or not all(w["state"] == "idle" for w in status.workers):
+                raise RuntimeError(f"{devices} server not ready:\n" + log.read_text(errors="replace")[-3000:])
             data = [p.read_bytes() for p in photos]
             for k in range(3):
                 client.reconstruct(data[k % len(data)], "warm.jpg", timeout_s=300)
@@ -146,10 +153,11 @@ def main() -> None:
         if args.json:
             args.json.write_text(json.dumps(results, indent=1))
 
-    results["latency_gpu"] = serve_latency("0", photos, args.latency_runs, args.work.with_suffix(".gpu.log"))
+    logs = args.json.parent if args.json else args.work
+    logs.mkdir(parents=True, exist_ok=True)
+    results["latency_gpu"] = serve_latency("0", photos, args.latency_runs, logs / "serve_gpu.log")
     save()
-    results["latency_cpu"] = serve_latency("cpu", photos, max(8, args.latency_runs // 4),
-                                           args.work.with_suffix(".cpu.log"))
+    results["latency_cpu"] = serve_latency("cpu", photos, max(8, args.latency_runs // 4), logs / "serve_cpu.log")
     save()
     many = replicate(photos, args.count, args.work / "in")
     results["batch"] = []
