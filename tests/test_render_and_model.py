@@ -38,10 +38,10 @@ def test_loop_subdivision_counts_and_affine_weights():
     edges = {frozenset(p) for t in model.triangles for p in ((t[0], t[1]), (t[1], t[2]), (t[2], t[0]))}
     assert len(triangles) == 4 * len(model.triangles)
     assert smooth.shape == linear.shape == (468 + len(edges), 468)
-    assert np.allclose(np.asarray(smooth.sum(axis=1)).ravel(), 1.0)
-    assert np.allclose(np.asarray(linear.sum(axis=1)).ravel(), 1.0)
+    assert np.allclose(smooth.row_sums(), 1.0) and np.allclose(linear.row_sums(), 1.0)
     level2 = builtin_topology(2)
     assert len(level2.triangles) == 16 * len(model.triangles)
+    assert np.allclose(level2.refine.sum(axis=1), 1.0) and level2.refine.shape == (level2.vertex_count, 468)
 
 
 def boundary_loops(triangles: np.ndarray) -> int:

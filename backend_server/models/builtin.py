@@ -11,7 +11,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from scipy import sparse
 
 DATA_FILE = Path(__file__).parent / "data" / "builtin_topology.json"
 NAME = "builtin"
@@ -20,12 +19,12 @@ NAME = "builtin"
 @dataclass(frozen=True, eq=False)      # hashed by identity: cached per instance
 class MeshTopology:
     """Triangles (F, 3) counter-clockwise seen from outside, per-vertex UVs (V, 2) in [0, 1] with
-    the origin bottom-left, and `refine` (V, V0): sparse matrix from the 468 landmark vertices to
+    the origin bottom-left, and `refine` (V, V0): the dense matrix from the 468 landmark vertices to
     this mesh's vertices (identity at level 0, Loop subdivision above)."""
 
     triangles: np.ndarray
     uvs: np.ndarray
-    refine: sparse.csr_matrix
+    refine: np.ndarray
 
     @property
     def vertex_count(self) -> int:
@@ -52,6 +51,25 @@ def load_builtin() -> BuiltinModel:
                         np.array(data["uvs"]), np.array(data["mirror"], np.int64), data["ibug68"])
 
 
+@dataclass(frozen=True)
+class SparseRows:
+    """A sparse matrix of `shape` as (row, column, value) triplets; `matrix @ dense` sums
+    value * dense[column] into each row (numpy only: no scipy at run time)."""
+
+    rows: np.ndarray
+    cols: np.ndarray
+    vals: np.ndarray
+    shape: tuple[int, int]
+
+    def __matmul__(self, dense: np.ndarray) -> np.ndarray:
+        out = np.zeros((self.shape[0],) + dense.shape[1:])
+        np.add.at(out, self.rows, self.vals.reshape((-1,) + (1,) * (dense.ndim - 1)) * dense[self.cols])
+        return out
+
+    def row_sums(self) -> np.ndarray:
+        return np.bincount(self.rows, self.vals, self.shape[0])
+
+
 def _edges(triangles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Unique undirected edges (E, 2) and, per triangle side k (edge v[k] -> v[k+1]), its edge id."""
     sides = np.stack([triangles, np.roll(triangles, -1, axis=1)], axis=2).reshape(-1, 2)
@@ -60,7 +78,7 @@ def _edges(triangles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def loop_subdivide_matrices(triangles: np.ndarray, vertex_count: int
-                            ) -> tuple[np.ndarray, sparse.csr_matrix, sparse.csr_matrix]:
+                            ) -> tuple[np.ndarray, SparseRows, SparseRows]:
     """One Loop subdivision step: (new triangles, smooth matrix, linear matrix), each matrix of
     shape (V + E, V). The smooth one applies Loop's masks (Warren's weights; boundary edges and
     vertices use the 1/2-1/2 and 1/8-3/4-1/8 curve masks); the linear one places edge midpoints
@@ -104,8 +122,8 @@ def loop_subdivide_matrices(triangles: np.ndarray, vertex_count: int
             rows.append(v); cols.append(v); vals.append(1.0)
 
     shape = (vertex_count + count, vertex_count)
-    smooth = sparse.csr_matrix((vals, (rows, cols)), shape=shape)
-    linear = sparse.csr_matrix((lin_vals, (lin_rows, lin_cols)), shape=shape)
+    smooth = SparseRows(np.array(rows), np.array(cols), np.array(vals), shape)
+    linear = SparseRows(np.array(lin_rows), np.array(lin_cols), np.array(lin_vals), shape)
     m = vertex_count + side_edge                      # new vertex id of each side's midpoint
     a, b, c = triangles[:, 0], triangles[:, 1], triangles[:, 2]
     ab, bc, ca = m[:, 0], m[:, 1], m[:, 2]
@@ -119,10 +137,10 @@ def builtin_topology(subdivision: int) -> MeshTopology:
     """The built-in mesh after `subdivision` Loop steps (0: the 468-vertex face mesh)."""
     model = load_builtin()
     triangles, uvs = model.triangles, model.uvs
-    refine = sparse.identity(len(uvs), format="csr")
+    refine = np.identity(len(uvs))
     for _ in range(subdivision):
         triangles_next, smooth, linear = loop_subdivide_matrices(triangles, len(uvs))
-        refine = (smooth @ refine).tocsr()
+        refine = smooth @ refine
         uvs = linear @ uvs
         triangles = triangles_next
     return MeshTopology(triangles, uvs, refine)

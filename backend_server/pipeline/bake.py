@@ -16,7 +16,6 @@ from functools import lru_cache
 
 import cv2
 import numpy as np
-from scipy import sparse
 
 from ..models.builtin import MeshTopology
 from ..render.rasterize import rasterize
@@ -29,13 +28,25 @@ DEPTH_TOLERANCE_M = 0.005      # a point this far behind the z-buffer still coun
 @dataclass(frozen=True)
 class TexelMap:
     """Covered texels of a UV layout: flat texel indices (N,), their mirror texels (N,; row r,
-    column c -> row r, column size - 1 - c) and `weights` (N, V), the sparse barycentric map from
-    per-vertex attributes to per-texel ones (3 non-zeros a row)."""
+    column c -> row r, column size - 1 - c), and per texel its triangle's corners (3, N) and
+    barycentrics (3, N), which map per-vertex attributes to the texel."""
 
     size: int
     texel: np.ndarray
     mirror: np.ndarray
-    weights: sparse.csr_matrix
+    corners: np.ndarray
+    bary: np.ndarray
+
+    def interpolate(self, attributes: np.ndarray) -> np.ndarray:
+        """(V, C) per-vertex attributes -> (N, C) per covered texel, float32 (gathered one channel
+        at a time: contiguous, ~3x faster than gathering rows)."""
+        channels = np.ascontiguousarray(attributes.T, dtype=np.float32)
+        out = np.empty((len(channels), self.corners.shape[1]), np.float32)
+        c0, c1, c2 = self.corners
+        b0, b1, b2 = self.bary
+        for channel, values in zip(out, channels):
+            channel[:] = values[c0] * b0 + values[c1] * b1 + values[c2] * b2
+        return out.T
 
 
 @dataclass(frozen=True)
@@ -58,10 +69,8 @@ def texel_map(topology: MeshTopology, size: int) -> TexelMap:
     texel = np.flatnonzero(raster.covered.ravel())
     rows, cols = np.divmod(texel, size)
     corners = topology.triangles[raster.triangle.ravel()[texel]]
-    weights = sparse.csr_matrix((raster.bary.reshape(-1, 3)[texel].ravel(),
-                                 (np.repeat(np.arange(len(texel)), 3), corners.ravel())),
-                                shape=(len(texel), topology.vertex_count), dtype=np.float32)
-    return TexelMap(size, texel, rows * size + (size - 1 - cols), weights)
+    return TexelMap(size, texel, rows * size + (size - 1 - cols), np.ascontiguousarray(corners.T, dtype=np.intp),
+                    np.ascontiguousarray(raster.bary.reshape(-1, 3)[texel].T))
 
 
 def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
@@ -117,7 +126,7 @@ def bake_texture(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopo
     zbuffer = rasterize(screen, distance, triangles, camera.width, camera.height).depth
 
     attributes = np.concatenate([screen, vertices, vertex_normals(vertices, triangles)], axis=1)
-    per_texel = texels.weights @ attributes.astype(np.float32)             # (N, 8)
+    per_texel = texels.interpolate(attributes)                             # (N, 8)
     xy, point, normal = per_texel[:, :2], per_texel[:, 2:5], per_texel[:, 5:8]
     facing = np.einsum("nc,nc->n", normal, -point) / np.sqrt(np.maximum(
         np.einsum("nc,nc->n", normal, normal) * np.einsum("nc,nc->n", point, point), 1e-24))
