@@ -25,10 +25,15 @@ class MeshTopology:
     triangles: np.ndarray
     uvs: np.ndarray
     refine: np.ndarray
+    subdivision: int = 0
 
     @property
     def vertex_count(self) -> int:
         return self.uvs.shape[0]
+
+    def __reduce__(self) -> tuple:
+        """Pickled as its recipe: worker processes rebuild (and cache) it instead of receiving MBs."""
+        return (builtin_topology, (self.subdivision,))
 
 
 @dataclass(frozen=True)
@@ -143,4 +148,4 @@ def builtin_topology(subdivision: int) -> MeshTopology:
         refine = smooth @ refine
         uvs = linear @ uvs
         triangles = triangles_next
-    return MeshTopology(triangles, uvs, refine)
+    return MeshTopology(triangles, uvs, refine, subdivision)

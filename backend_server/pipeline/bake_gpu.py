@@ -68,18 +68,23 @@ class GpuBaker:
         return self._uv_maps[key]
 
     def bake(self, photos: list[np.ndarray], vertices: list[np.ndarray], cameras: list[Camera],
-             topology: MeshTopology, size: int) -> list[Bake]:
-        """photos: (H, W, 3) uint8 each; vertices: (V, 3) camera-frame metres of `topology`'s mesh."""
+             topology: MeshTopology, size: int, targets: list[np.ndarray] | None = None) -> list[Bake]:
+        """photos: (H, W, 3) uint8 each; vertices: (V, 3) camera-frame metres of `topology`'s mesh.
+
+        targets: optional (size, size, 3) uint8 arrays (e.g. shared-memory slots) that receive the
+        textures straight from the GPU; the returned Bakes then hold those arrays.
+        """
+        targets = targets or [np.empty((size, size, 3), np.uint8) for _ in photos]
         bakes: list[Bake] = []
         for start in range(0, len(photos), FACES_PER_PASS):
             stop = start + FACES_PER_PASS
             bakes += self._bake_pass(photos[start:stop], vertices[start:stop], cameras[start:stop],
-                                     topology, size)
+                                     topology, size, targets[start:stop])
         return bakes
 
     @torch.inference_mode()
     def _bake_pass(self, photos: list[np.ndarray], vertices: list[np.ndarray], cameras: list[Camera],
-                   topology: MeshTopology, size: int) -> list[Bake]:
+                   topology: MeshTopology, size: int, targets: list[np.ndarray]) -> list[Bake]:
         device, count = self.device, len(photos)
         uv = self.uv_map(topology, size)
         height = -(-max(c.height for c in cameras) // 8) * 8
@@ -119,16 +124,18 @@ class GpuBaker:
 
         image = flat.reshape(count, size, size, 3).permute(0, 3, 1, 2)
         filled = pull_push_fill_gpu(image, known.reshape(count, 1, size, size))
-        textures = filled.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        textures = filled.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        for texture, target in zip(textures, targets):
+            torch.from_numpy(target).copy_(texture)
         covered = max(int(uv.texel.numel()), 1)
         seen_fraction = (seen.sum(1).float() / covered).tolist()
         mirrored_fraction = (use_mirror.sum(1).float() / covered).tolist()
-        return [Bake(textures[k], seen_fraction[k], mirrored_fraction[k]) for k in range(count)]
+        return [Bake(targets[k], seen_fraction[k], mirrored_fraction[k]) for k in range(count)]
 
 
 def _padded_photo(rgb: np.ndarray, height: int, width: int, device: torch.device) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, height, width) float32 on the GPU, edge pixels repeated right and down."""
-    photo = torch.as_tensor(rgb, device=device).permute(2, 0, 1)[None].float()
+    photo = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1)[None].float()
     return F.pad(photo, (0, width - rgb.shape[1], 0, height - rgb.shape[0]), mode="replicate")[0]
 
 

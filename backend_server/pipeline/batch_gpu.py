@@ -122,6 +122,9 @@ def _gpu_main(device: str, jobs: multiprocessing.Queue, results: multiprocessing
         topology = builtin_topology(subdivision)
         baker.warm_up(topology, size)
         slots = {name: open_slot(name) for name in slot_names}
+        views = {name: np.ndarray((size, size, 3), np.uint8, buffer=slot.buf) for name, slot in slots.items()}
+        for view in views.values():                    # page-locked: textures DMA straight into the slots
+            torch.cuda.cudart().cudaHostRegister(view.ctypes.data, view.nbytes, 0)
     except Exception as exc:                                    # no GPU, plugin build failed, ...
         results.put(("dead", device, f"{type(exc).__name__}: {exc}"))
         return
@@ -130,17 +133,16 @@ def _gpu_main(device: str, jobs: multiprocessing.Queue, results: multiprocessing
         batch_id, photos, vertices, cameras, slot_ids = job
         start = time.perf_counter()
         try:
-            bakes = baker.bake(photos, vertices, cameras, topology, size)
-            for bake, slot in zip(bakes, slot_ids):
-                np.ndarray((size, size, 3), np.uint8, buffer=slots[slot].buf)[...] = bake.texture
+            bakes = baker.bake(photos, vertices, cameras, topology, size, [views[slot] for slot in slot_ids])
         except Exception as exc:
             results.put(("failed", batch_id, f"{type(exc).__name__}: {exc}"))
             continue
         peak_mb = torch.cuda.max_memory_allocated(baker.device) / 2**20
         results.put(("baked", batch_id, [(b.seen_fraction, b.mirrored_fraction) for b in bakes],
                      time.perf_counter() - start, peak_mb))
-    for slot in slots.values():
-        slot.close()
+    for view in views.values():
+        torch.cuda.cudart().cudaHostUnregister(view.ctypes.data)
+    # The mappings go with the process; the main process unlinks the slots.
 
 
 @dataclass
@@ -163,7 +165,10 @@ class GpuBatchRunner:
         self.devices = devices
         self.options = options
         self.batch_size = batch_size
-        self.cpu_workers = cpu_workers or max(1, (os.cpu_count() or 2) - len(devices))
+        # One core for this process, one per GPU process, the rest for the CPU stages.
+        self.cpu_workers = cpu_workers or max(1, (os.cpu_count() or 2) - len(devices) - 1)
+        for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(variable, "1")     # inherited by the spawned workers: no oversubscription
         self.report = BatchReport(gpu={d: {"bake_s": 0.0, "batches": 0, "faces": 0, "peak_mb": 0.0}
                                        for d in devices})
 

@@ -3,7 +3,8 @@
 Screen frame: pixels, x right, y down, origin top-left, pixel (row r, column c) sampled at its
 centre (c + 0.5, r + 0.5); barycentrics linear in screen space; smaller depth is nearer. The
 screen maps to nvdiffrast's clip space with w = 1: x_clip = 2x/W - 1, y_clip = 2y/H - 1 (so
-output row 0 is screen row 0), z_clip = 2 depth/depth_range - 1.
+output row 0 is screen row 0), z_clip = 2 depth/DEPTH_RANGE_M - 1 (fixed, so that a face rasterizes
+the same whatever else shares its batch).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+DEPTH_RANGE_M = 100.0        # depths (metres, or any unit) from 0 to this map to z_clip -1..1
 _contexts: dict[int, object] = {}
 
 
@@ -62,14 +64,15 @@ class RasterBatch:
 
 def rasterize_batch(xy: torch.Tensor, depth: torch.Tensor, triangles: torch.Tensor, width: int,
                     height: int) -> RasterBatch:
-    """xy: (B, V, 2) screen pixels; depth: (B, V) >= 0; triangles: (F, 3) int32 on the same CUDA device.
+    """xy: (B, V, 2) screen pixels; depth: (B, V) in [0, DEPTH_RANGE_M); triangles: (F, 3) int32 on the
+    same CUDA device.
 
     Images of different sizes share one batch: pass the largest width/height and keep each image's
     pixels in its top-left corner.
     """
     dr = load_nvdiffrast()
     batch = xy.shape[0]
-    depth_range = float(depth.max().clamp_min(1e-6)) * 1.01
+    depth_range = DEPTH_RANGE_M
     clip = torch.empty((batch, xy.shape[1], 4), dtype=torch.float32, device=xy.device)
     clip[..., 0] = 2.0 * xy[..., 0] / width - 1.0
     clip[..., 1] = 2.0 * xy[..., 1] / height - 1.0
