@@ -95,7 +95,8 @@ def serve_latency(devices: str, photos: list[Path], runs: int, log: Path) -> dic
         server.wait(60)
 
 
-def batch_throughput(devices: list[str], photos: list[Path], out_dir: Path, batch_size: int) -> dict:
+def batch_throughput(devices: list[str], photos: list[Path], out_dir: Path, batch_size: int,
+                     cpu_workers: int | None) -> dict:
     from backend_server.cli.facerecon import output_stems
     from backend_server.pipeline.batch_gpu import GpuBatchRunner
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -108,7 +109,7 @@ def batch_throughput(devices: list[str], photos: list[Path], out_dir: Path, batc
         if outcome.status != "done":
             failures.append(f"{outcome.photo.name}: {outcome.detail}")
 
-    runner = GpuBatchRunner(devices, ReconstructOptions(), batch_size)
+    runner = GpuBatchRunner(devices, ReconstructOptions(), batch_size, cpu_workers)
     start = time.perf_counter()
     report = runner.run([(p, stems[p]) for p in photos], out_dir, on_outcome)
     total = time.perf_counter() - start
@@ -138,7 +139,9 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=1200)
     parser.add_argument("--device-sets", nargs="+", default=["0"])
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--latency-runs", type=int, default=40)
+    parser.add_argument("--latency-runs", type=int, default=40, help="0 skips the latency part")
+    parser.add_argument("--cpu-workers-per-gpu", type=int,
+                        help="give each GPU this many CPU workers (default: every core for any device set)")
     parser.add_argument("--cpu-photos", type=int, default=96)
     parser.add_argument("--work", type=Path, default=Path("/tmp/facerecon_bench"))
     parser.add_argument("--json", type=Path)
@@ -155,15 +158,17 @@ def main() -> None:
 
     logs = args.json.parent if args.json else args.work
     logs.mkdir(parents=True, exist_ok=True)
-    results["latency_gpu"] = serve_latency("0", photos, args.latency_runs, logs / "serve_gpu.log")
-    save()
-    results["latency_cpu"] = serve_latency("cpu", photos, max(8, args.latency_runs // 4), logs / "serve_cpu.log")
-    save()
+    if args.latency_runs:
+        results["latency_gpu"] = serve_latency("0", photos, args.latency_runs, logs / "serve_gpu.log")
+        save()
+        results["latency_cpu"] = serve_latency("cpu", photos, max(8, args.latency_runs // 4), logs / "serve_cpu.log")
+        save()
     many = replicate(photos, args.count, args.work / "in")
     results["batch"] = []
     for device_set in args.device_sets:
         devices = [f"cuda:{d}" for d in device_set.split(",")]
-        results["batch"].append(batch_throughput(devices, many, args.work / "out", args.batch_size))
+        workers = args.cpu_workers_per_gpu * len(devices) if args.cpu_workers_per_gpu else None
+        results["batch"].append(batch_throughput(devices, many, args.work / "out", args.batch_size, workers))
         save()
     if len(results["batch"]) > 1:
         one, last = results["batch"][0], results["batch"][-1]
@@ -171,7 +176,8 @@ def main() -> None:
                                          (len(last["devices"]) * one["steady_photos_per_s"]))
     results["cpu_batch"] = cpu_throughput(many[:args.cpu_photos], args.work / "out_cpu", os.cpu_count())
     results["gpu_vs_cpu_throughput"] = results["batch"][0]["steady_photos_per_s"] / results["cpu_batch"]["photos_per_s"]
-    results["gpu_vs_cpu_latency"] = results["latency_cpu"]["p50_ms"] / results["latency_gpu"]["p50_ms"]
+    if args.latency_runs:
+        results["gpu_vs_cpu_latency"] = results["latency_cpu"]["p50_ms"] / results["latency_gpu"]["p50_ms"]
     save()
 
 
