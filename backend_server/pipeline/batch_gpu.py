@@ -17,7 +17,7 @@ import sys
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -69,13 +69,22 @@ def _cpu_init() -> None:
 
 
 def _prepare(path: Path, stem: str, options: ReconstructOptions) -> Any:
-    """CPU: decode, detect, landmarks, fit. Returns the PreparedPhoto or a ProtocolError."""
+    """CPU: decode, detect, landmarks, fit. Returns (PreparedPhoto without its pixels, the name of
+    the shared-memory segment holding them, their shape), or a ProtocolError. The main process
+    unlinks the segment once the GPU has read it: the pixels never pass through the main process."""
     try:
-        return _reconstructor.prepare(path.read_bytes(), stem + path.suffix, options)
+        prepared = _reconstructor.prepare(path.read_bytes(), stem + path.suffix, options)
     except ProtocolError as exc:
         return exc
     except OSError as exc:
         return ProtocolError(ErrorCode.BAD_IMAGE, f"cannot read {path}: {exc}")
+    rgb = prepared.photo.rgb
+    segment = shared_memory.SharedMemory(create=True, size=rgb.nbytes)
+    np.ndarray(rgb.shape, np.uint8, buffer=segment.buf)[...] = rgb
+    name = segment.name
+    segment.close()
+    prepared.photo = replace(prepared.photo, rgb=None)
+    return prepared, name, rgb.shape
 
 
 def open_slot(name: str) -> shared_memory.SharedMemory:
@@ -130,10 +139,15 @@ def _gpu_main(device: str, jobs: multiprocessing.Queue, results: multiprocessing
         return
     results.put(("ready", device, 0.0))
     while (job := jobs.get()) is not None:
-        batch_id, photos, vertices, cameras, slot_ids = job
+        batch_id, photo_refs, vertices, cameras, slot_ids = job
         start = time.perf_counter()
         try:
+            segments = {name: open_slot(name) for name, _ in photo_refs}
+            photos = [np.ndarray(shape, np.uint8, buffer=segments[name].buf) for name, shape in photo_refs]
             bakes = baker.bake(photos, vertices, cameras, topology, size, [views[slot] for slot in slot_ids])
+            del photos
+            for segment in segments.values():
+                segment.close()
         except Exception as exc:
             results.put(("failed", batch_id, f"{type(exc).__name__}: {exc}"))
             continue
@@ -151,8 +165,17 @@ class _Photo:
     stem: str
     started: float
     prepared: Any = None
+    pixels: tuple[str, tuple[int, ...]] | None = None    # shared-memory segment name, shape
     baked: dict[int, tuple[str, float, float]] = field(default_factory=dict)
     finished: bool = False
+
+    def release_pixels(self) -> None:
+        """Unlink the photo's shared-memory segment (the GPU has read it, or never will)."""
+        if self.pixels is not None:
+            segment = shared_memory.SharedMemory(name=self.pixels[0])
+            segment.close()
+            segment.unlink()
+            self.pixels = None
 
 
 class GpuBatchRunner:
@@ -220,6 +243,7 @@ class GpuBatchRunner:
             if item.finished:
                 return
             item.finished = True
+            item.release_pixels()
             remaining -= 1
             outcome = PhotoOutcome(item.path, status, detail, time.perf_counter() - item.started, item.stem,
                                    timings or {})
@@ -249,7 +273,7 @@ class GpuBatchRunner:
                     batch_id = next(batch_ids)
                     in_flight[batch_id] = (device, members)
                     inboxes[device].put((batch_id,
-                                         [item.prepared.photo.rgb for item, _, _ in members],
+                                         [item.pixels for item, _, _ in members],
                                          [item.prepared.faces[index].vertices for item, index, _ in members],
                                          [item.prepared.camera for item, _, _ in members],
                                          [slot for _, _, slot in members]))
@@ -285,11 +309,12 @@ class GpuBatchRunner:
             for future in done:
                 kind, item = futures.pop(future)
                 if kind == "prepare":
-                    prepared = future.result()
-                    if isinstance(prepared, ProtocolError):
-                        finish(item, "failed", f"{prepared.code.value}: {prepared.message}")
+                    outcome = future.result()
+                    if isinstance(outcome, ProtocolError):
+                        finish(item, "failed", f"{outcome.code.value}: {outcome.message}")
                         continue
-                    item.prepared = prepared
+                    prepared, segment, shape = outcome
+                    item.prepared, item.pixels = prepared, (segment, shape)
                     waiting_faces.extend((item, index) for index in range(len(prepared.faces)))
                     self.report.faces += len(prepared.faces)
                 else:
@@ -329,6 +354,7 @@ class GpuBatchRunner:
                 if item.finished:
                     free_slots.append(slot)
                 elif len(item.baked) == len(item.prepared.faces):
+                    item.release_pixels()
                     share_ms = seconds * 1000 / len(members)
                     item.prepared.clock.timings["bake"] = share_ms * len(item.prepared.faces)
                     baked = [item.baked[k] for k in range(len(item.prepared.faces))]

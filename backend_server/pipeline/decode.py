@@ -16,16 +16,14 @@ Image.MAX_IMAGE_PIXELS = limits.MAX_PHOTO_PIXELS
 
 @dataclass(frozen=True)
 class Photo:
-    """A decoded photo. rgb: (H, W, 3) uint8, sRGB. scale: decoded pixels per original pixel (<= 1)."""
+    """A decoded photo. rgb: (H, W, 3) uint8, sRGB (None once handed elsewhere, e.g. to a GPU
+    process). scale: decoded pixels per original pixel (<= 1)."""
 
     name: str
-    rgb: np.ndarray
+    rgb: np.ndarray | None
+    size: tuple[int, int]            # (width, height) of rgb, pixels
     original_size: tuple[int, int]   # (width, height) after EXIF rotation, before downscaling
     scale: float
-
-    @property
-    def size(self) -> tuple[int, int]:
-        return self.rgb.shape[1], self.rgb.shape[0]
 
 
 def decode_photo(data: bytes, name: str, max_side: int = DEFAULT_MAX_SIDE) -> Photo:
@@ -65,4 +63,5 @@ def decode_photo(data: bytes, name: str, max_side: int = DEFAULT_MAX_SIDE) -> Ph
         image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)),
                              Image.Resampling.LANCZOS)
     scale = image.size[0] / original_size[0]
-    return Photo(name=name, rgb=np.asarray(image, dtype=np.uint8), original_size=original_size, scale=scale)
+    rgb = np.asarray(image, dtype=np.uint8)
+    return Photo(name=name, rgb=rgb, size=(rgb.shape[1], rgb.shape[0]), original_size=original_size, scale=scale)
