@@ -130,3 +130,16 @@ def test_server_on_gpu_reports_memory(tmp_path, grace_hopper_bytes):
         assert worker["device"] == "cuda:0" and 0 < worker["gpu_memory_mb"] < 2048
     finally:
         assert server.stop() == 0
+
+
+@gpu
+@pytest.mark.gpu
+def test_evaluate_rerender_on_gpu_matches_cpu(prepared):
+    from backend_server.pipeline.evaluate import photo_metrics
+    p = prepared[0]
+    face = p.faces[0]
+    texture = bake_texture(p.photo.rgb, face.vertices, face.topology, p.camera, 2048).texture
+    cpu = photo_metrics(p.photo.rgb, face.vertices, face.topology, texture, p.camera, "cpu")
+    cuda = photo_metrics(p.photo.rgb, face.vertices, face.topology, texture, p.camera, "cuda:0")
+    assert cpu["psnr_db"] > 30 and abs(cpu["psnr_db"] - cuda["psnr_db"]) < 0.2
+    assert abs(cpu["ssim"] - cuda["ssim"]) < 0.005

@@ -188,7 +188,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from backend_server.pipeline.evaluate import landmark_error, photo_metrics, read_pts
     from backend_server.pipeline.reconstruct import Reconstructor
     photos = gather_photos(args.inputs or [str(demo_photo())])
-    reconstructor = Reconstructor()
+    device = args.device[0]
+    reconstructor = Reconstructor(device)
     options = ReconstructOptions(texture_size=args.texture_size, subdivision=args.subdivision)
     rows, failures = [], 0
     print(f"{'photo':28s} {'PSNR dB':>8s} {'SSIM':>6s} {'seen':>5s} {'yaw':>6s} {'lm68 %IOD':>9s}")
@@ -201,7 +202,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             continue
         face = result.faces[0]
         row = {"photo": str(photo), **photo_metrics(result.photo.rgb, face.vertices, face.topology,
-                                                     face.bake.texture, face.fit.camera),
+                                                     face.bake.texture, face.fit.camera, device),
                "seen_fraction": face.bake.seen_fraction, **face.fit.pose.euler_degrees()}
         pts = photo.with_suffix(".pts")
         if pts.exists():
@@ -258,6 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--texture-size", type=texture_size, default=limits.DEFAULT_TEXTURE_SIZE)
     ev.add_argument("--subdivision", type=int, choices=(0, 1, 2), default=1)
     ev.add_argument("--json", help="also write the figures to this JSON file")
+    ev.add_argument("--device", type=parse_device, default=["cpu"],
+                    help="cpu (default) or one GPU (0 or cuda:0): bake and re-render there")
     ev.set_defaults(run=run_evaluate)
     return parser
 

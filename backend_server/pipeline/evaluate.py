@@ -21,10 +21,15 @@ SILHOUETTE_BAND_PX = 2
 
 
 def render_textured(vertices: np.ndarray, topology: MeshTopology, texture: np.ndarray,
-                    camera: Camera) -> tuple[np.ndarray, np.ndarray]:
-    """(rendered (H, W, 3) float32 RGB, mask (H, W) bool) of the mesh seen by `camera`."""
-    raster = rasterize(camera.project(vertices), -vertices[:, 2], topology.triangles,
-                       camera.width, camera.height)
+                    camera: Camera, device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(rendered (H, W, 3) float32 RGB, mask (H, W) bool) of the mesh seen by `camera`; the
+    rasterization runs on `device` (cpu, or cuda:N through nvdiffrast)."""
+    args = (camera.project(vertices), -vertices[:, 2], topology.triangles, camera.width, camera.height)
+    if device == "cpu":
+        raster = rasterize(*args)
+    else:
+        from ..render.rasterize_cuda import rasterize_on
+        raster = rasterize_on(device, *args)
     mask = raster.covered
     uv = raster.interpolate(topology.uvs, topology.triangles)[mask]
     rendered = np.zeros((camera.height, camera.width, 3), np.float32)
@@ -51,8 +56,8 @@ def ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 
 def photo_metrics(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopology,
-                  texture: np.ndarray, camera: Camera) -> dict[str, float]:
-    rendered, covered = render_textured(vertices, topology, texture, camera)
+                  texture: np.ndarray, camera: Camera, device: str = "cpu") -> dict[str, float]:
+    rendered, covered = render_textured(vertices, topology, texture, camera, device)
     face = cv2.erode(covered.astype(np.uint8), np.ones((3, 3), np.uint8),
                      iterations=SILHOUETTE_BAND_PX).astype(bool)
     # Outside the face the photo stands in for the render, so SSIM windows at the edge are fair.

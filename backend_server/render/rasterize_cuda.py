@@ -11,7 +11,10 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+
+from .rasterize import Raster
 
 DEPTH_RANGE_M = 100.0        # depths (metres, or any unit) from 0 to this map to z_clip -1..1
 _contexts: dict[int, object] = {}
@@ -85,3 +88,14 @@ def rasterize_batch(xy: torch.Tensor, depth: torch.Tensor, triangles: torch.Tens
     bary = torch.stack([u, v, 1.0 - u - v], dim=-1) * covered[..., None]
     metres = torch.where(covered, (z + 1.0) * 0.5 * depth_range, torch.full_like(z, float("inf")))
     return RasterBatch(triangle, bary, metres)
+
+
+def rasterize_on(device: str, xy: np.ndarray, depth: np.ndarray, triangles: np.ndarray, width: int,
+                 height: int) -> Raster:
+    """One image rasterized on a CUDA device, returned as the CPU rasterizer's `Raster` (numpy)."""
+    target = torch.device(device)
+    raster = rasterize_batch(torch.as_tensor(xy, dtype=torch.float32, device=target)[None],
+                             torch.as_tensor(depth, dtype=torch.float32, device=target)[None],
+                             torch.as_tensor(triangles, dtype=torch.int32, device=target), width, height)
+    return Raster(raster.triangle[0].to(torch.int32).cpu().numpy(), raster.bary[0].cpu().numpy(),
+                  raster.depth[0].cpu().numpy())
