@@ -135,7 +135,7 @@ class GpuBaker:
 
 def _padded_photo(rgb: np.ndarray, height: int, width: int, device: torch.device) -> torch.Tensor:
     """(H, W, 3) uint8 -> (3, height, width) float32 on the GPU, edge pixels repeated right and down."""
-    photo = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1)[None].float()
+    photo = torch.from_numpy(np.require(rgb, requirements=["C", "W"])).to(device).permute(2, 0, 1)[None].float()
     return F.pad(photo, (0, width - rgb.shape[1], 0, height - rgb.shape[0]), mode="replicate")[0]
 
 
