@@ -16,31 +16,17 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from shared_protocol import ProtocolError, ReconstructOptions  # noqa: E402
-from shared_protocol.client import Client  # noqa: E402
+from common import ROOT, free_address, percentile, start_backend
+from shared_protocol import ReconstructOptions
+from shared_protocol.client import Client
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png"}
-
-
-def free_address() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def replicate(photos: list[Path], count: int, folder: Path) -> list[Path]:
@@ -57,25 +43,9 @@ def replicate(photos: list[Path], count: int, folder: Path) -> list[Path]:
 
 def serve_latency(devices: str, photos: list[Path], runs: int, log: Path) -> dict:
     address = free_address()
-    server = subprocess.Popen([sys.executable, "-m", "backend_server.cli.backend", "--log-level", "WARNING",
-                               "serve", "--bind", address, "--devices", devices, "--workers", "1"],
-                              cwd=ROOT, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    server = start_backend(address, ["--devices", devices, "--workers", "1"], log)
     try:
         with Client(address) as client:
-            for _ in range(600):
-                try:
-                    if all(w["state"] == "idle" for w in client.status(timeout_s=1).workers):
-                        break
-                except ProtocolError:
-                    pass
-                if server.poll() is not None:
-                    break
-                time.sleep(0.2)
-            else:
-                server.poll()
-            status = client.status(timeout_s=5) if server.returncode is None else None
-            if status is None or not all(w["state"] == "idle" for w in status.workers):
-                raise RuntimeError(f"{devices} server not ready:\n" + log.read_text(errors="replace")[-3000:])
             data = [p.read_bytes() for p in photos]
             for k in range(3):
                 client.reconstruct(data[k % len(data)], "warm.jpg", timeout_s=300)

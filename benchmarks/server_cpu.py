@@ -11,47 +11,15 @@ hops and the result bytes' transfer. Overhead at 1 client is the figure with no 
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from backend_server.cli.facerecon import demo_photo  # noqa: E402
-from shared_protocol import ProtocolError, ReconstructOptions  # noqa: E402
-from shared_protocol.client import Client  # noqa: E402
-
-
-def free_address() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{probe.getsockname()[1]}"
-
-
-def start_backend(address: str, workers: int, texture_size: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "backend_server.cli.backend", "--log-level", "WARNING",
-                                "serve", "--bind", address, "--workers", str(workers),
-                                "--warm-texture-size", str(texture_size)], cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    with Client(address) as client:
-        for _ in range(600):
-            try:
-                if all(w["state"] == "idle" for w in client.status(timeout_s=1).workers):
-                    return process
-            except ProtocolError:
-                pass
-            time.sleep(0.2)
-    raise SystemExit("backend did not start")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+from common import free_address, percentile, start_backend
+from backend_server.cli.facerecon import demo_photo
+from shared_protocol import ReconstructOptions
+from shared_protocol.client import Client
 
 
 def run_load(address: str, clients: int, jobs: int, photo: bytes, options: ReconstructOptions) -> dict:
@@ -113,7 +81,8 @@ def main() -> None:
     direct = direct_pipeline_ms(photo, options, 10)
     print(f"direct pipeline call, one process: {direct:.0f} ms median ({args.photo.name}, {args.texture_size}²)")
     address = free_address()
-    backend = start_backend(address, args.workers, args.texture_size)
+    backend = start_backend(address, ["--workers", str(args.workers), "--warm-texture-size",
+                                      str(args.texture_size)])
     try:
         run_load(address, 1, 4, photo, options)                     # warm-up
         print(f"{'clients':>7s} {'jobs':>5s} {'req/s':>6s} {'p50 ms':>7s} {'p95 ms':>7s} "

@@ -125,6 +125,23 @@ class Client:
             raise ProtocolError(message.code, message.message)
         return message
 
+    def wait_until_ready(self, timeout_s: float, keep_waiting: Callable[[], bool] = lambda: True) -> Status:
+        """Ask for status until every worker is idle (started, models loaded); returns that Status.
+
+        Raises ProtocolError TIMEOUT after timeout_s, or as soon as keep_waiting() is False (e.g.
+        the server's process has exited)."""
+        end = time.monotonic() + timeout_s
+        while keep_waiting() and time.monotonic() < end:
+            try:
+                status = self.status(timeout_s=1.0)
+                if status.workers and all(w.get("state") == "idle" for w in status.workers):
+                    return status
+            except ProtocolError:
+                pass                                   # not listening yet
+            time.sleep(0.2)
+        raise ProtocolError(ErrorCode.TIMEOUT, f"the backend at {self.address} was not ready "
+                            f"within {timeout_s:.0f} s")
+
     def reconstruct(self, photo: bytes, photo_name: str, options: ReconstructOptions | None = None,
                     timeout_s: float = 300.0,
                     on_progress: Callable[[Progress], None] | None = None) -> Result:

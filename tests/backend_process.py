@@ -5,7 +5,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from shared_protocol import ProtocolError, Status
@@ -33,19 +32,13 @@ class BackendProcess:
     def start(self, client_kwargs: dict | None = None, timeout_s: float = 90.0) -> "BackendProcess":
         self._log = open(self.log_path, "wb")
         self.process = subprocess.Popen(self.args, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT)
-        end = time.monotonic() + timeout_s
         with Client(self.address, **(client_kwargs or {})) as client:
-            while time.monotonic() < end:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"backend exited with {self.process.returncode}:\n{self.log()}")
-                try:
-                    if all(w["state"] == "idle" for w in client.status(timeout_s=1.0).workers):
-                        return self
-                except ProtocolError:
-                    pass
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"backend not ready within {timeout_s} s:\n{self.log()}")
+            try:
+                client.wait_until_ready(timeout_s, keep_waiting=lambda: self.process.poll() is None)
+                return self
+            except ProtocolError:
+                code = self.stop()
+                raise RuntimeError(f"backend not ready (exit code {code}):\n{self.log()}") from None
 
     def status(self, **client_kwargs) -> Status:
         with Client(self.address, **client_kwargs) as client:
