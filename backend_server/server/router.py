@@ -89,7 +89,6 @@ class Server:
                                           logging.getLogger().level or logging.INFO)
         self.workers = [WorkerHandle(f"w{n}", device) for n, device in enumerate(config.devices)]
         self._by_identity: dict[bytes, WorkerHandle] = {}
-        self._jobs: dict[str, Job] = {}        # running jobs by id
 
     # --- setup ---------------------------------------------------------------------------------
     def _bind_clients(self) -> zmq.Socket:
@@ -144,8 +143,9 @@ class Server:
         finally:
             self._shutdown_workers()
             self.close()
-        log.info("stopped: %d done, %d failed, %d cancelled", self.counters.done, self.counters.failed,
-                 self.counters.cancelled)
+        counters = self.counters
+        log.info("stopped: %d done, %d failed, %d cancelled; %d requests refused, %d bad messages",
+                 counters.done, counters.failed, counters.cancelled, counters.refused, counters.bad_messages)
         return 0
 
     def close(self) -> None:
@@ -239,12 +239,12 @@ class Server:
         if queued is not None:
             self._finish(queued, Error(ErrorCode.CANCELLED, "cancelled while queued", job_id=job_id))
             return
-        job = self._jobs.get(job_id)
-        if job is None or job.client != client:
+        worker = next((w for w in self.workers if w.job is not None and w.job.job_id == job_id
+                       and w.job.client == client), None)
+        if worker is None:
             self._reply(client, Error(ErrorCode.UNKNOWN_JOB, f"no queued or running job {job_id[:128]} "
                                       "of this client (finished already?)", job_id=job_id[:128]))
             return
-        worker = next(w for w in self.workers if w.job is job)
         self.link.send_multipart([worker.identity, *encode(Cancel(job_id))])
 
     def status(self) -> Status:
@@ -264,7 +264,6 @@ class Server:
             self.counters.cancelled += 1
         else:
             self.counters.failed += 1
-        self._jobs.pop(job.job_id, None)
         now = time.monotonic()
         run_ms = (now - job.started_at) * 1000 if job.started_at else 0.0
         wait_ms = ((job.started_at or now) - job.accepted_at) * 1000
@@ -282,7 +281,6 @@ class Server:
                     continue
                 job.started_at, job.worker = time.monotonic(), worker.name
                 worker.job, worker.state = job, "busy"
-                self._jobs[job.job_id] = job
                 request = ReconstructRequest(job.job_id, job.request.photo_name, job.request.photo,
                                              job.request.options)
                 self.link.send_multipart([worker.identity, *encode(request)], copy=False)

@@ -44,10 +44,6 @@ class FairQueue:
     def __len__(self) -> int:
         return self._jobs
 
-    @property
-    def queued_bytes(self) -> int:
-        return self._bytes
-
     def refusal(self, photo_bytes: int) -> str | None:
         """Why a request of this size cannot be queued now, or None if it can."""
         if self._jobs >= self.max_jobs:
@@ -62,8 +58,7 @@ class FairQueue:
         own = self._by_client.setdefault(job.client, deque())
         ahead_of_own = len(own)
         own.append(job)
-        self._jobs += 1
-        self._bytes += job.photo_bytes
+        self._count([job], +1)
         others = sum(min(len(q), ahead_of_own + 1) for c, q in self._by_client.items() if c != job.client)
         return ahead_of_own + others
 
@@ -77,8 +72,7 @@ class FairQueue:
             self._by_client.move_to_end(client)
         else:
             del self._by_client[client]
-        self._jobs -= 1
-        self._bytes -= job.photo_bytes
+        self._count([job], -1)
         return job
 
     def remove(self, job_id: str, client: bytes) -> Job | None:
@@ -89,21 +83,24 @@ class FairQueue:
                 own.remove(job)
                 if not own:
                     del self._by_client[client]
-                self._jobs -= 1
-                self._bytes -= job.photo_bytes
+                self._count([job], -1)
                 return job
         return None
 
     def remove_client(self, client: bytes) -> list[Job]:
         """Take every queued job of this client out of the queue (the client disconnected)."""
         jobs = list(self._by_client.pop(client, ()))
-        self._jobs -= len(jobs)
-        self._bytes -= sum(job.photo_bytes for job in jobs)
+        self._count(jobs, -1)
         return jobs
 
     def drain(self) -> list[Job]:
         """Every queued job, emptying the queue (shutdown)."""
         jobs = [job for own in self._by_client.values() for job in own]
         self._by_client.clear()
-        self._jobs = self._bytes = 0
+        self._count(jobs, -1)
         return jobs
+
+    def _count(self, jobs: list[Job], sign: int) -> None:
+        """Keep the job and byte totals that `refusal` checks in step with the FIFOs."""
+        self._jobs += sign * len(jobs)
+        self._bytes += sign * sum(job.photo_bytes for job in jobs)

@@ -21,6 +21,11 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
+import zmq
+
+from shared_protocol import (Cancel, Error, ErrorCode, Progress, ProtocolError, ReconstructRequest, Result,
+                             decode, encode)
+
 READY = b"\x00ready"
 STOP = b"\x00stop"
 MAX_RESTART_DELAY_S = 30.0
@@ -43,9 +48,7 @@ def worker_main(config: WorkerConfig, identity: bytes, device: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # the server decides when workers stop
     os.environ.setdefault("GLOG_minloglevel", "2")
     logging.basicConfig(level=config.log_level, format=f"%(asctime)s {identity.decode()} %(levelname)s %(message)s")
-    import zmq
-    from shared_protocol import Cancel, ReconstructRequest, decode, encode
-    from ..pipeline.reconstruct import Reconstructor
+    from ..pipeline.reconstruct import Reconstructor       # heavy: only worker processes load it
 
     context = zmq.Context()
     link = context.socket(zmq.DEALER)
@@ -68,8 +71,7 @@ def worker_main(config: WorkerConfig, identity: bytes, device: str) -> None:
                 return
             message = decode(frames)
             if isinstance(message, ReconstructRequest):
-                for reply in run_job(reconstructor, link, message):
-                    link.send_multipart(encode(reply), copy=False)
+                link.send_multipart(encode(run_job(reconstructor, link, message)), copy=False)
             elif not isinstance(message, Cancel):   # a Cancel after its job ended needs nothing
                 log.error("unexpected %s on the worker link", type(message).__name__)
     finally:
@@ -78,9 +80,8 @@ def worker_main(config: WorkerConfig, identity: bytes, device: str) -> None:
         context.term()
 
 
-def run_job(reconstructor: Any, link: Any, request: Any) -> list:
-    """Run one job; Progress goes out as each stage starts; returns [Result] or [Error]."""
-    from shared_protocol import Cancel, Error, ErrorCode, Progress, ProtocolError, Result, decode, encode
+def run_job(reconstructor: Any, link: zmq.Socket, request: ReconstructRequest) -> Result | Error:
+    """Run one job; Progress goes out as each stage starts; returns its Result or Error."""
     job_id = request.request_id
 
     def on_stage(stage: str, fraction: float) -> None:
@@ -94,15 +95,15 @@ def run_job(reconstructor: Any, link: Any, request: Any) -> list:
     try:
         outcome = reconstructor.run(request.photo, request.photo_name, request.options, on_stage)
     except ProtocolError as exc:
-        return [Error(exc.code, exc.message, job_id=job_id)]
+        return Error(exc.code, exc.message, job_id=job_id)
     except Exception as exc:                                      # a bug: report it, keep serving
         log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-        return [Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", job_id=job_id)]
+        return Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", job_id=job_id)
     summary = {"faces": len(outcome.faces), "photo_size_px": list(outcome.photo.size),
                "gpu_memory_mb": gpu_memory_mb(reconstructor.device),
                "timings_ms": {k: round(v, 2) for k, v in outcome.timings_ms.items()},
                "worker_ms": round((time.perf_counter() - start) * 1000, 2)}    # the whole pipeline call
-    return [Result(job_id, tuple(outcome.files), summary)]
+    return Result(job_id, tuple(outcome.files), summary)
 
 
 def gpu_memory_mb(device: str) -> float | None:
