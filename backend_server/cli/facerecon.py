@@ -12,10 +12,10 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from backend_server.pipeline.batch_gpu import PhotoOutcome
 from shared_protocol import ProtocolError, ReconstructOptions, limits
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -56,15 +56,6 @@ def output_stems(photos: list[Path]) -> dict[Path, str]:
     return stems
 
 
-@dataclass
-class Outcome:
-    photo: Path
-    status: str                   # done, failed, skipped
-    detail: str = ""
-    seconds: float = 0.0
-    stem: str = ""
-
-
 _worker_reconstructor = None
 
 
@@ -75,7 +66,7 @@ def _worker_init(texture_size: int, subdivision: int) -> None:
     _worker_reconstructor.warm_up(texture_size, subdivision)
 
 
-def _worker_run(task: tuple[Path, str, Path, ReconstructOptions]) -> Outcome:
+def _worker_run(task: tuple[Path, str, Path, ReconstructOptions]) -> PhotoOutcome:
     from backend_server.pipeline.export import write_files
     photo, stem, out_dir, options = task
     start = time.perf_counter()
@@ -83,11 +74,11 @@ def _worker_run(task: tuple[Path, str, Path, ReconstructOptions]) -> Outcome:
         data = photo.read_bytes()
         result = _worker_reconstructor.run(data, stem + photo.suffix, options)
         write_files(out_dir, result.files)
-        return Outcome(photo, "done", f"{len(result.faces)} face(s)", time.perf_counter() - start, stem)
+        return PhotoOutcome(photo, "done", f"{len(result.faces)} face(s)", time.perf_counter() - start, stem)
     except ProtocolError as exc:
-        return Outcome(photo, "failed", f"{exc.code.value}: {exc.message}", time.perf_counter() - start)
+        return PhotoOutcome(photo, "failed", f"{exc.code.value}: {exc.message}", time.perf_counter() - start)
     except OSError as exc:
-        return Outcome(photo, "failed", f"cannot read or write: {exc}", time.perf_counter() - start)
+        return PhotoOutcome(photo, "failed", f"cannot read or write: {exc}", time.perf_counter() - start)
 
 
 def parse_device(value: str) -> list[str]:
@@ -110,12 +101,12 @@ def run_reconstruct(args: argparse.Namespace) -> int:
                                  outputs=("png", "json") if args.uv_only else ("obj", "mtl", "png", "json"),
                                  subdivision=args.subdivision)
     stems = output_stems(photos)
-    outcomes: list[Outcome] = []
+    outcomes: list[PhotoOutcome] = []
     tasks = []
     for photo in photos:
         marker = out_dir / (f"{stems[photo]}.json" if args.face != -1 else f"{stems[photo]}_face0.json")
         if marker.exists() and not args.overwrite:
-            outcomes.append(Outcome(photo, "skipped", f"already done ({marker.name}); --overwrite redoes it"))
+            outcomes.append(PhotoOutcome(photo, "skipped", f"already done ({marker.name}); --overwrite redoes it"))
         else:
             tasks.append((photo, stems[photo], out_dir, options))
 
@@ -126,7 +117,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     workers = max(1, min(args.workers, len(tasks)))
     if workers == 1:
         _worker_init(args.texture_size, args.subdivision)
-        results: Iterator[Outcome] = map(_worker_run, tasks)
+        results: Iterator[PhotoOutcome] = map(_worker_run, tasks)
         pool = None
     else:
         pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init,
@@ -146,16 +137,16 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     return summarize(outcomes, out_dir)
 
 
-def run_on_gpus(args: argparse.Namespace, tasks: list, options: ReconstructOptions, outcomes: list[Outcome],
+def run_on_gpus(args: argparse.Namespace, tasks: list, options: ReconstructOptions, outcomes: list[PhotoOutcome],
                 progress, out_dir: Path) -> int:
     """CUDA devices: CPU stages in a process pool, bake batched on each GPU (pipeline.batch_gpu)."""
     from backend_server.pipeline.batch_gpu import run_batch
 
-    def on_outcome(result) -> None:
-        outcomes.append(Outcome(result.photo, result.status, result.detail, result.seconds, result.stem))
+    def on_outcome(outcome: PhotoOutcome) -> None:
+        outcomes.append(outcome)
         progress.update(1)
-        if result.status == "failed":
-            progress.write(f"failed: {result.photo}: {result.detail}")
+        if outcome.status == "failed":
+            progress.write(f"failed: {outcome.photo}: {outcome.detail}")
 
     try:
         report = run_batch(args.device, [(photo, stem) for photo, stem, _, _ in tasks], out_dir, options,
@@ -168,7 +159,7 @@ def run_on_gpus(args: argparse.Namespace, tasks: list, options: ReconstructOptio
     return summarize(outcomes, out_dir)
 
 
-def summarize(outcomes: list[Outcome], out_dir: Path) -> int:
+def summarize(outcomes: list[PhotoOutcome], out_dir: Path) -> int:
     done = [o for o in outcomes if o.status == "done"]
     failed = [o for o in outcomes if o.status == "failed"]
     skipped = [o for o in outcomes if o.status == "skipped"]

@@ -31,8 +31,10 @@ GPU_BATCHES_IN_FLIGHT = 2       # per GPU: one baking, one queued behind it
 
 @dataclass
 class PhotoOutcome:
+    """What became of one photo in a batch run (CPU or GPU path)."""
+
     photo: Path
-    status: str                   # done, failed
+    status: str                   # done, failed, skipped
     detail: str = ""
     seconds: float = 0.0
     stem: str = ""
@@ -121,8 +123,9 @@ def _export(prepared: Any, baked: list[tuple[str, float, float]], options: Recon
 # --- GPU processes ---------------------------------------------------------------------------------
 def _gpu_main(device: str, jobs: multiprocessing.Queue, results: multiprocessing.Queue,
               slot_names: list[str], size: int, subdivision: int) -> None:
-    """Bake batches on one GPU until a None job arrives. Results: ('baked', batch_id, [(seen,
-    mirrored)], seconds) or ('failed', batch_id, message); ('ready', peak) once warmed up."""
+    """Bake batches on one GPU until a None job arrives. Reports on `results`: ('ready', device) once
+    warmed up, or ('dead', device, message) if it cannot start; per batch ('baked', batch_id,
+    [(seen, mirrored)], seconds, peak_mb) or ('failed', batch_id, message)."""
     import torch
     from ..models.builtin import builtin_topology
     from .bake_gpu import GpuBaker
@@ -137,7 +140,7 @@ def _gpu_main(device: str, jobs: multiprocessing.Queue, results: multiprocessing
     except Exception as exc:                                    # no GPU, plugin build failed, ...
         results.put(("dead", device, f"{type(exc).__name__}: {exc}"))
         return
-    results.put(("ready", device, 0.0))
+    results.put(("ready", device))
     while (job := jobs.get()) is not None:
         batch_id, photo_refs, vertices, cameras, slot_ids = job
         start = time.perf_counter()
@@ -166,12 +169,15 @@ class _Photo:
     started: float
     prepared: Any = None
     pixels: tuple[str, tuple[int, ...]] | None = None    # shared-memory segment name, shape
+    faces_at_gpu: int = 0                                 # faces in batches a GPU has not answered
     baked: dict[int, tuple[str, float, float]] = field(default_factory=dict)
     finished: bool = False
 
     def release_pixels(self) -> None:
-        """Unlink the photo's shared-memory segment (the GPU has read it, or never will)."""
-        if self.pixels is not None:
+        """Unlink the photo's shared-memory segment once no GPU will read it again: no face of it
+        is at a GPU, and the photo has ended or every face is baked."""
+        all_baked = self.prepared is not None and len(self.baked) == len(self.prepared.faces)
+        if self.pixels is not None and self.faces_at_gpu == 0 and (self.finished or all_baked):
             segment = shared_memory.SharedMemory(name=self.pixels[0])
             segment.close()
             segment.unlink()
@@ -179,7 +185,8 @@ class _Photo:
 
 
 class GpuBatchRunner:
-    """Runs photos through the CPU pool and the GPU processes; `run` yields PhotoOutcomes."""
+    """Runs photos through the CPU pool and the GPU processes; `run` hands each photo's
+    PhotoOutcome to `on_outcome` as it ends."""
 
     def __init__(self, devices: list[str], options: ReconstructOptions, batch_size: int = 16,
                  cpu_workers: int | None = None) -> None:
@@ -270,6 +277,8 @@ class GpuBatchRunner:
                         and len(free_slots) >= min(self.batch_size, len(waiting_faces))):
                     batch = [waiting_faces.popleft() for _ in range(min(self.batch_size, len(waiting_faces)))]
                     members = [(item, index, free_slots.popleft()) for item, index in batch]
+                    for item, _, _ in members:
+                        item.faces_at_gpu += 1
                     batch_id = next(batch_ids)
                     in_flight[batch_id] = (device, members)
                     inboxes[device].put((batch_id,
@@ -336,11 +345,9 @@ class GpuBatchRunner:
         elif kind == "dead":
             raise RuntimeError(f"GPU worker {message[1]} could not start: {message[2]}")
         elif kind == "failed":
-            device, members = in_flight.pop(message[1])
-            for item, _, slot in members:
-                free_slots.append(slot)
-            for item in {id(m[0]): m[0] for m in members}.values():
-                finish(item, "failed", f"internal: bake on {device} failed: {message[2]}")
+            device = in_flight[message[1]][0]
+            self._abandon(message[1], f"internal: bake on {device} failed: {message[2]}", in_flight,
+                          free_slots, finish)
         else:
             _, batch_id, stats, seconds, peak_mb = message
             device, members = in_flight.pop(batch_id)
@@ -351,10 +358,11 @@ class GpuBatchRunner:
             gpu["peak_mb"] = max(gpu["peak_mb"], peak_mb)
             for (item, index, slot), (seen, mirrored) in zip(members, stats):
                 item.baked[index] = (slot, seen, mirrored)
+                item.faces_at_gpu -= 1
+                item.release_pixels()
                 if item.finished:
                     free_slots.append(slot)
                 elif len(item.baked) == len(item.prepared.faces):
-                    item.release_pixels()
                     share_ms = seconds * 1000 / len(members)
                     item.prepared.clock.timings["bake"] = share_ms * len(item.prepared.faces)
                     baked = [item.baked[k] for k in range(len(item.prepared.faces))]
@@ -363,11 +371,19 @@ class GpuBatchRunner:
     def _gpu_died(self, device: str, in_flight: dict, alive: set, free_slots: deque, finish: Callable) -> None:
         alive.discard(device)
         for batch_id in [b for b, (d, _) in in_flight.items() if d == device]:
-            _, members = in_flight.pop(batch_id)
-            for _, _, slot in members:
-                free_slots.append(slot)
-            for item in {id(m[0]): m[0] for m in members}.values():
-                finish(item, "failed", f"worker_failed: the GPU worker on {device} died")
+            self._abandon(batch_id, f"worker_failed: the GPU worker on {device} died", in_flight, free_slots,
+                          finish)
+
+    @staticmethod
+    def _abandon(batch_id: int, detail: str, in_flight: dict, free_slots: deque, finish: Callable) -> None:
+        """A batch the GPU will not deliver: free its slots and fail its photos."""
+        _, members = in_flight.pop(batch_id)
+        for item, _, slot in members:
+            free_slots.append(slot)
+            item.faces_at_gpu -= 1
+        for item in {id(m[0]): m[0] for m in members}.values():
+            finish(item, "failed", detail)
+            item.release_pixels()                  # also when it had already failed for another reason
 
 
 def run_batch(devices: list[str], photos: Iterable[tuple[Path, str]], out_dir: Path, options: ReconstructOptions,
