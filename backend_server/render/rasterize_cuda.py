@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -20,10 +21,10 @@ DEPTH_RANGE_M = 100.0        # depths (metres, or any unit) from 0 to this map t
 _contexts: dict[int, object] = {}
 
 
+@lru_cache(maxsize=1)
 def load_nvdiffrast():
-    """Import nvdiffrast.torch, compiling its CUDA plugin on first use (~35 s, cached on disk).
-
-    With torch 2.11 nvdiffrast 0.3.3 builds the plugin but then cannot import it, because the build
+    """Import nvdiffrast.torch, once per process (its CUDA plugin compiles on first use, ~35 s, and is
+    cached on disk). With torch 2.11 nvdiffrast 0.3.3 builds the plugin but then cannot import it, because the build
     folder is not on sys.path; putting it there first fixes that.
     """
     import nvdiffrast
