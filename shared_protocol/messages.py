@@ -22,7 +22,7 @@ PROTOCOL_VERSION = "1.0"
 PROTOCOL_MAJOR = 1
 
 STAGES = ("queued", "decode", "detect", "landmarks", "fit", "bake", "export")
-OUTPUT_KINDS = ("obj", "mtl", "png", "json")
+OUTPUT_KINDS = ("obj", "mtl", "png", "json", "neutral_obj", "shape_keys")   # the last two: models with expressions
 
 
 def _fail(message: str, code: ErrorCode = ErrorCode.BAD_FIELD) -> ProtocolError:
@@ -194,7 +194,7 @@ class Progress:
 
 @dataclass(frozen=True)
 class ResultFile:
-    """One output file: a bare file name, its kind (obj, mtl, png, json) and its bytes."""
+    """One output file: a bare file name, its kind (one of OUTPUT_KINDS) and its bytes."""
 
     name: str
     kind: str

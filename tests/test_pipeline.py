@@ -49,7 +49,7 @@ def test_demo_photo_gives_mesh_texture_and_json(reconstructor, grace_hopper_byte
     png = np.asarray(Image.open(io.BytesIO(files["png"])))
     assert png.shape == (1024, 1024, 3)
     facts = json.loads(files["json"])
-    assert facts["model"] == "builtin" and facts["coefficients"]["shape"] is None
+    assert facts["model"] == "builtin" and facts["coefficients"]["identity"] is None
     assert len(facts["landmarks_px"]) == 478
     assert set(facts["timings_ms"]) == {"decode", "detect", "landmarks", "fit", "bake", "export"}
     assert facts["quality"]["landmark_reprojection_rms_px"] < 3.0

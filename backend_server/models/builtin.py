@@ -12,28 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .topology import MeshTopology, SparseRows
+
 DATA_FILE = Path(__file__).parent / "data" / "builtin_topology.json"
 NAME = "builtin"
-
-
-@dataclass(frozen=True, eq=False)      # hashed by identity: cached per instance
-class MeshTopology:
-    """Triangles (F, 3) counter-clockwise seen from outside, per-vertex UVs (V, 2) in [0, 1] with
-    the origin bottom-left, and `refine` (V, V0): the dense matrix from the 468 landmark vertices to
-    this mesh's vertices (identity at level 0, Loop subdivision above)."""
-
-    triangles: np.ndarray
-    uvs: np.ndarray
-    refine: np.ndarray
-    subdivision: int = 0
-
-    @property
-    def vertex_count(self) -> int:
-        return self.uvs.shape[0]
-
-    def __reduce__(self) -> tuple:
-        """Pickled as its recipe: worker processes rebuild (and cache) it instead of receiving MBs."""
-        return (builtin_topology, (self.subdivision,))
 
 
 @dataclass(frozen=True)
@@ -54,25 +36,6 @@ def load_builtin() -> BuiltinModel:
     data = json.loads(DATA_FILE.read_text())
     return BuiltinModel(np.array(data["reference_vertices_m"]), np.array(data["triangles"], np.int64),
                         np.array(data["uvs"]), np.array(data["mirror"], np.int64), data["ibug68"])
-
-
-@dataclass(frozen=True)
-class SparseRows:
-    """A sparse matrix of `shape` as (row, column, value) triplets; `matrix @ dense` sums
-    value * dense[column] into each row (numpy only: no scipy at run time)."""
-
-    rows: np.ndarray
-    cols: np.ndarray
-    vals: np.ndarray
-    shape: tuple[int, int]
-
-    def __matmul__(self, dense: np.ndarray) -> np.ndarray:
-        out = np.zeros((self.shape[0],) + dense.shape[1:])
-        np.add.at(out, self.rows, self.vals.reshape((-1,) + (1,) * (dense.ndim - 1)) * dense[self.cols])
-        return out
-
-    def row_sums(self) -> np.ndarray:
-        return np.bincount(self.rows, self.vals, self.shape[0])
 
 
 def _edges(triangles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -148,4 +111,4 @@ def builtin_topology(subdivision: int) -> MeshTopology:
         refine = smooth @ refine
         uvs = linear @ uvs
         triangles = triangles_next
-    return MeshTopology(triangles, uvs, refine, subdivision)
+    return MeshTopology(triangles, uvs, refine, (builtin_topology, (subdivision,)))

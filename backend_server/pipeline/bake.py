@@ -5,7 +5,7 @@ texel (row r, column c) sits at u = (c + 0.5) / size, v = 1 - (r + 0.5) / size. 
 
 A texel takes the photo's colour where its surface point faces the camera and passes the z-buffer
 test (nothing nearer covers it). Texels not seen take the colour of their mirror texel
-(u -> 1 - u; the UV layout is left/right symmetric) when that one was seen; everything else,
+(u -> 1 - u) when that one was seen and the UV layout is left/right symmetric; everything else,
 inside the islands and around them, is filled by pull-push inpainting, which also pads the
 islands so no seams show at coarse mip levels.
 """
@@ -17,7 +17,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
-from ..models.builtin import MeshTopology
+from ..models.topology import MeshTopology
 from ..render.rasterize import rasterize
 from .fit import Camera
 
@@ -143,7 +143,7 @@ def bake_texture(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopo
     known[texels.texel[seen]] = True
     # Mirror fill: a texel not seen takes its mirror texel's colour where that one was seen.
     mirror = texels.mirror
-    use_mirror = ~known[texels.texel] & known[mirror]
+    use_mirror = ~known[texels.texel] & known[mirror] & topology.uv_mirror_symmetric
     flat[texels.texel[use_mirror]] = flat[mirror[use_mirror]]
     known[texels.texel[use_mirror]] = True
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..models.builtin import MeshTopology
+from ..models.topology import MeshTopology
 from ..render.rasterize_cuda import rasterize_batch
 from .bake import DEPTH_TOLERANCE_M, MIN_FACING_COS, Bake, uv_to_texture_px, vertex_normals
 from .fit import Camera
@@ -117,6 +117,7 @@ class GpuBaker:
         flat.scatter_(1, texel[..., None].expand(-1, -1, 3), torch.where(seen[..., None], colours, 0.0))
         known.scatter_(1, texel, seen)
         use_mirror = ~known.gather(1, texel) & known.gather(1, uv.mirror.expand(count, -1))
+        use_mirror &= topology.uv_mirror_symmetric
         mirrored = flat.gather(1, uv.mirror.expand(count, -1)[..., None].expand(-1, -1, 3))
         current = flat.gather(1, texel[..., None].expand(-1, -1, 3))
         flat.scatter_(1, texel[..., None].expand(-1, -1, 3), torch.where(use_mirror[..., None], mirrored, current))

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from ..models.builtin import MeshTopology
+from ..models.topology import MeshTopology
 from ..render.rasterize import rasterize
 from .bake import sample_bilinear, uv_to_texture_px
 from .fit import Camera

@@ -2,6 +2,8 @@
 
 OBJ: positions in metres in the head frame (+Y up, the face looking toward +Z, pose removed; the
 JSON's pose puts it back into the camera frame), per-vertex normals and UVs (origin bottom-left).
+The built-in mesh has one UV per vertex; a morphable model's mesh has UVs per corner (seams),
+quads, and one material per part (face with the texture, the rest plain colours).
 """
 from __future__ import annotations
 
@@ -40,9 +42,41 @@ def obj_bytes(vertices: np.ndarray, normals: np.ndarray, uvs: np.ndarray, triang
     ]).encode("ascii")
 
 
-def mtl_bytes(material_name: str, texture_file: str) -> bytes:
-    return (f"# FaceRecon material\nnewmtl {material_name}\nKa 0 0 0\nKd 1 1 1\nKs 0.05 0.05 0.05\n"
-            f"Ns 20\nillum 2\nd 1\nmap_Kd {texture_file}\n").encode("ascii")
+def polygon_obj_bytes(vertices: np.ndarray, normals: np.ndarray, uvs: np.ndarray, polygons: np.ndarray,
+                      polygon_uvs: np.ndarray, polygon_material: np.ndarray, materials: list[str],
+                      material_file: str, object_name: str) -> bytes:
+    """Wavefront OBJ of a model's mesh: quads and triangles ((F, 4), -1 pads a triangle), UV ids per
+    corner (seams), one normal per vertex, one `usemtl` group per material in `materials` order."""
+    header = (f"# FaceRecon mesh: metres, +Y up, face toward +Z\nmtllib {material_file}\no {object_name}\n"
+              + ("v %.6f %.6f %.6f\n" * len(vertices)) % tuple(np.asarray(vertices, float).ravel().tolist())
+              + ("vt %.6f %.6f\n" * len(uvs)) % tuple(np.asarray(uvs, float).ravel().tolist())
+              + ("vn %.5f %.5f %.5f\n" * len(normals)) % tuple(np.asarray(normals, float).ravel().tolist())
+              + "s 1\n")
+    blocks = [header]
+    for index, material in enumerate(materials):
+        chosen = polygon_material == index
+        if not chosen.any():
+            continue
+        blocks.append(f"usemtl {material}\n")
+        for corners in (4, 3):
+            rows = chosen & ((polygons[:, 3] >= 0) if corners == 4 else (polygons[:, 3] < 0))
+            if not rows.any():
+                continue
+            ids = polygons[rows, :corners] + 1
+            corner_uvs = polygon_uvs[rows, :corners] + 1
+            triplets = np.stack([ids, corner_uvs, ids], axis=2).reshape(len(ids), -1)
+            blocks.append(("f" + " %d/%d/%d" * corners + "\n") * len(ids) % tuple(triplets.ravel().tolist()))
+    return "".join(blocks).encode("ascii")
+
+
+def mtl_bytes(materials: list[tuple[str, str | None, tuple[float, float, float]]]) -> bytes:
+    """MTL of (name, texture file or None, diffuse colour (linear RGB 0..1, used without a texture))."""
+    blocks = ["# FaceRecon materials\n"]
+    for name, texture, colour in materials:
+        diffuse = "1 1 1" if texture else " ".join(f"{c:.4f}" for c in colour)
+        blocks.append(f"newmtl {name}\nKa 0 0 0\nKd {diffuse}\nKs 0.05 0.05 0.05\nNs 20\nillum 2\nd 1\n"
+                      + (f"map_Kd {texture}\n" if texture else ""))
+    return "".join(blocks).encode("ascii")
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:

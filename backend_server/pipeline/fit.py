@@ -78,6 +78,11 @@ class Fit:
     camera: Camera
     rigid_rms_px: float
 
+    @property
+    def landmark_points(self) -> np.ndarray:
+        """(468, 3) camera-frame metres at MediaPipe's points (here the mesh's own vertices)."""
+        return self.vertices
+
     def head_frame(self, points: np.ndarray) -> np.ndarray:
         """Camera-frame points -> head frame (pose removed: upright, facing +Z, metres)."""
         return (points - self.pose.translation) @ self.pose.rotation

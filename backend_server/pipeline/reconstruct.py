@@ -8,23 +8,53 @@ from __future__ import annotations
 
 import json
 import time
+from array import array
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Callable
 
 import numpy as np
 
 from shared_protocol import ErrorCode, ProtocolError, ReconstructOptions, ResultFile
 from .. import __version__
-from ..models.builtin import NAME as BUILTIN_NAME, MeshTopology, builtin_topology, load_builtin
+from shared_protocol.shape_keys import NEUTRAL_SUFFIX, SUFFIX as SHAPE_KEYS_SUFFIX, ShapeKey, encode_shape_keys
+from ..models import store
+from ..models.builtin import NAME as BUILTIN_NAME, builtin_topology, load_builtin
+from ..models.morphable import MorphableModel, texture_topology
+from ..models.topology import MeshTopology
 from .bake import Bake, bake_texture, texel_map, vertex_normals
 from .decode import Photo, decode_photo
 from .detect import FaceBox, FaceDetector, select_faces
-from .export import mtl_bytes, obj_bytes, png_bytes, safe_stem
+from .export import mtl_bytes, obj_bytes, png_bytes, polygon_obj_bytes, safe_stem
 from .fit import Camera, Fit, fit_builtin
+from .fit_model import ModelFit, ModelFitter
 from .landmarks import LandmarkDetector
 
 StageCallback = Callable[[str, float], None]
-AVAILABLE_MODELS = (BUILTIN_NAME,)
+SHAPE_KEY_MIN_OFFSET_M = 1e-5       # a vertex moved less than this by an expression is left out of its key
+
+
+@lru_cache(maxsize=4)
+def model_texture_topology(name: str) -> MeshTopology:
+    """The textured surface of an installed model (cached; worker processes rebuild it by name)."""
+    return texture_topology(store.load_model(name), (model_texture_topology, (name,)))
+
+
+def output_topology(options: ReconstructOptions) -> MeshTopology:
+    """The topology the bake works on for these options."""
+    if options.model == BUILTIN_NAME:
+        return builtin_topology(options.subdivision)
+    return model_texture_topology(options.model)
+
+
+@dataclass
+class ModelShape:
+    """A face in a morphable model's topology: posed and neutral (expression zero) vertices (V, 3),
+    metres, in the model's head frame."""
+
+    model: MorphableModel
+    posed: np.ndarray
+    neutral: np.ndarray
 
 
 @dataclass
@@ -34,12 +64,13 @@ class FaceReconstruction:
     index: int
     box: FaceBox
     landmarks: np.ndarray          # (478, 3) photo pixels
-    fit: Fit
+    fit: Fit | ModelFit
     topology: MeshTopology
-    vertices: np.ndarray           # (V, 3) camera-frame metres of the output mesh
+    vertices: np.ndarray           # (V, 3) camera-frame metres of the topology's (texture) vertices
     bake: Bake | None
     facts: dict[str, Any]
     files: list[ResultFile] = field(default_factory=list)
+    shape: ModelShape | None = None        # morphable models only
 
 
 @dataclass
@@ -95,6 +126,7 @@ class Reconstructor:
         self.detector = FaceDetector()
         self.landmarker = LandmarkDetector()
         self.model = load_builtin()
+        self.fitters: dict[str, ModelFitter] = {}
         self.gpu_baker = None
         if device != "cpu":
             from .bake_gpu import GpuBaker
@@ -104,12 +136,28 @@ class Reconstructor:
         self.detector.close()
         self.landmarker.close()
 
-    def warm_up(self, texture_size: int, subdivision: int = 1) -> None:
-        """Build the cached UV rasterization so the first job is as fast as the rest."""
-        if self.gpu_baker is not None:
-            self.gpu_baker.warm_up(builtin_topology(subdivision), texture_size)
-        else:
-            texel_map(builtin_topology(subdivision), texture_size)
+    def warm_up(self, texture_size: int, subdivision: int = 1, models: tuple[str, ...] = ()) -> None:
+        """Load the models and build the cached UV rasterizations so the first job is as fast as the rest."""
+        topologies = [builtin_topology(subdivision)]
+        for name in models:
+            self.fitter(name)
+            topologies.append(model_texture_topology(name))
+        for topology in topologies:
+            if self.gpu_baker is not None:
+                self.gpu_baker.warm_up(topology, texture_size)
+            else:
+                texel_map(topology, texture_size)
+
+    def fitter(self, name: str) -> ModelFitter:
+        """The fitter of an installed model on this worker's device; UNKNOWN_MODEL if not installed."""
+        if name not in self.fitters:
+            try:
+                model = store.load_model(name)
+            except KeyError:
+                raise ProtocolError(ErrorCode.UNKNOWN_MODEL, f"model {name!r} is not installed; available: "
+                                    f"{', '.join(store.available_models())}") from None
+            self.fitters[name] = ModelFitter(model, self.device)
+        return self.fitters[name]
 
     def run(self, data: bytes, photo_name: str, options: ReconstructOptions = ReconstructOptions(),
             on_stage: StageCallback | None = None) -> PhotoReconstruction:
@@ -120,24 +168,31 @@ class Reconstructor:
 
     def prepare(self, data: bytes, photo_name: str, options: ReconstructOptions = ReconstructOptions(),
                 on_stage: StageCallback | None = None) -> PreparedPhoto:
-        if options.model not in AVAILABLE_MODELS:
-            raise ProtocolError(ErrorCode.UNKNOWN_MODEL, f"model {options.model!r} is not installed; "
-                                f"available: {', '.join(AVAILABLE_MODELS)}")
+        fitter = None if options.model == BUILTIN_NAME else self.fitter(options.model)
         clock = _StageClock(on_stage)
         clock.enter("decode", 0.0)
         photo = decode_photo(data, photo_name)
         clock.enter("detect", 0.1)
         chosen = select_faces(self.detector(photo.rgb), options.face, photo_name)
-        topology = builtin_topology(options.subdivision)
+        topology = output_topology(options)
         camera = Camera.for_photo(*photo.size)
+        clock.enter("landmarks", 0.2)
+        landmarks = [self.landmarker(photo.rgb, box, photo_name) for _, box in chosen]
+        clock.enter("fit", 0.3)
         faces = []
-        for n, (index, box) in enumerate(chosen):
-            clock.enter("landmarks", 0.2)
-            landmarks = self.landmarker(photo.rgb, box, photo_name)
-            clock.enter("fit", 0.3)
-            fit = fit_builtin(landmarks, self.model.reference_vertices, camera)
-            vertices = topology.refine @ fit.vertices
-            faces.append(FaceReconstruction(index, box, landmarks, fit, topology, vertices, None, {}))
+        if fitter is None:
+            for (index, box), marks in zip(chosen, landmarks):
+                fit = fit_builtin(marks, self.model.reference_vertices, camera)
+                faces.append(FaceReconstruction(index, box, marks, fit, topology, topology.refine @ fit.vertices,
+                                                None, {}))
+        else:
+            fits = fitter.fit(landmarks, [camera] * len(landmarks), self.model.reference_vertices)
+            for (index, box), marks, fit in zip(chosen, landmarks, fits):
+                shape = ModelShape(fitter.model, fitter.model.vertices(fit.identity, fit.expression),
+                                   fitter.model.vertices(fit.identity))
+                in_camera = shape.posed @ fit.pose.rotation.T + fit.pose.translation
+                faces.append(FaceReconstruction(index, box, marks, fit, topology, topology.refine @ in_camera,
+                                                None, {}, shape=shape))
         stem = safe_stem(photo_name)
         names = [stem if options.face != -1 else f"{stem}_face{face.index}" for face in faces]
         clock.stop()
@@ -168,7 +223,7 @@ def export_faces(prepared: PreparedPhoto, options: ReconstructOptions) -> PhotoR
         face.files = mesh_and_texture_files(name, face, options)
     clock.stop()
     for name, face in zip(prepared.names, prepared.faces):   # last: the JSON carries every stage's time
-        face.facts = face_facts(prepared.photo, face, options, clock.timings, len(prepared.faces))
+        face.facts = face_facts(prepared.photo, face, options, clock.timings, len(prepared.faces), name)
         if "json" in options.outputs:
             face.files.append(ResultFile(f"{name}.json", "json", json_bytes(face.facts)))
     return PhotoReconstruction(prepared.photo, prepared.faces, clock.timings)
@@ -180,6 +235,8 @@ def json_bytes(facts: dict[str, Any]) -> bytes:
 
 def mesh_and_texture_files(name: str, face: FaceReconstruction, options: ReconstructOptions
                            ) -> list[ResultFile]:
+    if face.shape is not None:
+        return model_files(name, face, options)
     files = []
     if "obj" in options.outputs:
         head = face.fit.head_frame(face.vertices)
@@ -187,28 +244,89 @@ def mesh_and_texture_files(name: str, face: FaceReconstruction, options: Reconst
         files.append(ResultFile(f"{name}.obj", "obj", obj_bytes(head, normals, face.topology.uvs,
                                                                   face.topology.triangles, f"{name}.mtl", name)))
     if "mtl" in options.outputs:
-        files.append(ResultFile(f"{name}.mtl", "mtl", mtl_bytes(name, f"{name}.png")))
+        files.append(ResultFile(f"{name}.mtl", "mtl", mtl_bytes([(name, f"{name}.png", (1.0, 1.0, 1.0))])))
     if "png" in options.outputs:
         files.append(ResultFile(f"{name}.png", "png", png_bytes(face.bake.texture)))
     return files
 
 
+def skin_colour(texture: np.ndarray) -> tuple[float, float, float]:
+    """Median colour of a baked face texture (sRGB uint8), as linear RGB 0..1 for a plain material."""
+    small = texture[::32, ::32].reshape(-1, 3).astype(np.float64) / 255.0
+    srgb = np.median(small, axis=0)
+    linear = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
+    return tuple(float(c) for c in linear)
+
+
+def model_files(name: str, face: FaceReconstruction, options: ReconstructOptions) -> list[ResultFile]:
+    """A morphable model's face: posed and neutral OBJ (the model's topology, one material per part),
+    MTL, texture (the model's UV layout) and, with an expression basis, the shape keys."""
+    shape = face.shape
+    model = shape.model
+    triangles = model.triangles
+    materials = [name if part.textured else f"{name}_{part.name}" for part in model.parts]
+
+    def mesh(vertices: np.ndarray) -> bytes:
+        return polygon_obj_bytes(vertices, vertex_normals(vertices, triangles), model.uvs, model.polygons,
+                                 model.polygon_uvs, model.polygon_part, materials, f"{name}.mtl", name)
+
+    files = []
+    if "obj" in options.outputs:
+        files.append(ResultFile(f"{name}.obj", "obj", mesh(shape.posed)))
+    if "neutral_obj" in options.outputs:
+        files.append(ResultFile(f"{name}{NEUTRAL_SUFFIX}", "neutral_obj", mesh(shape.neutral)))
+    if "mtl" in options.outputs:
+        skin = skin_colour(face.bake.texture)
+        files.append(ResultFile(f"{name}.mtl", "mtl", mtl_bytes([
+            (material, f"{name}.png" if part.textured else None, skin if part.skin else part.colour)
+            for material, part in zip(materials, model.parts)])))
+    if "png" in options.outputs:
+        files.append(ResultFile(f"{name}.png", "png", png_bytes(face.bake.texture)))
+    if "shape_keys" in options.outputs and len(model.expression_basis):
+        files.append(ResultFile(f"{name}{SHAPE_KEYS_SUFFIX}", "shape_keys", shape_keys_bytes(model, face.fit)))
+    return files
+
+
+def shape_keys_bytes(model: MorphableModel, fit: ModelFit) -> bytes:
+    keys = []
+    for key_name, value, offsets in zip(model.expression_names, fit.expression, model.expression_basis):
+        moved = np.flatnonzero(np.abs(offsets).max(axis=1) >= SHAPE_KEY_MIN_OFFSET_M)
+        keys.append(ShapeKey(key_name, float(value), array("I", moved.astype(np.uint32).tobytes()),
+                             array("f", offsets[moved].astype(np.float32).tobytes())))
+    return encode_shape_keys(model.vertex_count, keys)
+
+
 def face_facts(photo: Photo, face: FaceReconstruction, options: ReconstructOptions,
-               timings_ms: dict[str, float], face_count: int) -> dict[str, Any]:
+               timings_ms: dict[str, float], face_count: int, name: str) -> dict[str, Any]:
     """Everything the JSON output says about one face (units in the key names)."""
     fit = face.fit
-    projected = fit.camera.project(face.vertices[:len(fit.vertices)])
-    reprojection = np.linalg.norm(projected - face.landmarks[:len(projected), :2], axis=1)
+    points = fit.landmark_points
+    reprojection = np.linalg.norm(fit.camera.project(points) - face.landmarks[:len(points), :2], axis=1)
+    quality = {"texture_seen_fraction": face.bake.seen_fraction,
+               "texture_mirrored_fraction": face.bake.mirrored_fraction,
+               "landmark_reprojection_rms_px": float(np.sqrt((reprojection ** 2).mean()))}
+    if face.shape is None:
+        coefficients: dict[str, Any] = {
+            "identity": None, "expression": None,
+            "note": "the built-in model has no shape or expression basis; its geometry is per vertex"}
+        mesh = {"vertices": int(face.topology.vertex_count), "triangles": int(len(face.topology.triangles)),
+                "subdivision": options.subdivision}
+        quality["rigid_fit_rms_px"] = fit.rigid_rms_px
+    else:
+        model = face.shape.model
+        coefficients = {
+            "identity": np.round(fit.identity, 5).tolist(),
+            "expression": {n: round(float(v), 5) for n, v in zip(model.expression_names, fit.expression)},
+            "note": "identity: prior N(0, 1) per component; expression weights in [0, 1]"}
+        mesh = {"vertices": model.vertex_count, "polygons": int(len(model.polygons)),
+                "parts": [part.name for part in model.parts], "neutral_file": f"{name}{NEUTRAL_SUFFIX}",
+                "shape_keys_file": f"{name}{SHAPE_KEYS_SUFFIX}" if len(model.expression_basis) else None}
     return {
         "format": "facerecon-face/1",
         "backend_version": __version__,
         "model": options.model,
-        "coefficients": {
-            "shape": None, "expression": None,
-            "note": "the built-in model has no shape or expression basis; its geometry is per vertex"},
-        "mesh": {"vertices": int(face.topology.vertex_count), "triangles": int(len(face.topology.triangles)),
-                 "subdivision": options.subdivision,
-                 "frame": "head frame: metres, +Y up, face toward +Z; camera = pose applied"},
+        "coefficients": coefficients,
+        "mesh": {**mesh, "frame": "head frame: metres, +Y up, face toward +Z; camera = pose applied"},
         "texture": {"size_px": options.texture_size, "uv_origin": "bottom-left", "colour_space": "sRGB"},
         "photo": {"name": photo.name, "width_px": photo.size[0], "height_px": photo.size[1],
                   "original_width_px": photo.original_size[0], "original_height_px": photo.original_size[1],
@@ -220,11 +338,6 @@ def face_facts(photo: Photo, face: FaceReconstruction, options: ReconstructOptio
         "pose": {**fit.pose.to_json(), "frame": "x_camera = rotation @ x_head + translation_m; "
                  "camera: metres, +X right, +Y up, +Z toward the viewer"},
         "landmarks_px": np.round(face.landmarks, 3).tolist(),
-        "quality": {
-            "texture_seen_fraction": face.bake.seen_fraction,
-            "texture_mirrored_fraction": face.bake.mirrored_fraction,
-            "landmark_reprojection_rms_px": float(np.sqrt((reprojection ** 2).mean())),
-            "rigid_fit_rms_px": fit.rigid_rms_px,
-        },
+        "quality": quality,
         "timings_ms": dict(timings_ms),
     }

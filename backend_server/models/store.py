@@ -1,0 +1,160 @@
+"""Installed morphable models: converted once from their original files into a fast cache.
+
+Layout: `<models dir>/<name>/model.npz` (arrays, see MorphableModel.save) and `manifest.json`
+(where it came from, a fingerprint of the source files, counts). The models dir is, in order:
+the explicit argument, `$FACERECON_MODELS`, `$XDG_CACHE_HOME/facerecon/models` (~/.cache/...).
+
+A cache is rebuilt when its source files are still there but changed (size or modification time
+of any of them), and when the cache format or the correspondence method changed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+from . import eos_format, ict_facekit
+from .builtin import NAME as BUILTIN_NAME
+from .morphable import CACHE_FORMAT, MorphableModel
+
+MODELS_ENV = "FACERECON_MODELS"
+CORRESPONDENCE_VERSION = 1
+log = logging.getLogger("facerecon.models")
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """How to read one kind of model from its original files. `files(source)` lists every file the
+    loader reads; `load(source)` builds the model (without correspondence)."""
+
+    load: Callable[[dict], MorphableModel]
+    files: Callable[[dict], list[Path]]
+    how_to_get: str
+
+
+KINDS = {
+    ict_facekit.NAME: ModelKind(
+        lambda s: ict_facekit.load_ict_facekit(Path(s["folder"])),
+        lambda s: ict_facekit.source_files(Path(s["folder"])),
+        f"Download the FaceXModel/ folder of {ict_facekit.SOURCE_URL} (MIT licence; e.g. `git clone` "
+        "the repository and unzip FaceXModel.zip), then: facerecon-backend models install ict-facekit "
+        "--from PATH/TO/FaceXModel"),
+    eos_format.SFM_NAME: ModelKind(
+        lambda s: eos_format.load_sfm(Path(s["folder"])),
+        lambda s: [Path(s["folder"]) / f for f in (eos_format.SFM_SHAPE, eos_format.SFM_BLENDSHAPES,
+                                                   eos_format.SFM_IBUG_MAPPING)],
+        f"Get share/sfm_shape_3448.bin, share/expression_blendshapes_3448.bin and share/ibug_to_sfm.txt "
+        f"from {eos_format.SFM_SOURCE} into one folder (needs `pip install eos-py`), then: "
+        "facerecon-backend models install sfm --from FOLDER"),
+    "eos": ModelKind(
+        lambda s: eos_format.load_eos_model(s["name"], Path(s["model"]),
+                                            Path(s["blendshapes"]) if s.get("blendshapes") else None,
+                                            Path(s["landmarks"]) if s.get("landmarks") else None),
+        lambda s: [Path(s[k]) for k in ("model", "blendshapes", "landmarks") if s.get(k)],
+        "Convert the model to eos's .bin format with eos's scripts, then: facerecon-backend models "
+        "install eos --name NAME --from MODEL.bin [--blendshapes FILE.bin] [--landmarks ibug_to_x.txt]"),
+}
+
+
+def models_dir(explicit: Path | str | None = None) -> Path:
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(MODELS_ENV):
+        return Path(os.environ[MODELS_ENV])
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "facerecon" / "models"
+
+
+def fingerprint(files: list[Path]) -> str:
+    """Changes when any file is added, removed, resized or modified (name, size, mtime)."""
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def install(kind: str, source: dict, directory: Path | None = None) -> dict:
+    """Read a model from its original files, compute its MediaPipe correspondence and write the
+    cache. `source`: {"folder": ...} for ict-facekit and sfm; {"name", "model", "blendshapes",
+    "landmarks"} for eos. Returns the manifest."""
+    from .correspondence import compute_correspondence
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}")
+    source = {k: str(Path(v).resolve()) if k != "name" else v for k, v in source.items() if v}
+    started = time.perf_counter()
+    model = KINDS[kind].load(source)
+    correspondence = compute_correspondence(model)
+    model = model.with_correspondence(correspondence)
+    target = models_dir(directory) / model.name
+    target.mkdir(parents=True, exist_ok=True)
+    model.save(target / "model.npz")
+    manifest = {
+        "name": model.name, "kind": kind, "source": source,
+        "fingerprint": fingerprint(KINDS[kind].files(source)),
+        "cache_format": CACHE_FORMAT, "correspondence_version": CORRESPONDENCE_VERSION,
+        "vertices": model.vertex_count, "polygons": int(len(model.polygons)),
+        "identity_components": int(len(model.identity_basis)), "expressions": list(model.expression_names),
+        "mediapipe_points_on_surface": int(correspondence.valid.sum()),
+        "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - started, 1),
+        "info": model.info,
+    }
+    (target / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    load_model.cache_clear()
+    return manifest
+
+
+def read_manifest(name: str, directory: Path | None = None) -> dict | None:
+    path = models_dir(directory) / name / "manifest.json"
+    if not path.is_file() or not path.with_name("model.npz").is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
+def installed_models(directory: Path | None = None) -> list[str]:
+    """Names of the installed models, sorted (the built-in model is not among them)."""
+    root = models_dir(directory)
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and read_manifest(p.name, directory))
+
+
+def available_models(directory: Path | None = None) -> tuple[str, ...]:
+    """What a request may name: the built-in model, then the installed ones."""
+    return (BUILTIN_NAME, *installed_models(directory))
+
+
+def is_stale(manifest: dict) -> str | None:
+    """Why the cache must be rebuilt, or None. A source that is gone leaves the cache valid."""
+    if manifest.get("cache_format") != CACHE_FORMAT:
+        return "the cache format changed"
+    if manifest.get("correspondence_version") != CORRESPONDENCE_VERSION:
+        return "the correspondence method changed"
+    try:
+        current = fingerprint(KINDS[manifest["kind"]].files(manifest["source"]))
+    except (OSError, ValueError, KeyError):
+        return None
+    return "its source files changed" if current != manifest["fingerprint"] else None
+
+
+@lru_cache(maxsize=4)
+def load_model(name: str, directory: Path | None = None) -> MorphableModel:
+    """An installed model, its cache rebuilt first if stale. KeyError names the installed ones."""
+    manifest = read_manifest(name, directory)
+    if manifest is None:
+        raise KeyError(f"model {name!r} is not installed in {models_dir(directory)}; installed: "
+                       f"{', '.join(installed_models(directory)) or 'none'}")
+    reason = is_stale(manifest)
+    if reason:
+        log.warning("rebuilding the cache of model %s: %s", name, reason)
+        install(manifest["kind"], manifest["source"], directory)
+    return MorphableModel.load(models_dir(directory) / name / "model.npz")
