@@ -2,7 +2,9 @@
 
 Frames: the OBJ is in metres with +Y up and the face toward +Z; Blender is Z-up, so a point
 (x, y, z) becomes (x, -z, y): the face looks toward -Y, +Z is up, 1 unit = 1 m. The object is
-placed at the 3D cursor.
+placed at the 3D cursor. One material per OBJ material group (the face's with the texture). A
+morphable model's result with expressions gets shape keys: Basis = `<stem>_neutral.obj`, one key
+per expression from `<stem>_shape_keys.bin`, values set to the fitted weights.
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from typing import Any
 
 import bpy
 
-from .obj_format import ObjMesh, read_mtl_texture, read_obj
+from .obj_format import MtlMaterial, ObjMesh, read_mtl, read_obj, read_obj_positions
+from .protocol import NEUTRAL_SUFFIX, SHAPE_KEYS_SUFFIX, decode_shape_keys
 
 PROPERTY_PREFIX = "facerecon_"
 
@@ -31,19 +34,24 @@ def create_mesh(name: str, source: ObjMesh) -> bpy.types.Mesh:
         flat = [c for face in source.face_uvs for index in face for c in source.uvs[index]]
         layer.data.foreach_set("uv", flat)
     mesh.polygons.foreach_set("use_smooth", [True] * len(mesh.polygons))
+    mesh.polygons.foreach_set("material_index", source.face_materials)
     mesh.validate()
     mesh.update()
     return mesh
 
 
-def create_material(name: str, texture_path: Path | None, pack: bool) -> bpy.types.Material:
-    """A Principled BSDF whose Base Color is the texture (sRGB); packed into the .blend if asked."""
+def create_material(name: str, texture_path: Path | None, pack: bool,
+                    colour: tuple[float, float, float] = (0.8, 0.8, 0.8)) -> bpy.types.Material:
+    """A Principled BSDF whose Base Color is the texture (sRGB; packed into the .blend if asked),
+    or `colour` (linear RGB) without one."""
     material = bpy.data.materials.new(name)
     if material.node_tree is None:          # Blender 4.x; 5.0 always gives materials a node tree
         material.use_nodes = True
     nodes, links = material.node_tree.nodes, material.node_tree.links
     bsdf = next(n for n in nodes if n.type == "BSDF_PRINCIPLED")
     bsdf.inputs["Roughness"].default_value = 0.6
+    bsdf.inputs["Base Color"].default_value = (*colour, 1.0)
+    material.diffuse_color = (*colour, 1.0)                  # the viewport's solid-mode colour
     if texture_path is not None and texture_path.is_file():
         image = bpy.data.images.load(str(texture_path), check_existing=False)
         image.colorspace_settings.name = "sRGB"
@@ -80,18 +88,51 @@ def store_facts(obj: bpy.types.Object, facts: dict[str, Any], photo_path: str, f
     obj[PROPERTY_PREFIX + "json"] = json.dumps(slim)
 
 
+def add_shape_keys(obj: bpy.types.Object, neutral_path: Path, shape_keys_path: Path) -> None:
+    """Basis = the neutral mesh; one key per expression (offsets from the neutral), its value the
+    fitted weight, so the object shows the posed face and every expression can be animated."""
+    neutral = read_obj_positions(neutral_path)
+    vertex_count, keys = decode_shape_keys(shape_keys_path.read_bytes())
+    mesh = obj.data
+    if vertex_count != len(mesh.vertices) or len(neutral) != len(mesh.vertices):
+        raise ValueError(f"{shape_keys_path.name}: {vertex_count} vertices and {neutral_path.name}: "
+                         f"{len(neutral)}, but the mesh has {len(mesh.vertices)}")
+    basis = [c for p in neutral for c in obj_to_blender(p)]
+    mesh.vertices.foreach_set("co", basis)
+    obj.shape_key_add(name="Basis", from_mix=False)
+    for key in keys:
+        block = obj.shape_key_add(name=key.name, from_mix=False)
+        coordinates = list(basis)
+        for n, vertex in enumerate(key.vertex_ids):
+            dx, dy, dz = obj_to_blender((key.offsets[3 * n], key.offsets[3 * n + 1], key.offsets[3 * n + 2]))
+            coordinates[3 * vertex] += dx
+            coordinates[3 * vertex + 1] += dy
+            coordinates[3 * vertex + 2] += dz
+        block.data.foreach_set("co", coordinates)
+        block.slider_min, block.slider_max = 0.0, 1.0
+        block.value = min(max(key.value, 0.0), 1.0)
+    mesh.update()
+
+
 def import_face(obj_path: Path, photo_path: str, collection: bpy.types.Collection,
                 location: Any, pack_texture: bool) -> bpy.types.Object:
-    """One OBJ (+ its MTL, PNG and JSON beside it) -> a new object linked into `collection`."""
+    """One OBJ (+ its MTL, PNG and JSON beside it; with a model's expressions also its neutral OBJ
+    and shape keys) -> a new object linked into `collection`."""
     source = read_obj(obj_path)
     name = obj_path.stem
-    texture = None
+    library: dict[str, MtlMaterial] = {}
     if source.material_library and (obj_path.parent / source.material_library).is_file():
-        texture_name = read_mtl_texture(obj_path.parent / source.material_library)
-        texture = obj_path.parent / texture_name if texture_name else None
+        library = read_mtl(obj_path.parent / source.material_library)
     mesh = create_mesh(name, source)
-    mesh.materials.append(create_material(name, texture, pack_texture))
+    for material_name in source.materials:
+        entry = library.get(material_name, MtlMaterial())
+        texture = obj_path.parent / entry.texture if entry.texture else None
+        mesh.materials.append(create_material(material_name, texture, pack_texture, entry.diffuse))
     obj = bpy.data.objects.new(name, mesh)
+    neutral_path = obj_path.with_name(name + NEUTRAL_SUFFIX)
+    shape_keys_path = obj_path.with_name(name + SHAPE_KEYS_SUFFIX)
+    if neutral_path.is_file() and shape_keys_path.is_file():
+        add_shape_keys(obj, neutral_path, shape_keys_path)
     obj.location = location
     facts_path = obj_path.with_suffix(".json")
     store_facts(obj, json.loads(facts_path.read_text()) if facts_path.is_file() else {}, photo_path,
@@ -108,7 +149,7 @@ def import_result(folder: Path, photo_path: str, scene: bpy.types.Scene,
     """
     made: list[bpy.types.Object] = []
     try:
-        for obj_path in sorted(folder.glob("*.obj")):
+        for obj_path in sorted(p for p in folder.glob("*.obj") if not p.name.endswith(NEUTRAL_SUFFIX)):
             made.append(import_face(obj_path, photo_path, scene.collection, scene.cursor.location.copy(),
                                     pack_texture))
     except Exception:

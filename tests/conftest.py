@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("FACERECON_SHARED", ROOT.parent / "shared"))
 SHARED_PHOTOS = SHARED / "photos"
+SHARED_MODELS = SHARED / "models"
+TEST_CACHE = ROOT / ".cache" / "test-data"          # git-ignored; kept between runs
 
 
 def shared_photo(name: str) -> Path:
@@ -40,3 +44,48 @@ def reconstructor():
     instance = Reconstructor()
     yield instance
     instance.close()
+
+
+@pytest.fixture(scope="session")
+def ict_folder() -> Path:
+    """The original ICT-FaceKit FaceXModel/ folder, unpacked once from ../shared into the test cache
+    (again whenever the archive changes)."""
+    archive = SHARED_MODELS / "ict-facekit" / "FaceXModel.tar.xz"
+    if not archive.exists():
+        pytest.skip(f"{archive} is absent (set FACERECON_SHARED to the shared data folder)")
+    target = TEST_CACHE / "ict-facekit"
+    stamp = f"{archive.stat().st_size} {archive.stat().st_mtime_ns}"
+    marker = target / "unpacked-from"
+    if not marker.exists() or marker.read_text() != stamp:
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")
+        marker.write_text(stamp)
+    return target / "FaceXModel"
+
+
+@pytest.fixture(scope="session")
+def sfm_folder() -> Path:
+    folder = SHARED_MODELS / "sfm"
+    if not (folder / "sfm_shape_3448.bin").exists():
+        pytest.skip(f"the Surrey Face Model is absent from {folder}")
+    pytest.importorskip("eos", reason="eos-py reads the Surrey Face Model (test extra)")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def installed_models(tmp_path_factory, ict_folder, sfm_folder) -> Path:
+    """ICT-FaceKit and the SFM installed into a fresh models dir, which this session then uses
+    (FACERECON_MODELS, inherited by every backend process the tests start)."""
+    from backend_server.models import store
+    folder = tmp_path_factory.mktemp("models")
+    store.install("ict-facekit", {"folder": ict_folder}, folder)
+    store.install("sfm", {"folder": sfm_folder}, folder)
+    previous = os.environ.get(store.MODELS_ENV)
+    os.environ[store.MODELS_ENV] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop(store.MODELS_ENV, None)
+    else:
+        os.environ[store.MODELS_ENV] = previous

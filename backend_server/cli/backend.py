@@ -4,6 +4,8 @@
     facerecon-backend keys generate --dir DIR                 # the server's key pair
     facerecon-backend keys generate --dir DIR --client NAME   # an artist's key pair, authorised
     facerecon-backend status [--connect ADDRESS] [--server-key FILE --client-key FILE]
+    facerecon-backend models install ict-facekit --from FaceXModel/   # or: sfm --from FOLDER
+    facerecon-backend models list
 """
 from __future__ import annotations
 
@@ -26,14 +28,27 @@ def default_cpu_workers() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
+def use_models_dir(folder: Path | None) -> None:
+    """Make `folder` the models dir of this process and of the workers it spawns."""
+    from backend_server.models.store import MODELS_ENV
+    if folder is not None:
+        os.environ[MODELS_ENV] = str(folder.resolve())
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from backend_server.devices import parse_devices
+    from backend_server.models import store
     from backend_server.server.router import Server, ServerConfig, is_loopback
     try:
         devices = parse_devices(args.devices)
     except ValueError as exc:
         print(f"facerecon-backend: {exc}", file=sys.stderr)
         return 2
+    use_models_dir(args.models_dir)
+    models = store.available_models()
+    for name in store.installed_models():
+        store.load_model(name)                 # a stale cache is rebuilt once here, not in every worker
+    logging.info("models: %s (from %s)", ", ".join(models), store.models_dir())
     if devices != ["cpu"]:
         from backend_server.render.rasterize_cuda import build_plugin
         build_plugin()
@@ -46,7 +61,7 @@ def run_serve(args: argparse.Namespace) -> int:
         logging.warning("!!! serving %s WITHOUT authentication or encryption (--insecure) !!!", args.bind)
     config = ServerConfig(bind=args.bind, devices=["cpu"] * args.workers if devices == ["cpu"] else devices,
                           max_queued_jobs=args.queue_size, job_timeout_s=args.job_timeout,
-                          drain_timeout_s=args.drain_timeout, keys_dir=args.keys,
+                          drain_timeout_s=args.drain_timeout, keys_dir=args.keys, models=models,
                           warm_texture_size=args.warm_texture_size)
     try:
         server = Server(config)
@@ -99,6 +114,49 @@ def run_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_models_install(args: argparse.Namespace) -> int:
+    from backend_server.models import store
+    use_models_dir(args.models_dir)
+    kind = store.KINDS[args.kind]
+    if args.source is None:
+        print(f"facerecon-backend: no --from given; this machine downloads nothing. {kind.how_to_get}",
+              file=sys.stderr)
+        return 2
+    if args.kind == "eos":
+        if not args.name:
+            print("facerecon-backend: an eos model needs --name", file=sys.stderr)
+            return 2
+        source = {"name": args.name, "model": args.source, "blendshapes": args.blendshapes,
+                  "landmarks": args.landmarks}
+    else:
+        source = {"folder": args.source}
+    print(f"installing {args.kind} from {args.source} into {store.models_dir()} ...", flush=True)
+    try:
+        manifest = store.install(args.kind, source)
+    except (OSError, ValueError, ImportError) as exc:
+        print(f"facerecon-backend: cannot install {args.kind}: {exc}\n{kind.how_to_get}", file=sys.stderr)
+        return 1
+    print(f"installed {manifest['name']}: {manifest['vertices']} vertices, {manifest['identity_components']} "
+          f"identity components, {len(manifest['expressions'])} expressions, "
+          f"{manifest['mediapipe_points_on_surface']}/468 MediaPipe points on its surface "
+          f"({manifest['seconds']} s). Use it with --model {manifest['name']} (restart a running server).")
+    return 0
+
+
+def run_models_list(args: argparse.Namespace) -> int:
+    from backend_server.models import store
+    use_models_dir(args.models_dir)
+    print(f"models in {store.models_dir()}:")
+    print("  builtin       (always there: MediaPipe's 468-point mesh, no coefficients)")
+    for name in store.installed_models():
+        manifest = store.read_manifest(name)
+        stale = store.is_stale(manifest)
+        print(f"  {name:13s} {manifest['vertices']} vertices, {manifest['identity_components']} identity, "
+              f"{len(manifest['expressions'])} expressions; from {next(iter(manifest['source'].values()))}"
+              + (f" (cache to be rebuilt: {stale})" if stale else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facerecon-backend", description="FaceRecon backend server.")
     parser.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
@@ -119,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds SIGTERM waits for running jobs (default 60)")
     serve.add_argument("--warm-texture-size", type=int, default=limits.DEFAULT_TEXTURE_SIZE,
                        help="texture size prepared before the first job (default 2048)")
+    serve.add_argument("--models-dir", type=Path, help="installed models (default $FACERECON_MODELS or "
+                       "~/.cache/facerecon/models)")
     serve.set_defaults(run=run_serve)
     keys = commands.add_parser("keys", help="CURVE key pairs").add_subparsers(dest="keys_command", required=True)
     generate = keys.add_parser("generate", help="make the server's key pair, or an artist's with --client")
@@ -131,6 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--client-key", help="your .key_secret file when CURVE is on")
     status.add_argument("--timeout", type=float, default=5.0)
     status.set_defaults(run=run_status)
+    models = commands.add_parser("models", help="install and list morphable face models").add_subparsers(
+        dest="models_command", required=True)
+    install = models.add_parser("install", help="convert a model's original files into the fast cache")
+    install.add_argument("kind", choices=("ict-facekit", "sfm", "eos"))
+    install.add_argument("--from", dest="source", type=Path,
+                         help="ict-facekit, sfm: the folder of original files; eos: the model's .bin")
+    install.add_argument("--name", help="eos: the name requests use")
+    install.add_argument("--blendshapes", type=Path, help="eos: expression blendshapes .bin")
+    install.add_argument("--landmarks", type=Path, help="eos: ibug_to_*.txt landmark mapping")
+    install.add_argument("--models-dir", type=Path, help="default $FACERECON_MODELS or ~/.cache/facerecon/models")
+    install.set_defaults(run=run_models_install)
+    listing = models.add_parser("list", help="the models requests may name")
+    listing.add_argument("--models-dir", type=Path)
+    listing.set_defaults(run=run_models_list)
     return parser
 
 

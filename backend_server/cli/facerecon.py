@@ -2,7 +2,8 @@
 
     facerecon reconstruct PHOTO_OR_DIR... -o OUT [--face N|all] [--texture-size 2048] ...
     facerecon reconstruct --demo -o OUT        # matplotlib's sample portrait
-    facerecon evaluate PHOTO_OR_DIR... [--json FILE]
+    facerecon reconstruct PHOTOS... --model ict-facekit   # an installed morphable model
+    facerecon evaluate PHOTO_OR_DIR... [--model NAME] [--json FILE]
 """
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from pathlib import Path
 from typing import Iterator
 
 from backend_server.pipeline.batch_gpu import PhotoOutcome
-from shared_protocol import ProtocolError, ReconstructOptions, limits
+import numpy as np
+
+from shared_protocol import OUTPUT_KINDS, ProtocolError, ReconstructOptions, limits
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 
@@ -59,11 +62,11 @@ def output_stems(photos: list[Path]) -> dict[Path, str]:
 _worker_reconstructor = None
 
 
-def _worker_init(texture_size: int, subdivision: int) -> None:
+def _worker_init(texture_size: int, subdivision: int, model: str) -> None:
     global _worker_reconstructor
     from backend_server.pipeline.reconstruct import Reconstructor
     _worker_reconstructor = Reconstructor()
-    _worker_reconstructor.warm_up(texture_size, subdivision)
+    _worker_reconstructor.warm_up(texture_size, subdivision, (model,))
 
 
 def _worker_run(task: tuple[Path, str, Path, ReconstructOptions]) -> PhotoOutcome:
@@ -95,10 +98,12 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     if not args.inputs:
         print("facerecon reconstruct: give photos or folders, or --demo", file=sys.stderr)
         return 2
+    if not model_is_available(args):
+        return 2
     photos = gather_photos(args.inputs)
     out_dir = Path(args.output)
-    options = ReconstructOptions(face=args.face, texture_size=args.texture_size,
-                                 outputs=("png", "json") if args.uv_only else ("obj", "mtl", "png", "json"),
+    options = ReconstructOptions(face=args.face, texture_size=args.texture_size, model=args.model,
+                                 outputs=("png", "json") if args.uv_only else OUTPUT_KINDS,
                                  subdivision=args.subdivision)
     stems = output_stems(photos)
     outcomes: list[PhotoOutcome] = []
@@ -116,12 +121,12 @@ def run_reconstruct(args: argparse.Namespace) -> int:
         return run_on_gpus(args, tasks, options, outcomes, progress, out_dir)
     workers = max(1, min(args.workers, len(tasks)))
     if workers == 1:
-        _worker_init(args.texture_size, args.subdivision)
+        _worker_init(args.texture_size, args.subdivision, args.model)
         results: Iterator[PhotoOutcome] = map(_worker_run, tasks)
         pool = None
     else:
         pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init,
-                                                         (args.texture_size, args.subdivision))
+                                                         (args.texture_size, args.subdivision, args.model))
         results = pool.imap_unordered(_worker_run, tasks)
     try:
         for outcome in results:
@@ -175,13 +180,30 @@ def summarize(outcomes: list[PhotoOutcome], out_dir: Path) -> int:
     return 1 if failed else 0
 
 
+def model_is_available(args: argparse.Namespace) -> bool:
+    """Point this process (and its workers) at --models-dir; False, with a message, if --model is
+    not installed there."""
+    from backend_server.models import store
+    if args.models_dir is not None:
+        os.environ[store.MODELS_ENV] = str(Path(args.models_dir).resolve())
+    available = store.available_models()
+    if args.model in available:
+        return True
+    how = store.KINDS[args.model].how_to_get if args.model in store.KINDS else ""
+    print(f"facerecon: model {args.model!r} is not installed in {store.models_dir()}; available: "
+          f"{', '.join(available)}. {how}", file=sys.stderr)
+    return False
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from backend_server.pipeline.evaluate import landmark_error, photo_metrics, read_pts
     from backend_server.pipeline.reconstruct import Reconstructor
+    if not model_is_available(args):
+        return 2
     photos = gather_photos(args.inputs or [str(demo_photo())])
     device = args.device[0]
     reconstructor = Reconstructor(device)
-    options = ReconstructOptions(texture_size=args.texture_size, subdivision=args.subdivision)
+    options = ReconstructOptions(texture_size=args.texture_size, subdivision=args.subdivision, model=args.model)
     rows, failures = [], 0
     print(f"{'photo':28s} {'PSNR dB':>8s} {'SSIM':>6s} {'seen':>5s} {'yaw':>6s} {'lm68 %IOD':>9s}")
     for photo in photos:
@@ -197,7 +219,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
                "seen_fraction": face.bake.seen_fraction, **face.fit.pose.euler_degrees()}
         pts = photo.with_suffix(".pts")
         if pts.exists():
-            predicted = reconstructor.model.ibug68_points(face.landmarks[:, :2]) / result.photo.scale
+            predicted = predicted_ibug68(reconstructor, face) / result.photo.scale
             row.update(landmark_error(predicted, read_pts(pts)))
         rows.append(row)
         lm = f"{100 * row['landmark68_normalized']:8.2f}%" if "landmark68_normalized" in row else f"{'-':>9s}"
@@ -206,6 +228,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 1 if failures else 0
+
+
+def predicted_ibug68(reconstructor, face) -> np.ndarray:
+    """(68, 2) photo pixels: the built-in model's points from MediaPipe's, a morphable model's from
+    its own iBUG vertices on the posed mesh (NaN where the model has none)."""
+    if face.shape is None:
+        return reconstructor.model.ibug68_points(face.landmarks[:, :2])
+    ids = face.shape.model.landmarks68
+    points = face.shape.posed[np.maximum(ids, 0)] @ face.fit.pose.rotation.T + face.fit.pose.translation
+    return np.where((ids >= 0)[:, None], face.fit.camera.project(points), np.nan)
 
 
 def face_choice(value: str) -> int:
@@ -221,6 +253,14 @@ def texture_size(value: str) -> int:
     if size & (size - 1) or not limits.MIN_TEXTURE_SIZE <= size <= limits.MAX_TEXTURE_SIZE:
         raise argparse.ArgumentTypeError(f"a power of two from {limits.MIN_TEXTURE_SIZE} to {limits.MAX_TEXTURE_SIZE}")
     return size
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default="builtin",
+                        help="builtin (default), or an installed model: ict-facekit, sfm, ... "
+                             "(facerecon-backend models install / list)")
+    parser.add_argument("--models-dir", help="installed models (default $FACERECON_MODELS or "
+                        "~/.cache/facerecon/models)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,6 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="faces baked at once on each GPU (default 16)")
     rec.add_argument("--overwrite", action="store_true", help="redo photos whose results exist")
     rec.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_model_arguments(rec)
     rec.set_defaults(run=run_reconstruct)
     ev = commands.add_parser("evaluate", help="re-render into each photo: PSNR, SSIM, landmark error")
     ev.add_argument("inputs", nargs="*", help="photos or folders; a PHOTO.pts beside a photo is used as "
@@ -252,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", help="also write the figures to this JSON file")
     ev.add_argument("--device", type=parse_device, default=["cpu"],
                     help="cpu (default) or one GPU (0 or cuda:0): bake and re-render there")
+    add_model_arguments(ev)
     ev.set_defaults(run=run_evaluate)
     return parser
 

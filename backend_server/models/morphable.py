@@ -79,6 +79,10 @@ class MorphableModel:
             points = points + np.tensordot(expression, self.expression_basis, axes=1)
         return points
 
+    def __reduce__(self) -> tuple:
+        """Pickled by name: another process loads the installed model (never MBs through a pipe)."""
+        return (_installed_model, (self.name,))
+
     def with_correspondence(self, correspondence: Correspondence) -> "MorphableModel":
         from dataclasses import replace
         return replace(self, mediapipe=correspondence)
@@ -112,6 +116,11 @@ class MorphableModel:
         return cls(facts["name"], expression_names=tuple(facts["expression_names"]),
                    parts=tuple(Part(p["name"], tuple(p["colour"]), p["textured"], p["skin"]) for p in facts["parts"]),
                    info=facts["info"], mediapipe=correspondence, **arrays)
+
+
+def _installed_model(name: str) -> "MorphableModel":
+    from .store import load_model
+    return load_model(name)
 
 
 def triangulate(polygons: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -65,7 +65,9 @@ def _cpu_init() -> None:
     global _reconstructor
     os.environ.setdefault("GLOG_minloglevel", "2")
     import cv2
+    import torch
     cv2.setNumThreads(1)
+    torch.set_num_threads(1)          # one core per worker: the pool already fills the machine
     from .reconstruct import Reconstructor
     _reconstructor = Reconstructor("cpu")
 
@@ -122,16 +124,16 @@ def _export(prepared: Any, baked: list[tuple[str, float, float]], options: Recon
 
 # --- GPU processes ---------------------------------------------------------------------------------
 def _gpu_main(device: str, jobs: multiprocessing.Queue, results: multiprocessing.Queue,
-              slot_names: list[str], size: int, subdivision: int) -> None:
+              slot_names: list[str], size: int, options: ReconstructOptions) -> None:
     """Bake batches on one GPU until a None job arrives. Reports on `results`: ('ready', device) once
     warmed up, or ('dead', device, message) if it cannot start; per batch ('baked', batch_id,
     [(seen, mirrored)], seconds, peak_mb) or ('failed', batch_id, message)."""
     import torch
-    from ..models.builtin import builtin_topology
     from .bake_gpu import GpuBaker
+    from .reconstruct import output_topology
     try:
         baker = GpuBaker(device)
-        topology = builtin_topology(subdivision)
+        topology = output_topology(options)
         baker.warm_up(topology, size)
         slots = {name: open_slot(name) for name in slot_names}
         views = {name: np.ndarray((size, size, 3), np.uint8, buffer=slot.buf) for name, slot in slots.items()}
@@ -211,7 +213,7 @@ class GpuBatchRunner:
         results: multiprocessing.Queue = context.Queue()
         inboxes = {d: context.Queue() for d in self.devices}
         gpus = {d: context.Process(target=_gpu_main, args=(d, inboxes[d], results, [s.name for s in slots],
-                                                            size, self.options.subdivision), daemon=True)
+                                                            size, self.options), daemon=True)
                 for d in self.devices}
         for process in gpus.values():
             process.start()

@@ -8,8 +8,9 @@ the model's occluding contour instead: every CONTOUR_EVERY steps each one takes 
 on the current silhouette nearest to it in the photo, so on a turned head the visible jaw line is
 matched to the jaw's outline rather than to a fixed point that has turned out of view.
 
-Objective per face (minimised with Adam over rotation (axis-angle on top of the start), translation
-(metres), identity and expression; expression weights are clamped to [0, 1] after each step; gaze
+Objective per face (minimised with Adam over rotation (axis-angle on top of the start), the head
+origin as its direction (x/d, y/d) and log distance d (metres; decouples image position from depth),
+identity and expression; expression weights are clamped to [0, 1] after each step; gaze
 shapes (eyeLook*) stay 0: the irises' 3D centres are not part of the correspondence):
     Σ_k |project(x_k) - l_k|² / (σ s)²  +  DEPTH_WEIGHT Σ_k (depth_k - z_k)² / (σ s)²
     + |identity|²  +  EXPRESSION_PRIOR |expression|²
@@ -27,9 +28,9 @@ from ..models.morphable import MorphableModel, triangulate
 from .bake import vertex_normals
 from .fit import Camera, Pose, fit_builtin, similarity_fit
 
-STEPS = 160
+STEPS = 250
 CONTOUR_EVERY = 20
-LEARNING_RATE = {"rotation": 0.01, "translation": 0.004, "identity": 0.08, "expression": 0.03}
+LEARNING_RATE = {"rotation": 0.01, "direction": 0.002, "log_distance": 0.02, "identity": 0.15, "expression": 0.05}
 LANDMARK_NOISE = 0.012            # landmark error expected, as a fraction of the face's size
 DEPTH_WEIGHT = 0.1
 EXPRESSION_PRIOR = 4.0
@@ -119,9 +120,11 @@ class ModelFitter:
         extent = marks[..., :2].amax(1) - marks[..., :2].amin(1)
         scale = (extent[:, 0] * extent[:, 1]).sqrt()[:, None] * LANDMARK_NOISE                    # σ s, pixels
 
+        start = torch.as_tensor(np.array(start_translation), dtype=f32, device=dev)
         params = {
             "rotation": torch.zeros((count, 3), dtype=f32, device=dev, requires_grad=True),
-            "translation": torch.as_tensor(np.array(start_translation), dtype=f32, device=dev).requires_grad_(),
+            "direction": (start[:, :2] / -start[:, 2:]).requires_grad_(),          # x/d, y/d of the head origin
+            "log_distance": torch.log(-start[:, 2]).requires_grad_(),
             "identity": torch.zeros((count, self.k_identity), dtype=f32, device=dev, requires_grad=True),
             "expression": torch.zeros((count, self.k_expression), dtype=f32, device=dev, requires_grad=True),
         }
@@ -131,12 +134,17 @@ class ModelFitter:
         jaw_targets = marks[:, jaw, :2]
         jaw_choice = None
 
+        def head_origin() -> torch.Tensor:
+            """(B, 3) the translation, metres, from its direction and log distance."""
+            distance = params["log_distance"].exp()[:, None]
+            return torch.cat([params["direction"] * distance, -distance], dim=1)
+
         def posed(bases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             coefficients = torch.cat([torch.ones((count, 1), dtype=f32, device=dev), params["identity"],
                                       params["expression"] * self.expression_mask], dim=1)
             points = torch.einsum("bk,knc->bnc", coefficients, bases)
             rotation = rotation0 @ rodrigues(params["rotation"])
-            return points @ rotation.transpose(1, 2) + params["translation"][:, None, :], rotation
+            return points @ rotation.transpose(1, 2) + head_origin()[:, None, :], rotation
 
         def project(points: torch.Tensor) -> torch.Tensor:
             distance = (-points[..., 2]).clamp_min(1e-3)
@@ -173,8 +181,8 @@ class ModelFitter:
             camera_points, rotation = posed(self.point_bases)
             screen = project(camera_points)
             error = ((screen[:, fixed] - marks[:, fixed, :2]) ** 2).sum(2).mean(1).sqrt()
+            translation = head_origin().cpu().double().numpy()
         rotation = rotation.cpu().double().numpy()
-        translation = params["translation"].detach().cpu().double().numpy()
         identity = params["identity"].detach().cpu().double().numpy()
         expression = (params["expression"] * self.expression_mask).detach().cpu().double().numpy()
         points = camera_points.cpu().double().numpy()

@@ -140,6 +140,8 @@ class Reconstructor:
         """Load the models and build the cached UV rasterizations so the first job is as fast as the rest."""
         topologies = [builtin_topology(subdivision)]
         for name in models:
+            if name == BUILTIN_NAME:
+                continue
             self.fitter(name)
             topologies.append(model_texture_topology(name))
         for topology in topologies:

@@ -85,7 +85,7 @@ class Server:
         link_address = (f"ipc://{self._link_dir.name}/workers" if zmq.has("ipc") else "tcp://127.0.0.1:0")
         self.link.bind(link_address)
         self.worker_config = WorkerConfig(self.link.getsockopt_string(zmq.LAST_ENDPOINT),
-                                          config.warm_texture_size, config.warm_subdivision,
+                                          config.warm_texture_size, config.warm_subdivision, config.models,
                                           logging.getLogger().level or logging.INFO)
         self.workers = [WorkerHandle(f"w{n}", device) for n, device in enumerate(config.devices)]
         self._by_identity: dict[bytes, WorkerHandle] = {}

@@ -40,6 +40,7 @@ class WorkerConfig:
     address: str            # the server's worker ROUTER
     texture_size: int       # pixels; the UV raster for this size is built before READY
     subdivision: int
+    models: tuple[str, ...]  # every model's data and UV raster is loaded before READY
     log_level: int = logging.INFO
 
 
@@ -56,7 +57,7 @@ def worker_main(config: WorkerConfig, identity: bytes, device: str) -> None:
     link.identity = identity
     link.connect(config.address)
     reconstructor = Reconstructor(device)
-    reconstructor.warm_up(config.texture_size, config.subdivision)
+    reconstructor.warm_up(config.texture_size, config.subdivision, config.models)
     link.send_multipart([READY, json.dumps({"pid": os.getpid(), "device": device}).encode()])
     parent = multiprocessing.parent_process()
     try:
