@@ -4,8 +4,9 @@ add-on zip like a user would, drives it like the panel's button does, prints fac
     python tests/blender_session.py SCENARIO ZIP BACKEND_ADDRESS WORK_DIR [PHOTO...]
 
 BLENDER_USER_RESOURCES must point into WORK_DIR so nothing touches the real user profile.
-Scenarios: `import` (reconstruct twice, save, reload) and `errors` (one reconstruct per photo, each
-expected to fail). The last stdout line is `RESULT <json>`.
+Scenarios: `import` (reconstruct twice, save, reload), `model` (reconstruct with the backend's
+ICT-FaceKit model: shape keys, materials) and `errors` (one reconstruct per photo, each expected to
+fail). The last stdout line is `RESULT <json>`.
 """
 from __future__ import annotations
 
@@ -146,6 +147,26 @@ def scenario_import(zip_path: str, address: str, work: Path, photos: list[str]) 
             "reloaded": reloaded, "folders": sorted(p.name for p in (work / "results").iterdir())}
 
 
+def scenario_model(zip_path: str, address: str, work: Path, photos: list[str]) -> dict:
+    install(zip_path, address, work / "results")
+    test_connection()                                      # fills the model list from the backend
+    bpy.context.scene.facerecon.model = "ict-facekit"
+    run = reconstruct(photos[0])
+    obj = bpy.context.view_layer.objects.active
+    keys = obj.data.shape_keys.key_blocks if obj and obj.data.shape_keys else []
+    evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).to_mesh()
+    shown = [list(v.co) for v in evaluated.vertices]
+    obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).to_mesh_clear()
+    materials = obj.data.materials
+    return {"run": run, "name": obj.name, "vertices": len(obj.data.vertices), "polygons": len(obj.data.polygons),
+            "keys": [{"name": k.name, "value": k.value, "relative_to": k.relative_key.name} for k in keys],
+            "basis": [list(v.co) for v in keys[0].data] if keys else [], "shown": shown,
+            "materials": [{"name": m.name, "textured": any(n.type == "TEX_IMAGE" for n in m.node_tree.nodes),
+                           "colour": list(m.diffuse_color)[:3]} for m in materials],
+            "material_use": sorted({p.material_index for p in obj.data.polygons}),
+            "result_folder": obj.get("facerecon_result_folder"), "model_property": obj.get("facerecon_model")}
+
+
 def scenario_errors(zip_path: str, address: str, work: Path, photos: list[str]) -> dict:
     install(zip_path, address, work / "results")
     before = counts()
@@ -155,5 +176,5 @@ def scenario_errors(zip_path: str, address: str, work: Path, photos: list[str]) 
 
 if __name__ == "__main__":
     scenario, zip_arg, address_arg, work_arg, *photo_args = sys.argv[1:]
-    run = {"import": scenario_import, "errors": scenario_errors}[scenario]
+    run = {"import": scenario_import, "model": scenario_model, "errors": scenario_errors}[scenario]
     print("RESULT " + json.dumps(run(zip_arg, address_arg, Path(work_arg), photo_args)))

@@ -100,6 +100,38 @@ def test_reconstruct_face_imports_a_textured_face_at_the_cursor(addon_zip, backe
     assert "Imported grace_hopper.001" in labels
 
 
+def obj_positions_blender(path: Path) -> np.ndarray:
+    """An OBJ's positions in Blender's frame: (x, y, z) -> (x, -z, y)."""
+    points = np.array([line.split()[1:4] for line in path.read_text().splitlines() if line.startswith("v ")], float)
+    return np.stack([points[:, 0], -points[:, 2], points[:, 1]], axis=1)
+
+
+def test_a_model_with_expressions_imports_with_arkit_shape_keys(addon_zip, installed_models, tmp_path):
+    from conftest import shared_photo
+    photo = shared_photo("deca_exp1.jpg")
+    server = BackendProcess(tmp_path / "serve.log", "--models-dir", str(installed_models), workers=1).start()
+    try:
+        facts = run_blender("model", addon_zip, server.address, tmp_path, str(photo))
+    finally:
+        assert server.stop() == 0
+    assert not facts["run"]["error"], facts["run"]
+    assert facts["vertices"] == 24591 and facts["model_property"] == "ict-facekit"
+    folder = Path(facts["result_folder"])
+    expression = json.loads((folder / "deca_exp1.json").read_text())["coefficients"]["expression"]
+    keys = facts["keys"]
+    assert keys[0]["name"] == "Basis" and [k["name"] for k in keys[1:]] == list(expression)   # ARKit names
+    assert [k["value"] for k in keys[1:]] == pytest.approx(list(expression.values()), abs=1e-5)
+    assert all(k["relative_to"] == "Basis" for k in keys)
+    basis, shown = np.array(facts["basis"]), np.array(facts["shown"])
+    assert np.abs(basis - obj_positions_blender(folder / "deca_exp1_neutral.obj")).max() < 1e-5   # Basis = neutral
+    assert np.abs(shown - obj_positions_blender(folder / "deca_exp1.obj")).max() < 1e-4            # values = posed
+    materials = facts["materials"]
+    assert len(materials) == 8 and materials[0]["textured"] and not any(m["textured"] for m in materials[1:])
+    assert facts["material_use"] == list(range(8))
+    skin = materials[1]["colour"]                             # the head takes the face's skin colour
+    assert skin[0] > skin[2] and 0.05 < skin[0] < 0.9
+
+
 def test_failures_report_clearly_and_add_nothing(addon_zip, backend, tmp_path):
     blank = tmp_path / "wall.png"
     Image.fromarray(np.full((256, 256, 3), 128, np.uint8)).save(blank)
@@ -127,14 +159,15 @@ def test_backend_down_is_reported_and_blender_stays_usable(addon_zip, tmp_path, 
 
 
 def test_obj_reader_and_unique_result_folders(tmp_path, reconstructor, grace_hopper_bytes):
-    from blender_addon.obj_format import read_mtl_texture, read_obj
+    from blender_addon.obj_format import read_mtl, read_obj
     from blender_addon.result_files import write_result
     files = reconstructor.run(grace_hopper_bytes, "g.jpg").files
     folders = [write_result(tmp_path, "g", files) for _ in range(3)]
     assert [f.name for f in folders] == ["g", "g_2", "g_3"]
     mesh = read_obj(folders[0] / "g.obj")
     assert len(mesh.positions) == 1790 and len(mesh.faces) == 3408 and len(mesh.face_uvs) == 3408
-    assert mesh.material_library == "g.mtl" and read_mtl_texture(folders[0] / "g.mtl") == "g.png"
+    assert mesh.material_library == "g.mtl" and read_mtl(folders[0] / "g.mtl")["g"].texture == "g.png"
+    assert mesh.materials == ["g"] and set(mesh.face_materials) == {0}
     broken = tmp_path / "broken.obj"
     broken.write_text("v 0 0 0\nv 1 0 0\nf 1 2 7\n")
     with pytest.raises(ValueError, match="line 3"):
