@@ -89,3 +89,13 @@ def installed_models(tmp_path_factory, ict_folder, sfm_folder) -> Path:
         os.environ.pop(store.MODELS_ENV, None)
     else:
         os.environ[store.MODELS_ENV] = previous
+
+
+@pytest.fixture(scope="session")
+def ict_model(request):
+    """ICT-FaceKit as installed in $FACERECON_MODELS (e.g. a cache carried to the GPU machine), or
+    installed from ../shared for this session."""
+    from backend_server.models import store
+    if "ict-facekit" not in store.installed_models():
+        request.getfixturevalue("installed_models")
+    return store.load_model("ict-facekit")

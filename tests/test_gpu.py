@@ -143,3 +143,35 @@ def test_evaluate_rerender_on_gpu_matches_cpu(prepared):
     cuda = photo_metrics(p.photo.rgb, face.vertices, face.topology, texture, p.camera, "cuda:0")
     assert cpu["psnr_db"] > 30 and abs(cpu["psnr_db"] - cuda["psnr_db"]) < 0.2
     assert abs(cpu["ssim"] - cuda["ssim"]) < 0.005
+
+
+@gpu
+def test_model_fit_and_bake_on_the_gpu_match_the_cpu(ict_model):
+    """ICT-FaceKit: the batched fit on CUDA lands where the CPU fit does, and the bake in the
+    model's topology gives the CPU bake's texture."""
+    from backend_server.models.builtin import load_builtin
+    from backend_server.pipeline.bake_gpu import GpuBaker
+    from backend_server.pipeline.fit import Camera
+    from backend_server.pipeline.fit_model import ModelFitter, ideal_landmarks
+    from backend_server.pipeline.reconstruct import model_texture_topology
+    rng = np.random.default_rng(5)
+    camera = Camera.for_photo(640, 640)
+    truths = [ict_model.vertices(rng.normal(size=100)) + np.array([0.0, 0.0, -0.7]) for _ in range(3)]
+    marks = [ideal_landmarks(ict_model, v, camera) for v in truths]
+    reference = load_builtin().reference_vertices
+    on_gpu = ModelFitter(ict_model, "cuda:0").fit(marks, [camera] * 3, reference)
+    on_cpu = ModelFitter(ict_model, "cpu").fit(marks, [camera] * 3, reference)
+    for g, c in zip(on_gpu, on_cpu):
+        posed_g = ict_model.vertices(g.identity, g.expression) @ g.pose.rotation.T + g.pose.translation
+        posed_c = ict_model.vertices(c.identity, c.expression) @ c.pose.rotation.T + c.pose.translation
+        assert np.abs(posed_g - posed_c).max() < 0.002                       # metres
+        assert g.reprojection_rms_px < 2.0
+    topology = model_texture_topology("ict-facekit")
+    photo = rng.integers(0, 255, (640, 640, 3), dtype=np.uint8)
+    photo = np.asarray(Image.fromarray(photo).resize((80, 80)).resize((640, 640), Image.BILINEAR))   # smooth
+    vertices = topology.refine @ truths[0]
+    cpu = bake_texture(photo, vertices, topology, camera, 512)
+    [ours] = GpuBaker("cuda:0").bake([photo], [vertices], [camera], topology, 512)
+    difference = np.abs(ours.texture.astype(int) - cpu.texture.astype(int))
+    assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 8
+    assert ours.seen_fraction == pytest.approx(cpu.seen_fraction, abs=0.01)

@@ -94,22 +94,11 @@ def test_correspondence_puts_mediapipe_points_on_the_right_features(installed_mo
     assert np.median(distance_mm) < 4.0 and distance_mm.max() < 15.0, distance_mm.round(1)
 
 
-def synthetic_landmarks(model, identity, expression, rotation, translation, camera):
-    """What a perfect landmark detector would give for this model face: (478, 3), pixels."""
-    vertices = model.vertices(identity, expression) @ rotation.T + translation
-    corr = model.mediapipe
-    points = np.einsum("nk,nkc->nc", corr.bary, vertices[corr.corners])
-    depth = -points[:, 2]
-    z_px = (depth - depth.mean()) * camera.focal_px / depth.mean()
-    marks = np.concatenate([camera.project(points), z_px[:, None]], axis=1)
-    return np.concatenate([marks, np.repeat(marks[:1], 10, axis=0)]), vertices
-
-
 def test_fit_recovers_a_known_ict_face_and_is_batch_independent(installed_models):
     from backend_server.models import store
     from backend_server.models.builtin import load_builtin
     from backend_server.pipeline.fit import Camera, similarity_fit
-    from backend_server.pipeline.fit_model import ModelFitter, rodrigues
+    from backend_server.pipeline.fit_model import ModelFitter, ideal_landmarks, rodrigues
     import torch
     model = store.load_model("ict-facekit")
     rng = np.random.default_rng(7)
@@ -120,8 +109,8 @@ def test_fit_recovers_a_known_ict_face_and_is_batch_independent(installed_models
         expression = np.zeros(53)
         expression[model.expression_names.index("jawOpen")] = 0.6
         rotation = rodrigues(torch.tensor([[0.1, yaw, 0.0]], dtype=torch.float64))[0].numpy()
-        marks, truth = synthetic_landmarks(model, identity, expression, rotation, np.array([0.01, 0.0, -0.6]), camera)
-        faces.append((marks, truth, expression))
+        truth = model.vertices(identity, expression) @ rotation.T + np.array([0.01, 0.0, -0.6])
+        faces.append((ideal_landmarks(model, truth, camera), truth, expression))
     fitter = ModelFitter(model)
     reference = load_builtin().reference_vertices
     fits = fitter.fit([m for m, _, _ in faces], [camera, camera], reference)

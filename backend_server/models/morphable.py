@@ -89,7 +89,7 @@ class MorphableModel:
 
     # --- cache ------------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
-        """One .npz (arrays) with the model's facts as JSON inside."""
+        """One compressed .npz (arrays; ICT-FaceKit: 21 MB) with the model's facts as JSON inside."""
         arrays = {name: getattr(self, name) for name in
                   ("mean", "identity_basis", "expression_basis", "polygons", "polygon_uvs", "uvs",
                    "polygon_part", "landmarks68", "face_region")}
@@ -99,7 +99,7 @@ class MorphableModel:
         facts = {"format": CACHE_FORMAT, "name": self.name, "expression_names": list(self.expression_names),
                  "parts": [vars(p) for p in self.parts], "info": self.info}
         temporary = path.with_name(path.name + ".part.npz")
-        np.savez(temporary, facts=np.frombuffer(json.dumps(facts).encode(), np.uint8), **arrays)
+        np.savez_compressed(temporary, facts=np.frombuffer(json.dumps(facts).encode(), np.uint8), **arrays)
         temporary.replace(path)
 
     @classmethod

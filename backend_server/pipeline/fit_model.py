@@ -58,6 +58,17 @@ class ModelFit:
         return (points - self.pose.translation) @ self.pose.rotation
 
 
+def ideal_landmarks(model: MorphableModel, vertices: np.ndarray, camera: Camera) -> np.ndarray:
+    """(478, 3) what a perfect landmark detector reports for a model face given as camera-frame
+    vertices (V, 3): MediaPipe's 468 points through the correspondence, in photo pixels, z the depth
+    in pixels relative to their mean; the 10 iris points repeat point 0 (not fitted)."""
+    points = np.einsum("nk,nkc->nc", model.mediapipe.bary, vertices[model.mediapipe.corners])
+    depth = -points[:, 2]
+    z_px = (depth - depth.mean()) * camera.focal_px / depth.mean()
+    marks = np.concatenate([camera.project(points), z_px[:, None]], axis=1)
+    return np.concatenate([marks, np.repeat(marks[:1], 10, axis=0)])
+
+
 def rodrigues(axis_angle: torch.Tensor) -> torch.Tensor:
     """(B, 3) axis-angle -> (B, 3, 3) rotation matrices (smooth at zero)."""
     angle = axis_angle.norm(dim=1, keepdim=True).clamp_min(1e-12)
