@@ -4,18 +4,20 @@ many faces at once in torch (CPU or CUDA).
 Inputs per face: 478 landmarks (photo pixels, x right, y down; z MediaPipe's relative depth in
 pixels, smaller = nearer) and its `Camera` (fit.py). The model's points at MediaPipe's 468 points
 come from the model's stored dense correspondence. The jaw points of MediaPipe's face oval follow
-the model's occluding contour instead: every CONTOUR_EVERY steps each one takes the model vertex
-on the current silhouette nearest to it in the photo, so on a turned head the visible jaw line is
-matched to the jaw's outline rather than to a fixed point that has turned out of view.
+the model's occluding contour instead: every CONTOUR_EVERY iterations each one takes the model
+vertex on the current silhouette nearest to it in the photo, so on a turned head the visible jaw
+line is matched to the jaw's outline rather than to a fixed point that has turned out of view.
 
-Objective per face (minimised with Adam over rotation (axis-angle on top of the start), the head
-origin as its direction (x/d, y/d) and log distance d (metres; decouples image position from depth),
-identity and expression; expression weights are clamped to [0, 1] after each step; gaze
-shapes (eyeLook*) stay 0: the irises' 3D centres are not part of the correspondence):
+Objective per face, a sum of squared residuals:
     Σ_k |project(x_k) - l_k|² / (σ s)²  +  DEPTH_WEIGHT Σ_k (depth_k - z_k)² / (σ s)²
     + |identity|²  +  EXPRESSION_PRIOR |expression|²
 with s the landmarks' size in pixels (√(width × height) of their box) and σ = LANDMARK_NOISE.
-The start is the built-in fit's pose (fit.fit_builtin), rigidly aligned to the model's mean.
+Solved by Levenberg-Marquardt, every face its own damping, with the analytic Jacobian in the
+parameters: a rotation increment (axis-angle, applied on the left), the head origin as direction
+(x/d, y/d) and log distance d (decouples image position from depth), identity, expression.
+Expression weights are projected into [0, 1] after each step; gaze shapes (eyeLook*) stay 0 (the
+irises' 3D centres are not part of the correspondence). Start: the built-in fit's pose
+(fit.fit_builtin), rigidly aligned to the model's mean.
 """
 from __future__ import annotations
 
@@ -28,12 +30,12 @@ from ..models.morphable import MorphableModel, triangulate
 from .bake import vertex_normals
 from .fit import Camera, Pose, fit_builtin, similarity_fit
 
-STEPS = 250
-CONTOUR_EVERY = 20
-LEARNING_RATE = {"rotation": 0.01, "direction": 0.002, "log_distance": 0.02, "identity": 0.15, "expression": 0.05}
+ITERATIONS = 16
+CONTOUR_EVERY = 4
 LANDMARK_NOISE = 0.012            # landmark error expected, as a fraction of the face's size
 DEPTH_WEIGHT = 0.1
 EXPRESSION_PRIOR = 4.0
+START_DAMPING = 1e-3              # Levenberg-Marquardt: relative to the diagonal of JᵀJ
 SILHOUETTE_COS = 0.2              # |cos(normal, view ray)| below this: on the occluding contour
 CONTOUR_REACH = 0.08              # a silhouette vertex farther than this (x size) is not used
 UNFITTED_EXPRESSIONS = ("eyeLook",)  # gaze: needs the irises' 3D centres, which no model here marks
@@ -105,12 +107,12 @@ class ModelFitter:
         # Silhouette candidates: face-region vertices below the nose tip (MediaPipe point 1).
         nose_y = at_points[0, 1, 1]
         region = model.face_region[model.mean[model.face_region, 1] < nose_y]
-        self.candidate_side = np.sign(model.mean[region, 0])
-        self.candidates = region
+        self.candidate_side = as_tensor(np.sign(model.mean[region, 0]))
         self.candidate_bases = as_tensor(bases[:, region])                                      # (1+K, C, 3)
         self.candidate_normals = as_tensor(vertex_normals(model.mean.astype(np.float64),
                                                           triangulate(model.polygons)[0])[region])
-        self.jaw_side = np.sign(at_points[0, self.jaw, 0])
+        self.jaw_side = as_tensor(np.sign(at_points[0, self.jaw, 0]))
+        self.parameter_mask = torch.cat([torch.ones(6 + self.k_identity, device=self.device), self.expression_mask])
 
     def fit(self, landmarks: list[np.ndarray], cameras: list[Camera], reference: np.ndarray) -> list[ModelFit]:
         """landmarks: (478, 3) photo pixels per face; cameras: one per face; reference: the built-in
@@ -124,93 +126,170 @@ class ModelFitter:
             _, rotation, _ = similarity_fit(mean_points[self.valid], lifted[self.valid])
             start_rotation.append(rotation)
             start_translation.append(lifted[self.valid].mean(0) - rotation @ mean_points[self.valid].mean(0))
-        rotation0 = torch.as_tensor(np.array(start_rotation), dtype=f32, device=dev)
-        marks = torch.as_tensor(np.array([m[:468] for m in landmarks]), dtype=f32, device=dev)       # (B, 468, 3)
-        focal = torch.as_tensor([c.focal_px for c in cameras], dtype=f32, device=dev)[:, None]
-        centre = torch.as_tensor([[c.cx, c.cy] for c in cameras], dtype=f32, device=dev)[:, None, :]
-        extent = marks[..., :2].amax(1) - marks[..., :2].amin(1)
-        scale = (extent[:, 0] * extent[:, 1]).sqrt()[:, None] * LANDMARK_NOISE                    # σ s, pixels
-
+        marks = torch.as_tensor(np.array([m[:468] for m in landmarks]), dtype=f32, device=dev)
+        problem = _Problem(self, marks, cameras)
         start = torch.as_tensor(np.array(start_translation), dtype=f32, device=dev)
-        params = {
-            "rotation": torch.zeros((count, 3), dtype=f32, device=dev, requires_grad=True),
-            "direction": (start[:, :2] / -start[:, 2:]).requires_grad_(),          # x/d, y/d of the head origin
-            "log_distance": torch.log(-start[:, 2]).requires_grad_(),
-            "identity": torch.zeros((count, self.k_identity), dtype=f32, device=dev, requires_grad=True),
-            "expression": torch.zeros((count, self.k_expression), dtype=f32, device=dev, requires_grad=True),
-        }
-        optimizer = torch.optim.Adam([{"params": [p], "lr": LEARNING_RATE[k]} for k, p in params.items()])
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, STEPS, eta_min=0.05 * min(LEARNING_RATE.values()))
-        fixed, jaw = torch.as_tensor(self.fixed, device=dev), torch.as_tensor(self.jaw, device=dev)
-        jaw_targets = marks[:, jaw, :2]
+        state = _State(torch.as_tensor(np.array(start_rotation), dtype=f32, device=dev),
+                       start[:, :2] / -start[:, 2:], torch.log(-start[:, 2]),
+                       torch.zeros((count, self.k_identity + self.k_expression), dtype=f32, device=dev))
+        damping = torch.full((count,), START_DAMPING, dtype=f32, device=dev)
         jaw_choice = None
+        for iteration in range(ITERATIONS):
+            if iteration % CONTOUR_EVERY == 0 and len(self.jaw):
+                jaw_choice = self._contour_choice(state, problem)
+            bases = problem.landmark_bases(jaw_choice)
+            residual, jacobian = problem.residuals(bases, state, with_jacobian=True)
+            cost = (residual ** 2).sum(1)
+            hessian = jacobian.transpose(1, 2) @ jacobian
+            gradient = (jacobian.transpose(1, 2) @ residual[..., None])[..., 0]
+            diagonal = torch.diagonal(hessian, dim1=1, dim2=2)
+            fixed_parameters = 1.0 - self.parameter_mask               # gaze: held at 0
+            step = torch.linalg.solve(hessian + torch.diag_embed(damping[:, None] * diagonal + 1e-9 + fixed_parameters),
+                                      -gradient)
+            trial = state.moved(step, self.k_identity, self.expression_mask)
+            trial_cost = (problem.residuals(bases, trial)[0] ** 2).sum(1)
+            better = trial_cost < cost
+            state = state.where(better, trial)
+            damping = torch.where(better, damping / 3, damping * 4).clamp(1e-7, 1e7)
 
-        def head_origin() -> torch.Tensor:
-            """(B, 3) the translation, metres, from its direction and log distance."""
-            distance = params["log_distance"].exp()[:, None]
-            return torch.cat([params["direction"] * distance, -distance], dim=1)
+        points = problem.points(self.point_bases.permute(1, 0, 2).expand(count, -1, -1, -1), state)   # (B, 468, 3)
+        fixed = torch.as_tensor(self.fixed, device=dev)
+        error = ((problem.project(points[:, fixed]) - marks[:, fixed, :2]) ** 2).sum(2).mean(1).sqrt().cpu().numpy()
+        rotation = state.rotation.cpu().double().numpy()
+        translation = state.translation().cpu().double().numpy()
+        coefficients = state.coefficients.cpu().double().numpy()
+        points = points.cpu().double().numpy()
+        return [ModelFit(Pose(rotation[b], translation[b]), cameras[b], coefficients[b, :self.k_identity],
+                         coefficients[b, self.k_identity:], points[b], float(error[b])) for b in range(count)]
 
-        def posed(bases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            coefficients = torch.cat([torch.ones((count, 1), dtype=f32, device=dev), params["identity"],
-                                      params["expression"] * self.expression_mask], dim=1)
-            points = torch.einsum("bk,knc->bnc", coefficients, bases)
-            rotation = rotation0 @ rodrigues(params["rotation"])
-            return points @ rotation.transpose(1, 2) + head_origin()[:, None, :], rotation
-
-        def project(points: torch.Tensor) -> torch.Tensor:
-            distance = (-points[..., 2]).clamp_min(1e-3)
-            return torch.stack([centre[..., 0] + focal * points[..., 0] / distance,
-                                centre[..., 1] - focal * points[..., 1] / distance], dim=-1)
-
-        for step in range(STEPS):
-            if step % CONTOUR_EVERY == 0 and len(self.jaw):
-                with torch.no_grad():
-                    jaw_choice = self._contour_choice(posed, project, jaw_targets, scale)
-            optimizer.zero_grad()
-            camera_points, _ = posed(self.point_bases)
-            screen = project(camera_points)
-            residual = (screen[:, fixed] - marks[:, fixed, :2]) / scale[..., None]
-            loss = (residual ** 2).sum((1, 2))
-            if jaw_choice is not None:
-                candidates, _ = posed(self.candidate_bases)
-                chosen = torch.where(jaw_choice[..., None] >= 0,
-                                     project(candidates.gather(1, jaw_choice.clamp_min(0)[..., None].expand(-1, -1, 3))),
-                                     screen[:, jaw])
-                loss = loss + (((chosen - jaw_targets) / scale[..., None]) ** 2).sum((1, 2))
-            depth = -camera_points[:, fixed, 2]
-            depth_px = (depth - depth.mean(1, keepdim=True)) * focal / depth.mean(1, keepdim=True)
-            observed = marks[:, fixed, 2] - marks[:, fixed, 2].mean(1, keepdim=True)
-            loss = loss + DEPTH_WEIGHT * (((depth_px - observed) / scale) ** 2).sum(1)
-            loss = loss + (params["identity"] ** 2).sum(1) + EXPRESSION_PRIOR * (params["expression"] ** 2).sum(1)
-            loss.sum().backward()
-            optimizer.step()
-            schedule.step()
-            with torch.no_grad():
-                params["expression"].clamp_(0.0, 1.0)
-
-        with torch.no_grad():
-            camera_points, rotation = posed(self.point_bases)
-            screen = project(camera_points)
-            error = ((screen[:, fixed] - marks[:, fixed, :2]) ** 2).sum(2).mean(1).sqrt()
-            translation = head_origin().cpu().double().numpy()
-        rotation = rotation.cpu().double().numpy()
-        identity = params["identity"].detach().cpu().double().numpy()
-        expression = (params["expression"] * self.expression_mask).detach().cpu().double().numpy()
-        points = camera_points.cpu().double().numpy()
-        return [ModelFit(Pose(rotation[b], translation[b]), cameras[b], identity[b], expression[b], points[b],
-                         float(error[b])) for b in range(count)]
-
-    def _contour_choice(self, posed, project, targets: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def _contour_choice(self, state: "_State", problem: "_Problem") -> torch.Tensor:
         """(B, J) candidate index per jaw landmark on the current silhouette, or -1 (fixed point)."""
-        points, rotation = posed(self.candidate_bases)                                  # (B, C, 3)
-        normals = self.candidate_normals @ rotation.transpose(1, 2)
+        coefficients = torch.cat([torch.ones_like(state.coefficients[:, :1]), state.coefficients], dim=1)
+        points = (torch.einsum("bk,knc->bnc", coefficients, self.candidate_bases) @ state.rotation.transpose(1, 2)
+                  + state.translation()[:, None, :])                                      # (B, C, 3)
+        normals = self.candidate_normals @ state.rotation.transpose(1, 2)
         cos = (normals * points).sum(2) / points.norm(dim=2).clamp_min(1e-9)
         on_silhouette = cos.abs() < SILHOUETTE_COS
-        side = torch.as_tensor(self.candidate_side, device=self.device)[None, None, :]
-        jaw_side = torch.as_tensor(self.jaw_side, device=self.device)[None, :, None]
-        same_side = (jaw_side == 0) | (side == jaw_side) | (side == 0)
-        distance = (project(points)[:, None, :, :] - targets[:, :, None, :]).norm(dim=3)  # (B, J, C)
+        same_side = ((self.jaw_side[None, :, None] == 0) | (self.candidate_side[None, None, :] == 0)
+                     | (self.candidate_side[None, None, :] == self.jaw_side[None, :, None]))
+        targets = problem.marks[:, torch.as_tensor(self.jaw, device=self.device), :2]
+        distance = (problem.project(points)[:, None, :, :] - targets[:, :, None, :]).norm(dim=3)   # (B, J, C)
         distance = torch.where(on_silhouette[:, None, :] & same_side, distance, torch.inf)
         best, index = distance.min(dim=2)
-        reach = scale / LANDMARK_NOISE * CONTOUR_REACH
-        return torch.where(best < reach, index, -1)
+        return torch.where(best < problem.scale / LANDMARK_NOISE * CONTOUR_REACH, index, -1)
+
+
+@dataclass(frozen=True)
+class _State:
+    """Per-face parameters: rotation (B, 3, 3), direction (B, 2), log distance (B,), coefficients
+    (B, K_id + K_exp)."""
+
+    rotation: torch.Tensor
+    direction: torch.Tensor
+    log_distance: torch.Tensor
+    coefficients: torch.Tensor
+
+    def translation(self) -> torch.Tensor:
+        distance = self.log_distance.exp()[:, None]
+        return torch.cat([self.direction * distance, -distance], dim=1)
+
+    def moved(self, step: torch.Tensor, k_identity: int, expression_mask: torch.Tensor) -> "_State":
+        coefficients = self.coefficients + step[:, 6:]
+        expression = (coefficients[:, k_identity:] * expression_mask).clamp(0.0, 1.0)
+        return _State(rodrigues(step[:, :3]) @ self.rotation, self.direction + step[:, 3:5],
+                      self.log_distance + step[:, 5], torch.cat([coefficients[:, :k_identity], expression], dim=1))
+
+    def where(self, accept: torch.Tensor, other: "_State") -> "_State":
+        pick = lambda a, b: torch.where(accept.reshape((-1,) + (1,) * (a.dim() - 1)), b, a)
+        return _State(pick(self.rotation, other.rotation), pick(self.direction, other.direction),
+                      pick(self.log_distance, other.log_distance), pick(self.coefficients, other.coefficients))
+
+
+class _Problem:
+    """The landmarks and cameras of a batch, and the residuals and Jacobian of the objective."""
+
+    def __init__(self, fitter: ModelFitter, marks: torch.Tensor, cameras: list[Camera]) -> None:
+        dev, f32 = fitter.device, torch.float32
+        self.fitter = fitter
+        self.marks = marks                                                                # (B, 468, 3)
+        self.focal = torch.as_tensor([c.focal_px for c in cameras], dtype=f32, device=dev)[:, None]
+        self.centre = torch.as_tensor([[c.cx, c.cy] for c in cameras], dtype=f32, device=dev)[:, None, :]
+        extent = marks[..., :2].amax(1) - marks[..., :2].amin(1)
+        self.scale = (extent[:, 0] * extent[:, 1]).sqrt()[:, None] * LANDMARK_NOISE       # σ s, pixels
+        self.used = torch.as_tensor(np.concatenate([fitter.fixed, fitter.jaw]), device=dev)
+        self.fixed_count = len(fitter.fixed)
+        self.targets = marks[:, self.used]                                               # (B, n, 3)
+        self.prior = torch.cat([torch.ones(fitter.k_identity, device=dev),
+                                torch.full((fitter.k_expression,), EXPRESSION_PRIOR ** 0.5, device=dev)])
+
+    def landmark_bases(self, jaw_choice: torch.Tensor | None) -> torch.Tensor:
+        """(B, n, 1+K, 3): the model's mean and bases at each used landmark (fixed points, then the
+        jaw points: their chosen silhouette vertex, or their fixed point)."""
+        fitter = self.fitter
+        at_points = fitter.point_bases.permute(1, 0, 2)                                  # (468, 1+K, 3)
+        count = len(self.marks)
+        fixed = at_points[torch.as_tensor(fitter.fixed, device=fitter.device)].expand(count, -1, -1, -1)
+        jaw = at_points[torch.as_tensor(fitter.jaw, device=fitter.device)].expand(count, -1, -1, -1)
+        if jaw_choice is not None:
+            candidates = fitter.candidate_bases.permute(1, 0, 2)[jaw_choice.clamp_min(0)]  # (B, J, 1+K, 3)
+            jaw = torch.where((jaw_choice >= 0)[..., None, None], candidates, jaw)
+        return torch.cat([fixed, jaw], dim=1)
+
+    def points(self, bases: torch.Tensor, state: _State) -> torch.Tensor:
+        """(B, n, 3) camera-frame metres."""
+        coefficients = torch.cat([torch.ones_like(state.coefficients[:, :1]), state.coefficients], dim=1)
+        head = torch.einsum("bnkc,bk->bnc", bases, coefficients)
+        return head @ state.rotation.transpose(1, 2) + state.translation()[:, None, :]
+
+    def project(self, points: torch.Tensor) -> torch.Tensor:
+        distance = (-points[..., 2]).clamp_min(1e-3)
+        return torch.stack([self.centre[..., 0] + self.focal * points[..., 0] / distance,
+                            self.centre[..., 1] - self.focal * points[..., 1] / distance], dim=-1)
+
+    def residuals(self, bases: torch.Tensor, state: _State, with_jacobian: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Residuals (B, m) and, if asked, their Jacobian (B, m, 6 + K) in (rotation increment,
+        direction, log distance, coefficients)."""
+        points = self.points(bases, state)                                               # (B, n, 3)
+        scale = self.scale[..., None]
+        reprojection = (self.project(points) - self.targets[..., :2]) / scale               # (B, n, 2)
+        nf = self.fixed_count
+        distance = -points[:, :nf, 2]
+        mean_distance = distance.mean(1, keepdim=True)
+        depth_px = (distance - mean_distance) * self.focal / mean_distance
+        observed = self.targets[:, :nf, 2] - self.targets[:, :nf, 2].mean(1, keepdim=True)
+        weight = DEPTH_WEIGHT ** 0.5
+        depth = weight * (depth_px - observed) / self.scale
+        prior = state.coefficients * self.prior
+        residual = torch.cat([reprojection.flatten(1), depth, prior], dim=1)
+        if not with_jacobian:
+            return residual, None
+
+        count, n = points.shape[:2]
+        translation = state.translation()
+        relative = points - translation[:, None, :]                                      # R @ head point
+        zero = torch.zeros_like(relative[..., 0])
+        x, y, z = relative.unbind(-1)
+        d_rotation = torch.stack([zero, z, -y, -z, zero, x, y, -x, zero], dim=-1).reshape(count, n, 3, 3)
+        exp_d = state.log_distance.exp()
+        d_direction = torch.zeros((count, 3, 2), dtype=points.dtype, device=points.device)
+        d_direction[:, 0, 0] = exp_d
+        d_direction[:, 1, 1] = exp_d
+        d_translation = torch.cat([d_direction, translation[:, :, None]], dim=2)         # (B, 3, 3)
+        d_coefficients = torch.einsum("bij,bnkj->bnik", state.rotation, bases[:, :, 1:])  # (B, n, 3, K)
+        d_points = torch.cat([d_rotation, d_translation[:, None].expand(-1, n, -1, -1), d_coefficients], dim=3)
+        depth_to = (-points[..., 2]).clamp_min(1e-3)
+        px, py = points[..., 0], points[..., 1]
+        f = self.focal
+        d_screen = torch.stack([f / depth_to, zero, f * px / depth_to ** 2,
+                                zero, -f / depth_to, -f * py / depth_to ** 2], dim=-1).reshape(count, n, 2, 3)
+        j_reprojection = (d_screen @ d_points / scale[..., None]).flatten(1, 2)           # (B, 2n, P)
+        d_distance = -d_points[:, :nf, 2, :]                                            # (B, nf, P)
+        j_depth = weight * (d_distance - d_distance.mean(1, keepdim=True)) * (f / mean_distance)[..., None] \
+            / self.scale[..., None]
+        parameters = d_points.shape[-1]
+        j_prior = torch.zeros((count, len(self.prior), parameters), dtype=points.dtype, device=points.device)
+        j_prior[:, :, 6:] = torch.diag(self.prior)
+        j_prior[:, self.fitter.k_identity:, 6 + self.fitter.k_identity:] *= self.fitter.expression_mask
+        jacobian = torch.cat([j_reprojection, j_depth, j_prior], dim=1)
+        return residual, jacobian * self.fitter.parameter_mask
