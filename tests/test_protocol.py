@@ -155,3 +155,20 @@ def test_imports_with_the_standard_library_only():
     done = subprocess.run([sys.executable, "-S", "-I", "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "Ping(nonce=1)" in done.stdout
+
+
+def test_shape_keys_file_round_trips_and_refuses_damage():
+    from array import array
+    from shared_protocol.shape_keys import ShapeKey, decode_shape_keys, encode_shape_keys
+    keys = [ShapeKey("jawOpen", 0.25, array("I", [0, 5, 9]), array("f", [0.0, -0.01, 0.002] * 3)),
+            ShapeKey("eyeBlink_L", 1.0, array("I"), array("f"))]
+    data = encode_shape_keys(10, keys)
+    count, decoded = decode_shape_keys(data)
+    assert count == 10 and [k.name for k in decoded] == ["jawOpen", "eyeBlink_L"]
+    assert decoded[0].value == 0.25 and list(decoded[0].vertex_ids) == [0, 5, 9]
+    assert list(decoded[0].offsets) == pytest.approx([0.0, -0.01, 0.002] * 3)
+    for damaged in (data[:-4], data + b"x", b"FRSX" + data[4:], data.replace(b'"vertex_count": 10', b'"vertex_count": 5 ')):
+        with pytest.raises(ValueError):
+            decode_shape_keys(damaged)
+    with pytest.raises(ValueError, match="offsets"):
+        encode_shape_keys(10, [ShapeKey("x", 0.0, array("I", [1]), array("f", [0.0]))])

@@ -45,9 +45,13 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"facerecon-backend: {exc}", file=sys.stderr)
         return 2
     use_models_dir(args.models_dir)
-    models = store.available_models()
+    models = ["builtin"]
     for name in store.installed_models():
-        store.load_model(name)                 # a stale cache is rebuilt once here, not in every worker
+        try:
+            store.load_model(name)             # a stale cache is rebuilt once here, not in every worker
+            models.append(name)
+        except (OSError, ValueError, ImportError) as exc:
+            logging.error("model %s left out: %s", name, exc)
     logging.info("models: %s (from %s)", ", ".join(models), store.models_dir())
     if devices != ["cpu"]:
         from backend_server.render.rasterize_cuda import build_plugin
@@ -61,7 +65,7 @@ def run_serve(args: argparse.Namespace) -> int:
         logging.warning("!!! serving %s WITHOUT authentication or encryption (--insecure) !!!", args.bind)
     config = ServerConfig(bind=args.bind, devices=["cpu"] * args.workers if devices == ["cpu"] else devices,
                           max_queued_jobs=args.queue_size, job_timeout_s=args.job_timeout,
-                          drain_timeout_s=args.drain_timeout, keys_dir=args.keys, models=models,
+                          drain_timeout_s=args.drain_timeout, keys_dir=args.keys, models=tuple(models),
                           warm_texture_size=args.warm_texture_size)
     try:
         server = Server(config)
