@@ -41,18 +41,19 @@ def replicate(photos: list[Path], count: int, folder: Path) -> list[Path]:
     return copies
 
 
-def serve_latency(devices: str, photos: list[Path], runs: int, log: Path) -> dict:
+def serve_latency(devices: str, photos: list[Path], runs: int, log: Path, model: str) -> dict:
     address = free_address()
     server = start_backend(address, ["--devices", devices, "--workers", "1"], log)
     try:
         with Client(address) as client:
             data = [p.read_bytes() for p in photos]
             for k in range(3):
-                client.reconstruct(data[k % len(data)], "warm.jpg", timeout_s=300)
+                client.reconstruct(data[k % len(data)], "warm.jpg", ReconstructOptions(model=model), timeout_s=300)
             latencies, worker_ms = [], []
             for k in range(runs):
                 start = time.perf_counter()
-                result = client.reconstruct(data[k % len(data)], photos[k % len(photos)].name, timeout_s=300)
+                result = client.reconstruct(data[k % len(data)], photos[k % len(photos)].name,
+                                            ReconstructOptions(model=model), timeout_s=300)
                 latencies.append((time.perf_counter() - start) * 1000)
                 worker_ms.append(result.summary["worker_ms"])
                 stages = result.summary["timings_ms"]
@@ -66,7 +67,7 @@ def serve_latency(devices: str, photos: list[Path], runs: int, log: Path) -> dic
 
 
 def batch_throughput(devices: list[str], photos: list[Path], out_dir: Path, batch_size: int,
-                     cpu_workers: int | None) -> dict:
+                     cpu_workers: int | None, model: str) -> dict:
     from backend_server.cli.facerecon import output_stems
     from backend_server.pipeline.batch_gpu import GpuBatchRunner
     shutil.rmtree(out_dir, ignore_errors=True)
@@ -79,7 +80,7 @@ def batch_throughput(devices: list[str], photos: list[Path], out_dir: Path, batc
         if outcome.status != "done":
             failures.append(f"{outcome.photo.name}: {outcome.detail}")
 
-    runner = GpuBatchRunner(devices, ReconstructOptions(), batch_size, cpu_workers)
+    runner = GpuBatchRunner(devices, ReconstructOptions(model=model), batch_size, cpu_workers)
     start = time.perf_counter()
     report = runner.run([(p, stems[p]) for p in photos], out_dir, on_outcome)
     total = time.perf_counter() - start
@@ -92,11 +93,11 @@ def batch_throughput(devices: list[str], photos: list[Path], out_dir: Path, batc
                                                           for k, v in report.cpu_stage_ms.items()}}
 
 
-def cpu_throughput(photos: list[Path], out_dir: Path, workers: int) -> dict:
+def cpu_throughput(photos: list[Path], out_dir: Path, workers: int, model: str) -> dict:
     shutil.rmtree(out_dir, ignore_errors=True)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "backend_server.cli.facerecon", "reconstruct", *map(str, photos),
-                           "-o", str(out_dir), "--workers", str(workers), "-q"], cwd=ROOT, capture_output=True,
+                           "-o", str(out_dir), "--workers", str(workers), "--model", model, "-q"], cwd=ROOT, capture_output=True,
                           text=True)
     seconds = time.perf_counter() - start
     return {"photos": len(photos), "workers": workers, "wall_s": seconds, "photos_per_s": len(photos) / seconds,
@@ -115,9 +116,10 @@ def main() -> None:
     parser.add_argument("--cpu-photos", type=int, default=96)
     parser.add_argument("--work", type=Path, default=Path("/tmp/facerecon_bench"))
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--model", default="builtin", help="an installed model ($FACERECON_MODELS)")
     args = parser.parse_args()
     photos = sorted(p for p in args.photos.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES)
-    results: dict = {"machine": {"cpus": os.cpu_count()}}
+    results: dict = {"machine": {"cpus": os.cpu_count()}, "model": args.model}
     import torch
     results["machine"]["gpus"] = [torch.cuda.get_device_name(k) for k in range(torch.cuda.device_count())]
 
@@ -129,22 +131,23 @@ def main() -> None:
     logs = args.json.parent if args.json else args.work
     logs.mkdir(parents=True, exist_ok=True)
     if args.latency_runs:
-        results["latency_gpu"] = serve_latency("0", photos, args.latency_runs, logs / "serve_gpu.log")
+        results["latency_gpu"] = serve_latency("0", photos, args.latency_runs, logs / "serve_gpu.log", args.model)
         save()
-        results["latency_cpu"] = serve_latency("cpu", photos, max(8, args.latency_runs // 4), logs / "serve_cpu.log")
+        results["latency_cpu"] = serve_latency("cpu", photos, max(8, args.latency_runs // 4), logs / "serve_cpu.log",
+                                              args.model)
         save()
     many = replicate(photos, args.count, args.work / "in")
     results["batch"] = []
     for device_set in args.device_sets:
         devices = [f"cuda:{d}" for d in device_set.split(",")]
         workers = args.cpu_workers_per_gpu * len(devices) if args.cpu_workers_per_gpu else None
-        results["batch"].append(batch_throughput(devices, many, args.work / "out", args.batch_size, workers))
+        results["batch"].append(batch_throughput(devices, many, args.work / "out", args.batch_size, workers, args.model))
         save()
     if len(results["batch"]) > 1:
         one, last = results["batch"][0], results["batch"][-1]
         results["scaling_efficiency"] = (last["steady_photos_per_s"] /
                                          (len(last["devices"]) * one["steady_photos_per_s"]))
-    results["cpu_batch"] = cpu_throughput(many[:args.cpu_photos], args.work / "out_cpu", os.cpu_count())
+    results["cpu_batch"] = cpu_throughput(many[:args.cpu_photos], args.work / "out_cpu", os.cpu_count(), args.model)
     results["gpu_vs_cpu_throughput"] = results["batch"][0]["steady_photos_per_s"] / results["cpu_batch"]["photos_per_s"]
     if args.latency_runs:
         results["gpu_vs_cpu_latency"] = results["latency_cpu"]["p50_ms"] / results["latency_gpu"]["p50_ms"]

@@ -42,31 +42,35 @@ def obj_bytes(vertices: np.ndarray, normals: np.ndarray, uvs: np.ndarray, triang
     ]).encode("ascii")
 
 
-def polygon_obj_bytes(vertices: np.ndarray, normals: np.ndarray, uvs: np.ndarray, polygons: np.ndarray,
-                      polygon_uvs: np.ndarray, polygon_material: np.ndarray, materials: list[str],
-                      material_file: str, object_name: str) -> bytes:
-    """Wavefront OBJ of a model's mesh: quads and triangles ((F, 4), -1 pads a triangle), UV ids per
-    corner (seams), one normal per vertex, one `usemtl` group per material in `materials` order."""
-    header = (f"# FaceRecon mesh: metres, +Y up, face toward +Z\nmtllib {material_file}\no {object_name}\n"
-              + ("v %.6f %.6f %.6f\n" * len(vertices)) % tuple(np.asarray(vertices, float).ravel().tolist())
-              + ("vt %.6f %.6f\n" * len(uvs)) % tuple(np.asarray(uvs, float).ravel().tolist())
-              + ("vn %.5f %.5f %.5f\n" * len(normals)) % tuple(np.asarray(normals, float).ravel().tolist())
-              + "s 1\n")
-    blocks = [header]
-    for index, material in enumerate(materials):
-        chosen = polygon_material == index
-        if not chosen.any():
-            continue
-        blocks.append(f"usemtl {material}\n")
-        for corners in (4, 3):
-            rows = chosen & ((polygons[:, 3] >= 0) if corners == 4 else (polygons[:, 3] < 0))
-            if not rows.any():
-                continue
+def uv_lines(uvs: np.ndarray) -> str:
+    return ("vt %.6f %.6f\n" * len(uvs)) % tuple(np.asarray(uvs, float).ravel().tolist())
+
+
+def polygon_lines(polygons: np.ndarray, polygon_uvs: np.ndarray) -> str:
+    """`f v/vt/vn` lines of quads and triangles ((F, 4), -1 pads a triangle); normal id = vertex id."""
+    lines = []
+    for corners in (4, 3):
+        rows = (polygons[:, 3] >= 0) if corners == 4 else (polygons[:, 3] < 0)
+        if rows.any():
             ids = polygons[rows, :corners] + 1
-            corner_uvs = polygon_uvs[rows, :corners] + 1
-            triplets = np.stack([ids, corner_uvs, ids], axis=2).reshape(len(ids), -1)
-            blocks.append(("f" + " %d/%d/%d" * corners + "\n") * len(ids) % tuple(triplets.ravel().tolist()))
-    return "".join(blocks).encode("ascii")
+            triplets = np.stack([ids, polygon_uvs[rows, :corners] + 1, ids], axis=2).reshape(len(ids), -1)
+            lines.append(("f" + " %d/%d/%d" * corners + "\n") * len(ids) % tuple(triplets.ravel().tolist()))
+    return "".join(lines)
+
+
+def polygon_obj_bytes(vertices: np.ndarray, normals: np.ndarray, uv_block: str, material_blocks: list[tuple[str, str]],
+                      material_file: str, object_name: str) -> bytes:
+    """Wavefront OBJ of a model's mesh: positions and one normal per vertex, then the fixed parts of
+    the topology (made once per model with `uv_lines` and `polygon_lines`): the UVs and, per
+    material, its name and face lines (UV ids per corner, so seams stay)."""
+    return "".join([
+        f"# FaceRecon mesh: metres, +Y up, face toward +Z\nmtllib {material_file}\no {object_name}\n",
+        ("v %.6f %.6f %.6f\n" * len(vertices)) % tuple(np.asarray(vertices, float).ravel().tolist()),
+        uv_block,
+        ("vn %.5f %.5f %.5f\n" * len(normals)) % tuple(np.asarray(normals, float).ravel().tolist()),
+        "s 1\n",
+        *(f"usemtl {material}\n{faces}" for material, faces in material_blocks),
+    ]).encode("ascii")
 
 
 def mtl_bytes(materials: list[tuple[str, str | None, tuple[float, float, float]]]) -> bytes:

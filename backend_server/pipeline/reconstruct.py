@@ -25,7 +25,7 @@ from ..models.topology import MeshTopology
 from .bake import Bake, bake_texture, texel_map, vertex_normals
 from .decode import Photo, decode_photo
 from .detect import FaceBox, FaceDetector, select_faces
-from .export import mtl_bytes, obj_bytes, png_bytes, polygon_obj_bytes, safe_stem
+from .export import mtl_bytes, obj_bytes, png_bytes, polygon_lines, polygon_obj_bytes, safe_stem, uv_lines
 from .fit import Camera, Fit, fit_builtin
 from .fit_model import ModelFit, ModelFitter
 from .landmarks import LandmarkDetector
@@ -260,17 +260,40 @@ def skin_colour(texture: np.ndarray) -> tuple[float, float, float]:
     return tuple(float(c) for c in linear)
 
 
+@dataclass(frozen=True)
+class ModelExportParts:
+    """What every export of one model shares: triangles (for normals), the OBJ's UV lines and face
+    lines per part, and per expression its moved vertex ids and their offsets (float32 bytes)."""
+
+    triangles: np.ndarray
+    uv_block: str
+    part_faces: list[str]
+    shape_keys: list[tuple[str, bytes, bytes]]
+
+
+@lru_cache(maxsize=4)
+def model_export_parts(model: MorphableModel) -> ModelExportParts:
+    part_faces = [polygon_lines(model.polygons[model.polygon_part == k], model.polygon_uvs[model.polygon_part == k])
+                  for k in range(len(model.parts))]
+    shape_keys = []
+    for key_name, offsets in zip(model.expression_names, model.expression_basis):
+        moved = np.flatnonzero(np.abs(offsets).max(axis=1) >= SHAPE_KEY_MIN_OFFSET_M)
+        shape_keys.append((key_name, moved.astype(np.uint32).tobytes(), offsets[moved].astype(np.float32).tobytes()))
+    return ModelExportParts(model.triangles, uv_lines(model.uvs), part_faces, shape_keys)
+
+
 def model_files(name: str, face: FaceReconstruction, options: ReconstructOptions) -> list[ResultFile]:
     """A morphable model's face: posed and neutral OBJ (the model's topology, one material per part),
     MTL, texture (the model's UV layout) and, with an expression basis, the shape keys."""
     shape = face.shape
     model = shape.model
-    triangles = model.triangles
+    parts = model_export_parts(model)
     materials = [name if part.textured else f"{name}_{part.name}" for part in model.parts]
+    blocks = [(material, faces) for material, faces in zip(materials, parts.part_faces) if faces]
 
     def mesh(vertices: np.ndarray) -> bytes:
-        return polygon_obj_bytes(vertices, vertex_normals(vertices, triangles), model.uvs, model.polygons,
-                                 model.polygon_uvs, model.polygon_part, materials, f"{name}.mtl", name)
+        return polygon_obj_bytes(vertices, vertex_normals(vertices, parts.triangles), parts.uv_block, blocks,
+                                 f"{name}.mtl", name)
 
     files = []
     if "obj" in options.outputs:
@@ -284,18 +307,11 @@ def model_files(name: str, face: FaceReconstruction, options: ReconstructOptions
             for material, part in zip(materials, model.parts)])))
     if "png" in options.outputs:
         files.append(ResultFile(f"{name}.png", "png", png_bytes(face.bake.texture)))
-    if "shape_keys" in options.outputs and len(model.expression_basis):
-        files.append(ResultFile(f"{name}{SHAPE_KEYS_SUFFIX}", "shape_keys", shape_keys_bytes(model, face.fit)))
+    if "shape_keys" in options.outputs and parts.shape_keys:
+        keys = [ShapeKey(key_name, float(value), array("I", ids), array("f", offsets))
+                for (key_name, ids, offsets), value in zip(parts.shape_keys, face.fit.expression)]
+        files.append(ResultFile(f"{name}{SHAPE_KEYS_SUFFIX}", "shape_keys", encode_shape_keys(model.vertex_count, keys)))
     return files
-
-
-def shape_keys_bytes(model: MorphableModel, fit: ModelFit) -> bytes:
-    keys = []
-    for key_name, value, offsets in zip(model.expression_names, fit.expression, model.expression_basis):
-        moved = np.flatnonzero(np.abs(offsets).max(axis=1) >= SHAPE_KEY_MIN_OFFSET_M)
-        keys.append(ShapeKey(key_name, float(value), array("I", moved.astype(np.uint32).tobytes()),
-                             array("f", offsets[moved].astype(np.float32).tobytes())))
-    return encode_shape_keys(model.vertex_count, keys)
 
 
 def face_facts(photo: Photo, face: FaceReconstruction, options: ReconstructOptions,
