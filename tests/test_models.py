@@ -116,9 +116,10 @@ def test_fit_recovers_a_known_ict_face_and_is_batch_independent(installed_models
     fits = fitter.fit([m for m, _, _ in faces], [camera, camera], reference)
     region = model.face_region
     for fit, (marks, truth, expression) in zip(fits, faces):
-        # (ideal landmarks keep the jaw points fixed on the model; the fit moves them to the silhouette,
-        # which a real detector reports: on the turned face that costs about a pixel here)
-        assert fit.reprojection_rms_px < 2.5
+        # (the prior is set for MediaPipe's correlated errors, so even ideal landmarks keep a few px
+        # of residual; and they hold the jaw points fixed on the model where the fit follows the
+        # silhouette, as a real detector's do)
+        assert fit.reprojection_rms_px < 4.0
         posed = model.vertices(fit.identity, fit.expression)[region] @ fit.pose.rotation.T
         # rigid alignment (a photo does not fix the distance): rotation, then translation by the centroids
         _, rotation, _ = similarity_fit(posed, truth[region])
