@@ -201,11 +201,12 @@ def run(args: argparse.Namespace) -> None:
                 r, t = rigid_alignment(posed[region], truth[region])
                 vertex_error = 1000 * np.linalg.norm(posed[region] @ r.T + t - truth[region], axis=1)
                 row.update(vertex_mean=vertex_error.mean(), vertex_median=np.median(vertex_error))
-            per_head.append(row)
-        summary = {k: float(np.mean([r[k] for r in per_head])) for k in per_head[0]} if per_head else {}
-        summary.update(heads=len(per_head), failures=failures, seconds_per_photo=float(np.mean(seconds or [0])))
+            per_head.append({"head": sample.stem, **row})
+        summary = {k: float(np.mean([r[k] for r in per_head])) for k in per_head[0] if k != "head"} if per_head else {}
+        summary.update(heads=len(per_head), failures=failures, seconds_per_photo=float(np.mean(seconds or [0])),
+                       per_head=per_head)
         rows[name] = summary
-        print(f"{name:12s} " + "  ".join(f"{k} {v:.2f}" for k, v in summary.items()), flush=True)
+        print(f"{name:12s} " + "  ".join(f"{k} {v:.2f}" for k, v in summary.items() if k != "per_head"), flush=True)
     print(f"\n| model | heads | 468-point mean / median mm | surface mean / median mm | vertex mean / median mm |")
     print("|---|---|---|---|---|")
     for name, s in rows.items():
@@ -213,7 +214,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"| {name} | {s['heads']} ({s['failures']} failed) | {s.get('points_mean', 0):.2f} / "
               f"{s.get('points_median', 0):.2f} | {s.get('surface_mean', 0):.2f} / {s.get('surface_median', 0):.2f} | {vertex} |")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
 
 
 def main() -> None:

@@ -92,6 +92,15 @@ def installed_models(tmp_path_factory, ict_folder, sfm_folder) -> Path:
 
 
 @pytest.fixture(scope="session")
+def sfm_model(request):
+    """The SFM as installed in $FACERECON_MODELS, or installed from ../shared for this session."""
+    from backend_server.models import store
+    if "sfm" not in store.installed_models():
+        request.getfixturevalue("installed_models")
+    return store.load_model("sfm")
+
+
+@pytest.fixture(scope="session")
 def ict_model(request):
     """ICT-FaceKit as installed in $FACERECON_MODELS (e.g. a cache carried to the GPU machine), or
     installed from ../shared for this session."""

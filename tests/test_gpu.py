@@ -117,6 +117,26 @@ def test_batch_command_line_on_gpu_writes_every_file(tmp_path, grace_hopper_byte
 
 @gpu
 @pytest.mark.gpu
+def test_batch_command_line_on_gpu_fits_a_model_there(tmp_path, grace_hopper_bytes, sfm_model):
+    """A morphable model on the GPU batch path: faces fitted in batches on the GPU, then exported
+    in the model's topology with the coefficients, like the CPU path does it."""
+    from backend_server.cli.facerecon import main
+    photos = tmp_path / "in"
+    photos.mkdir()
+    for k in range(6):
+        (photos / f"g{k}.jpg").write_bytes(resized_jpeg(grace_hopper_bytes, (500 + 20 * k, 600)))
+    assert main(["reconstruct", str(photos), "-o", str(tmp_path / "out"), "--device", "cuda:0",
+                 "--batch-size", "4", "--model", "sfm", "-q"]) == 0
+    for k in range(6):
+        facts = json.loads((tmp_path / "out" / f"g{k}.json").read_text())
+        assert facts["model"] == "sfm" and len(facts["coefficients"]["identity"]) == 63
+        assert facts["timings_ms"]["fit"] > 0 and facts["quality"]["landmark_reprojection_rms_px"] < 8
+        vertices = [line for line in (tmp_path / "out" / f"g{k}.obj").read_text().splitlines() if line.startswith("v ")]
+        assert len(vertices) == 3448 and (tmp_path / "out" / f"g{k}_shape_keys.bin").exists()
+
+
+@gpu
+@pytest.mark.gpu
 def test_server_on_gpu_reports_memory(tmp_path, grace_hopper_bytes):
     from backend_process import BackendProcess
     from shared_protocol.client import Client

@@ -1,7 +1,10 @@
 """Batch reconstruction on one or more GPUs (the `facerecon reconstruct --device cuda:0,...` path).
 
-    photos -> CPU pool: decode, detect, landmarks, fit  -> main -> GPU process per device: bake
+    photos -> CPU pool: decode, detect, landmarks, fit* -> main -> GPU process per device: fit*, bake
            <- CPU pool: OBJ, PNG (fpng), JSON, write    <- textures in shared-memory slots <-
+
+*fit: the built-in model's (2 ms, per photo) in the CPU pool; a morphable model's on the GPU, a
+whole batch of faces in one Levenberg-Marquardt solve, just before their bake.
 
 The CPU stages run in a pool of processes (one per core left after the GPU processes), so neither
 MediaPipe nor PNG encoding (fpng holds the GIL: threads would not help) keeps a GPU waiting. Each
@@ -48,7 +51,7 @@ class BatchReport:
     photos: int = 0
     faces: int = 0
     seconds: float = 0.0
-    gpu: dict[str, dict[str, float]] = field(default_factory=dict)   # device -> bake_s, batches, peak_mb
+    gpu: dict[str, dict[str, float]] = field(default_factory=dict)   # device -> bake_s, fit_s, batches, peak_mb
     cpu_stage_ms: dict[str, float] = field(default_factory=dict)     # summed over photos
 
     @property
@@ -73,11 +76,11 @@ def _cpu_init() -> None:
 
 
 def _prepare(path: Path, stem: str, options: ReconstructOptions) -> Any:
-    """CPU: decode, detect, landmarks, fit. Returns (PreparedPhoto without its pixels, the name of
+    """CPU: decode, detect, landmarks, and the built-in model's fit. Returns (PreparedPhoto without its pixels, the name of
     the shared-memory segment holding them, their shape), or a ProtocolError. The main process
     unlinks the segment once the GPU has read it: the pixels never pass through the main process."""
     try:
-        prepared = _reconstructor.prepare(path.read_bytes(), stem + path.suffix, options)
+        prepared = _reconstructor.prepare(path.read_bytes(), stem + path.suffix, options, defer_model_fit=True)
     except ProtocolError as exc:
         return exc
     except OSError as exc:
@@ -105,14 +108,18 @@ def _attach(name: str) -> shared_memory.SharedMemory:
     return _slots[name]
 
 
-def _export(prepared: Any, baked: list[tuple[str, float, float]], options: ReconstructOptions,
+def _export(prepared: Any, baked: list[tuple[str, float, float, Any]], options: ReconstructOptions,
             out_dir: Path) -> dict[str, float]:
-    """CPU: OBJ/MTL/PNG/JSON of every face from its texture slot, written to out_dir."""
+    """CPU: OBJ/MTL/PNG/JSON of every face from its texture slot (and its model fit from the GPU),
+    written to out_dir."""
     from .bake import Bake
     from .export import write_files
-    from .reconstruct import export_faces
+    from ..models import store
+    from .reconstruct import attach_model_fit, export_faces
     size = options.texture_size
-    for face, (slot, seen, mirrored) in zip(prepared.faces, baked):
+    for face, (slot, seen, mirrored, fit) in zip(prepared.faces, baked):
+        if fit is not None:
+            attach_model_fit(face, store.load_model(options.model), fit)
         texture = np.ndarray((size, size, 3), np.uint8, buffer=_attach(slot).buf)
         face.bake = Bake(texture, seen, mirrored)
     result = export_faces(prepared, options)
@@ -127,13 +134,19 @@ def _gpu_main(device: str, jobs: multiprocessing.Queue, results: multiprocessing
               slot_names: list[str], size: int, options: ReconstructOptions) -> None:
     """Bake batches on one GPU until a None job arrives. Reports on `results`: ('ready', device) once
     warmed up, or ('dead', device, message) if it cannot start; per batch ('baked', batch_id,
-    [(seen, mirrored)], seconds, peak_mb) or ('failed', batch_id, message)."""
+    [(seen, mirrored)], seconds, peak_mb, model fits or None, fit seconds) or ('failed', batch_id,
+    message). A job's vertices are None for a morphable model: the process fits its landmarks."""
     import torch
+    from ..models import store
+    from ..models.builtin import NAME as BUILTIN_NAME, load_builtin
     from .bake_gpu import GpuBaker
+    from .fit_model import ModelFitter
     from .reconstruct import output_topology
     try:
         baker = GpuBaker(device)
         topology = output_topology(options)
+        fitter = None if options.model == BUILTIN_NAME else ModelFitter(store.load_model(options.model), device)
+        reference = load_builtin().reference_vertices
         baker.warm_up(topology, size)
         slots = {name: open_slot(name) for name in slot_names}
         views = {name: np.ndarray((size, size, 3), np.uint8, buffer=slot.buf) for name, slot in slots.items()}
@@ -144,9 +157,14 @@ def _gpu_main(device: str, jobs: multiprocessing.Queue, results: multiprocessing
         return
     results.put(("ready", device))
     while (job := jobs.get()) is not None:
-        batch_id, photo_refs, vertices, cameras, slot_ids = job
+        batch_id, photo_refs, vertices, cameras, landmarks, slot_ids = job
         start = time.perf_counter()
+        fits, fit_seconds = None, 0.0
         try:
+            if fitter is not None:
+                fits = fitter.fit(landmarks, cameras, reference)
+                vertices = fitter.camera_points(fits, topology.refine.cols)
+                fit_seconds = time.perf_counter() - start
             segments = {name: open_slot(name) for name, _ in photo_refs}
             photos = [np.ndarray(shape, np.uint8, buffer=segments[name].buf) for name, shape in photo_refs]
             bakes = baker.bake(photos, vertices, cameras, topology, size, [views[slot] for slot in slot_ids])
@@ -158,7 +176,7 @@ def _gpu_main(device: str, jobs: multiprocessing.Queue, results: multiprocessing
             continue
         peak_mb = torch.cuda.max_memory_allocated(baker.device) / 2**20
         results.put(("baked", batch_id, [(b.seen_fraction, b.mirrored_fraction) for b in bakes],
-                     time.perf_counter() - start, peak_mb))
+                     time.perf_counter() - start - fit_seconds, peak_mb, fits, fit_seconds))
     for view in views.values():
         torch.cuda.cudart().cudaHostUnregister(view.ctypes.data)
     # The mappings go with the process; the main process unlinks the slots.
@@ -172,7 +190,7 @@ class _Photo:
     prepared: Any = None
     pixels: tuple[str, tuple[int, ...]] | None = None    # shared-memory segment name, shape
     faces_at_gpu: int = 0                                 # faces in batches a GPU has not answered
-    baked: dict[int, tuple[str, float, float]] = field(default_factory=dict)
+    baked: dict[int, tuple[str, float, float, Any]] = field(default_factory=dict)   # slot, seen, mirrored, fit
     finished: bool = False
 
     def release_pixels(self) -> None:
@@ -201,7 +219,7 @@ class GpuBatchRunner:
         self.cpu_workers = cpu_workers or max(1, (os.cpu_count() or 2) - len(devices) - 1)
         for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ.setdefault(variable, "1")     # inherited by the spawned workers: no oversubscription
-        self.report = BatchReport(gpu={d: {"bake_s": 0.0, "batches": 0, "faces": 0, "peak_mb": 0.0}
+        self.report = BatchReport(gpu={d: {"bake_s": 0.0, "fit_s": 0.0, "batches": 0, "faces": 0, "peak_mb": 0.0}
                                        for d in devices})
 
     def run(self, photos: list[tuple[Path, str]], out_dir: Path,
@@ -287,6 +305,7 @@ class GpuBatchRunner:
                                          [item.pixels for item, _, _ in members],
                                          [item.prepared.faces[index].vertices for item, index, _ in members],
                                          [item.prepared.camera for item, _, _ in members],
+                                         [item.prepared.faces[index].landmarks for item, index, _ in members],
                                          [slot for _, _, slot in members]))
             # GPU news.
             try:
@@ -329,7 +348,7 @@ class GpuBatchRunner:
                     waiting_faces.extend((item, index) for index in range(len(prepared.faces)))
                     self.report.faces += len(prepared.faces)
                 else:
-                    for slot, _, _ in item.baked.values():
+                    for slot, _, _, _ in item.baked.values():
                         free_slots.append(slot)
                     try:
                         timings = future.result()
@@ -351,15 +370,16 @@ class GpuBatchRunner:
             self._abandon(message[1], f"internal: bake on {device} failed: {message[2]}", in_flight,
                           free_slots, finish)
         else:
-            _, batch_id, stats, seconds, peak_mb = message
+            _, batch_id, stats, seconds, peak_mb, fits, fit_seconds = message
             device, members = in_flight.pop(batch_id)
             gpu = self.report.gpu[device]
             gpu["bake_s"] += seconds
+            gpu["fit_s"] += fit_seconds
             gpu["batches"] += 1
             gpu["faces"] += len(members)
             gpu["peak_mb"] = max(gpu["peak_mb"], peak_mb)
-            for (item, index, slot), (seen, mirrored) in zip(members, stats):
-                item.baked[index] = (slot, seen, mirrored)
+            for k, ((item, index, slot), (seen, mirrored)) in enumerate(zip(members, stats)):
+                item.baked[index] = (slot, seen, mirrored, fits[k] if fits else None)
                 item.faces_at_gpu -= 1
                 item.release_pixels()
                 if item.finished:
@@ -367,6 +387,8 @@ class GpuBatchRunner:
                 elif len(item.baked) == len(item.prepared.faces):
                     share_ms = seconds * 1000 / len(members)
                     item.prepared.clock.timings["bake"] = share_ms * len(item.prepared.faces)
+                    if fits:
+                        item.prepared.clock.timings["fit"] = fit_seconds * 1000 / len(members) * len(item.prepared.faces)
                     baked = [item.baked[k] for k in range(len(item.prepared.faces))]
                     futures[pool.submit(_export, item.prepared, baked, self.options, out_dir)] = ("export", item)
 

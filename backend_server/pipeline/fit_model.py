@@ -113,7 +113,23 @@ class ModelFitter:
         self.candidate_normals = as_tensor(vertex_normals(model.mean.astype(np.float64),
                                                           triangulate(model.polygons)[0])[region])
         self.jaw_side = as_tensor(np.sign(at_points[0, self.jaw, 0]))
+        self._bases_at: tuple[np.ndarray, torch.Tensor] | None = None
         self.parameter_mask = torch.cat([torch.ones(6 + self.k_identity, device=self.device), self.expression_mask])
+
+    def camera_points(self, fits: list[ModelFit], vertex_ids: np.ndarray) -> list[np.ndarray]:
+        """Each fit's model vertices `vertex_ids` in the camera frame, (n, 3) metres, computed on
+        this fitter's device (the bases at those vertices stay there for the next call)."""
+        if self._bases_at is None or self._bases_at[0] is not vertex_ids:
+            model = self.model
+            bases = np.concatenate([model.mean[None], model.identity_basis, model.expression_basis])[:, vertex_ids]
+            self._bases_at = (vertex_ids, torch.as_tensor(bases, dtype=torch.float32, device=self.device))
+        coefficients = torch.as_tensor(np.array([np.concatenate([[1.0], f.identity, f.expression]) for f in fits]),
+                                       dtype=torch.float32, device=self.device)
+        rotation = torch.as_tensor(np.array([f.pose.rotation for f in fits]), dtype=torch.float32, device=self.device)
+        translation = torch.as_tensor(np.array([f.pose.translation for f in fits]), dtype=torch.float32,
+                                      device=self.device)
+        points = torch.einsum("bk,knc->bnc", coefficients, self._bases_at[1]) @ rotation.transpose(1, 2)
+        return list((points + translation[:, None, :]).double().cpu().numpy())
 
     def fit(self, landmarks: list[np.ndarray], cameras: list[Camera], reference: np.ndarray) -> list[ModelFit]:
         """landmarks: (478, 3) photo pixels per face; cameras: one per face; reference: the built-in
