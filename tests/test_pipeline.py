@@ -131,7 +131,7 @@ def test_bad_inputs_give_their_error(reconstructor, data, code):
 
 def test_unknown_model_is_refused(reconstructor, grace_hopper_bytes):
     with pytest.raises(ProtocolError) as info:
-        reconstructor.run(grace_hopper_bytes, "g.jpg", ReconstructOptions(model="ict-facekit"))
+        reconstructor.run(grace_hopper_bytes, "g.jpg", ReconstructOptions(model="no-such-model"))
     assert info.value.code == ErrorCode.UNKNOWN_MODEL
 
 
