@@ -142,7 +142,8 @@ def run_models_install(args: argparse.Namespace) -> int:
         return 1
     print(f"installed {manifest['name']}: {manifest['vertices']} vertices, {manifest['identity_components']} "
           f"identity components, {len(manifest['expressions'])} expressions, "
-          f"{manifest['mediapipe_points_on_surface']}/468 MediaPipe points on its surface "
+          f"{manifest['mediapipe_points_on_surface']}/468 MediaPipe points on its surface (median "
+          f"{manifest['mediapipe_to_surface_median_mm']} mm off) "
           f"({manifest['seconds']} s). Use it with --model {manifest['name']} (restart a running server).")
     return 0
 

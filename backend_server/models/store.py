@@ -19,6 +19,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from . import eos_format, ict_facekit
 from .builtin import NAME as BUILTIN_NAME
 from .morphable import CACHE_FORMAT, MorphableModel
@@ -102,6 +104,7 @@ def install(kind: str, source: dict, directory: Path | None = None) -> dict:
         "vertices": model.vertex_count, "polygons": int(len(model.polygons)),
         "identity_components": int(len(model.identity_basis)), "expressions": list(model.expression_names),
         "mediapipe_points_on_surface": int(correspondence.valid.sum()),
+        "mediapipe_to_surface_median_mm": round(1000 * float(np.median(correspondence.residual_m)), 2),
         "installed_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - started, 1),
         "info": model.info,
     }

@@ -56,10 +56,6 @@ class ModelFit:
     landmark_points: np.ndarray     # (468, 3) camera-frame metres: the model at MediaPipe's points
     reprojection_rms_px: float      # over the landmarks used
 
-    def head_frame(self, points: np.ndarray) -> np.ndarray:
-        """Camera-frame points -> the model's head frame (pose removed)."""
-        return (points - self.pose.translation) @ self.pose.rotation
-
 
 def ideal_landmarks(model: MorphableModel, vertices: np.ndarray, camera: Camera) -> np.ndarray:
     """(478, 3) what a perfect landmark detector reports for a model face given as camera-frame
