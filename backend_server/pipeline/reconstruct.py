@@ -16,8 +16,8 @@ from typing import Any, Callable
 import numpy as np
 
 from shared_protocol import ErrorCode, ProtocolError, ReconstructOptions, ResultFile
-from .. import __version__
 from shared_protocol.shape_keys import NEUTRAL_SUFFIX, SUFFIX as SHAPE_KEYS_SUFFIX, ShapeKey, encode_shape_keys
+from .. import __version__
 from ..models import store
 from ..models.builtin import NAME as BUILTIN_NAME, builtin_topology, load_builtin
 from ..models.morphable import MorphableModel, texture_topology
