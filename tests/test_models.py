@@ -66,6 +66,11 @@ def test_install_caches_and_rebuilds_when_the_source_changes(tmp_path, sfm_folde
     shutil.rmtree(source)                                 # a source that is gone leaves the cache usable
     store.load_model.cache_clear()
     assert store.load_model("sfm", tmp_path / "models").vertex_count == 3448
+    cache = tmp_path / "models" / "sfm" / "model.npz"
+    cache.write_bytes(cache.read_bytes()[:100_000])       # a damaged cache says what to do
+    store.load_model.cache_clear()
+    with pytest.raises(ValueError, match="damaged.*install the model again"):
+        store.load_model("sfm", tmp_path / "models")
 
 
 def test_install_command_explains_where_to_get_a_model(tmp_path):

@@ -10,6 +10,7 @@ frontal photo), +Y up, +Z out of the face. Loaders convert units (ICT-FaceKit: c
 from __future__ import annotations
 
 import json
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,11 +105,15 @@ class MorphableModel:
 
     @classmethod
     def load(cls, path: Path) -> "MorphableModel":
-        with np.load(path) as data:
-            facts = json.loads(bytes(data["facts"]).decode())
-            if facts.get("format") != CACHE_FORMAT:
-                raise ValueError(f"{path}: cache format {facts.get('format')}, expected {CACHE_FORMAT}")
-            arrays = {k: data[k] for k in data.files if k != "facts"}
+        """ValueError, naming the file, for a cache that is damaged or of another format."""
+        try:
+            with np.load(path) as data:
+                facts = json.loads(bytes(data["facts"]).decode())
+                arrays = {k: data[k] for k in data.files if k != "facts"}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{path} is damaged ({exc}); install the model again") from None
+        if facts.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{path}: cache format {facts.get('format')}, expected {CACHE_FORMAT}")
         correspondence = None
         if "mediapipe_corners" in arrays:
             correspondence = Correspondence(*(arrays.pop(f"mediapipe_{k}")

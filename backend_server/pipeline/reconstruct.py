@@ -166,6 +166,8 @@ class Reconstructor:
             except KeyError:
                 raise ProtocolError(ErrorCode.UNKNOWN_MODEL, f"model {name!r} is not installed; available: "
                                     f"{', '.join(store.available_models())}") from None
+            except ValueError as exc:                    # a damaged cache
+                raise ProtocolError(ErrorCode.UNKNOWN_MODEL, f"model {name!r} cannot be loaded: {exc}") from None
             # One photo's faces per solve: launch-bound on a GPU (109 ms on an H100 against 55 ms on
             # its CPU), so this fitter is on the CPU; the GPU batch path fits batches on the GPU.
             self.fitters[name] = ModelFitter(model, "cpu")
