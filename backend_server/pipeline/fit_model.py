@@ -15,8 +15,9 @@ with s the landmarks' size in pixels (√(width × height) of their box) and σ 
 Solved by Levenberg-Marquardt, every face its own damping, with the analytic Jacobian in the
 parameters: a rotation increment (axis-angle, applied on the left), the head origin as direction
 (x/d, y/d) and log distance d (decouples image position from depth), identity, expression.
-Expression weights are projected into [0, 1] after each step; gaze shapes (eyeLook*) stay 0 (the
-irises' 3D centres are not part of the correspondence). Start: the built-in fit's pose
+Expression weights are projected into [0, 1] after each step; gaze shapes (eyeLook*) stay 0: in
+ICT-FaceKit they move only the eyelids (its eyeballs turn by a rig, not by blendshapes), so the
+iris points cannot measure them and the eyelid points alone gave spurious gaze. Start: the built-in fit's pose
 (fit.fit_builtin), rigidly aligned to the model's mean.
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ EXPRESSION_PRIOR = 4.0
 START_DAMPING = 1e-3              # Levenberg-Marquardt: relative to the diagonal of JᵀJ
 SILHOUETTE_COS = 0.2              # |cos(normal, view ray)| below this: on the occluding contour
 CONTOUR_REACH = 0.08              # a silhouette vertex farther than this (x size) is not used
-UNFITTED_EXPRESSIONS = ("eyeLook",)  # gaze: needs the irises' 3D centres, which no model here marks
+UNFITTED_EXPRESSIONS = ("eyeLook",)  # gaze: ICT-FaceKit's eyeLook* shapes move only the eyelids, not
+                                     # the eyeballs, so MediaPipe's iris centres cannot measure them
 # MediaPipe's face-oval points from one ear's level down around the chin to the other's.
 JAW_CONTOUR = (454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148, 176, 149, 150, 136, 172,
                58, 132, 93, 234)
