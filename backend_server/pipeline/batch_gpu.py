@@ -76,8 +76,8 @@ def _cpu_init() -> None:
 
 
 def _prepare(path: Path, stem: str, options: ReconstructOptions) -> Any:
-    """CPU: decode, detect, landmarks, and the built-in model's fit. Returns (PreparedPhoto without its pixels, the name of
-    the shared-memory segment holding them, their shape), or a ProtocolError. The main process
+    """CPU: decode, detect, landmarks, and the built-in model's fit. Returns (PreparedPhoto without
+    its pixels, the name of the shared-memory segment holding them, their shape), or a ProtocolError. The main process
     unlinks the segment once the GPU has read it: the pixels never pass through the main process."""
     try:
         prepared = _reconstructor.prepare(path.read_bytes(), stem + path.suffix, options, defer_model_fit=True)
