@@ -158,14 +158,13 @@ def reconstructed_points(face) -> tuple[np.ndarray, np.ndarray]:
 def run(args: argparse.Namespace) -> None:
     from backend_server.models import store
     from backend_server.models.correspondence import closest_surface_points
-    from backend_server.models.morphable import triangulate
     from backend_server.pipeline.reconstruct import Reconstructor
     from shared_protocol import ProtocolError, ReconstructOptions
     truth_model = store.load_model("ict-facekit")
     region = truth_model.face_region
     in_region = np.zeros(truth_model.vertex_count, bool)
     in_region[region] = True
-    triangles = triangulate(truth_model.polygons)[0]
+    triangles = truth_model.triangles
     face_triangles = triangles[in_region[triangles].all(axis=1)]
     corr = truth_model.mediapipe
     reconstructor = Reconstructor(args.device)

@@ -27,11 +27,6 @@ SHAPE_NOISE_M = 0.002           # expected misfit of a reference point, for the 
 MAX_DISTANCE_M = 0.006
 
 
-def textured_triangles(model: MorphableModel) -> np.ndarray:
-    textured = np.array([part.textured for part in model.parts])[model.polygon_part]
-    return triangulate(model.polygons[textured])[0]
-
-
 def closest_surface_points(points: np.ndarray, vertices: np.ndarray, triangles: np.ndarray
                            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """For (N, 3) points: the nearest point on the triangles incident to each point's
@@ -85,22 +80,22 @@ def compute_correspondence(model: MorphableModel) -> Correspondence:
                          "at least 10 are needed to place MediaPipe's points on it")
     scale, rotation, shift = similarity_fit(builtin.ibug68_points(reference)[inner],
                                             model.mean[model.landmarks68[inner]].astype(np.float64))
-    triangles = textured_triangles(model)
+    triangles = triangulate(model.polygons[model.textured_polygons])
     identity = model.identity_basis.astype(np.float64)
     bases = np.concatenate([identity, model.expression_basis.astype(np.float64)])
     k_identity = len(identity)
-    surface = model.mean.astype(np.float64)
+    mean = model.mean.astype(np.float64)
+    surface = mean
     for _ in range(ROUNDS):
         target = scale * reference @ rotation.T + shift
         triangle, bary, distance = closest_surface_points(target, surface, triangles)
         near = distance < 3 * MAX_DISTANCE_M
         design = surface_points(bases, triangles, triangle[near], bary[near]).reshape(len(bases), -1).T
-        residual = (target[near] - surface_points(model.mean.astype(np.float64), triangles,
-                                                  triangle[near], bary[near])).ravel()
+        residual = (target[near] - surface_points(mean, triangles, triangle[near], bary[near])).ravel()
         coefficients = np.linalg.solve(design.T @ design + SHAPE_NOISE_M ** 2 * np.identity(len(bases)),
                                        design.T @ residual)
         coefficients[k_identity:] = np.clip(coefficients[k_identity:], 0.0, 1.0)
-        surface = model.mean + np.tensordot(coefficients, bases, axes=1)
+        surface = mean + np.tensordot(coefficients, bases, axes=1)
         fitted = surface_points(surface, triangles, triangle[near], bary[near])
         scale, rotation, shift = similarity_fit(reference[near], fitted)
     target = scale * reference @ rotation.T + shift

@@ -67,9 +67,13 @@ class MorphableModel:
 
     @property
     def triangles(self) -> np.ndarray:
-        """(T, 3) the polygons fanned into triangles; row order: all first triangles, then the
-        second triangles of the quads."""
-        return triangulate(self.polygons)[0]
+        """(T, 3) the polygons fanned into triangles (see `triangulate`)."""
+        return triangulate(self.polygons)
+
+    @property
+    def textured_polygons(self) -> np.ndarray:
+        """(F,) bool: the polygons of the parts that take the photo texture."""
+        return np.array([part.textured for part in self.parts])[self.polygon_part]
 
     def vertices(self, identity: np.ndarray | None = None, expression: np.ndarray | None = None) -> np.ndarray:
         """(V, 3) metres for coefficient vectors (None: zeros)."""
@@ -128,20 +132,18 @@ def _installed_model(name: str) -> "MorphableModel":
     return load_model(name)
 
 
-def triangulate(polygons: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(F, 4) polygons (-1 padded triangles) -> (T, 3) fan triangles and the polygon of each."""
-    first = polygons[:, :3]
-    quads = np.flatnonzero(polygons[:, 3] >= 0)
-    second = polygons[quads][:, [0, 2, 3]]
-    return np.concatenate([first, second]), np.concatenate([np.arange(len(polygons)), quads])
+def triangulate(polygons: np.ndarray) -> np.ndarray:
+    """(F, 4) polygons (-1 padded triangles) -> (T, 3) fan triangles: every polygon's first
+    triangle, then the quads' second ones (the same order for vertex ids and UV ids)."""
+    return np.concatenate([polygons[:, :3], polygons[polygons[:, 3] >= 0][:, [0, 2, 3]]])
 
 
 def texture_topology(model: MorphableModel, recipe: tuple) -> MeshTopology:
     """The textured parts of `model` as a MeshTopology over texture vertices (one per distinct
     (vertex, UV) pair); `refine` selects them from the model's (V, 3) vertices."""
-    textured = np.array([part.textured for part in model.parts])[model.polygon_part]
-    corners, _ = triangulate(model.polygons[textured])
-    corner_uvs, _ = triangulate(model.polygon_uvs[textured])
+    textured = model.textured_polygons
+    corners = triangulate(model.polygons[textured])
+    corner_uvs = triangulate(model.polygon_uvs[textured])
     pairs, texture_vertex = np.unique(np.stack([corners.ravel(), corner_uvs.ravel()], axis=1), axis=0,
                                       return_inverse=True)
     uvs = model.uvs[pairs[:, 1]]

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..models.morphable import MorphableModel, triangulate
+from ..models.morphable import MorphableModel
 from .bake import vertex_normals
 from .fit import Camera, Pose, fit_builtin, similarity_fit
 
@@ -108,8 +108,7 @@ class ModelFitter:
         region = model.face_region[model.mean[model.face_region, 1] < nose_y]
         self.candidate_side = as_tensor(np.sign(model.mean[region, 0]))
         self.candidate_bases = as_tensor(bases[:, region])                                      # (1+K, C, 3)
-        self.candidate_normals = as_tensor(vertex_normals(model.mean.astype(np.float64),
-                                                          triangulate(model.polygons)[0])[region])
+        self.candidate_normals = as_tensor(vertex_normals(model.mean.astype(np.float64), model.triangles)[region])
         self.jaw_side = as_tensor(np.sign(at_points[0, self.jaw, 0]))
         self._bases_at: tuple[np.ndarray, torch.Tensor] | None = None
         self.parameter_mask = torch.cat([torch.ones(6 + self.k_identity, device=self.device), self.expression_mask])
