@@ -139,25 +139,17 @@ def generate(args: argparse.Namespace) -> None:
 
 
 # --- run ------------------------------------------------------------------------------------------
-def rigid_alignment(source: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rotation and translation (no scale) moving `source` points onto `target` (Kabsch)."""
-    from backend_server.pipeline.fit import similarity_fit
-    _, rotation, _ = similarity_fit(source, target)
-    return rotation, target.mean(0) - source.mean(0) @ rotation.T
-
-
 def reconstructed_points(face) -> tuple[np.ndarray, np.ndarray]:
     """(468, 3) at MediaPipe's points and (N, 3) the face's vertices; camera frame, metres."""
     if face.shape is None:
         return face.fit.landmark_points, face.vertices
-    model = face.shape.model
-    posed = face.shape.posed @ face.fit.pose.rotation.T + face.fit.pose.translation
-    return face.fit.landmark_points, posed[model.face_region]
+    return face.fit.landmark_points, face.fit.pose.apply(face.shape.posed[face.shape.model.face_region])
 
 
 def run(args: argparse.Namespace) -> None:
     from backend_server.models import store
     from backend_server.models.correspondence import closest_surface_points
+    from backend_server.pipeline.fit import rigid_fit
     from backend_server.pipeline.reconstruct import Reconstructor
     from shared_protocol import ProtocolError, ReconstructOptions
     truth_model = store.load_model("ict-facekit")
@@ -189,16 +181,15 @@ def run(args: argparse.Namespace) -> None:
             valid = corr.valid
             if result.faces[0].shape is not None:
                 valid = valid & result.faces[0].shape.model.mediapipe.valid
-            rotation, shift = rigid_alignment(at_points[valid], truth_points[valid])
-            point_error = 1000 * np.linalg.norm(at_points[valid] @ rotation.T + shift - truth_points[valid], axis=1)
-            aligned = (face_vertices @ rotation.T + shift)[::max(1, len(face_vertices) // SURFACE_POINTS)]
+            alignment = rigid_fit(at_points[valid], truth_points[valid])
+            point_error = 1000 * np.linalg.norm(alignment.apply(at_points[valid]) - truth_points[valid], axis=1)
+            aligned = alignment.apply(face_vertices)[::max(1, len(face_vertices) // SURFACE_POINTS)]
             _, _, surface = closest_surface_points(aligned, truth, face_triangles)
             row = {"points_mean": point_error.mean(), "points_median": np.median(point_error),
                    "surface_mean": 1000 * surface.mean(), "surface_median": 1000 * np.median(surface)}
             if name == "ict-facekit":
-                posed = result.faces[0].shape.posed @ result.faces[0].fit.pose.rotation.T + result.faces[0].fit.pose.translation
-                r, t = rigid_alignment(posed[region], truth[region])
-                vertex_error = 1000 * np.linalg.norm(posed[region] @ r.T + t - truth[region], axis=1)
+                posed = result.faces[0].fit.pose.apply(result.faces[0].shape.posed[region])
+                vertex_error = 1000 * np.linalg.norm(rigid_fit(posed, truth[region]).apply(posed) - truth[region], axis=1)
                 row.update(vertex_mean=vertex_error.mean(), vertex_median=np.median(vertex_error))
             per_head.append({"head": sample.stem, **row})
         summary = {k: float(np.mean([r[k] for r in per_head])) for k in per_head[0] if k != "head"} if per_head else {}

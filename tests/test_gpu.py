@@ -182,8 +182,8 @@ def test_model_fit_and_bake_on_the_gpu_match_the_cpu(ict_model):
     on_gpu = ModelFitter(ict_model, "cuda:0").fit(marks, [camera] * 3, reference)
     on_cpu = ModelFitter(ict_model, "cpu").fit(marks, [camera] * 3, reference)
     for g, c in zip(on_gpu, on_cpu):
-        posed_g = ict_model.vertices(g.identity, g.expression) @ g.pose.rotation.T + g.pose.translation
-        posed_c = ict_model.vertices(c.identity, c.expression) @ c.pose.rotation.T + c.pose.translation
+        posed_g = g.pose.apply(ict_model.vertices(g.identity, g.expression))
+        posed_c = c.pose.apply(ict_model.vertices(c.identity, c.expression))
         assert np.abs(posed_g - posed_c).max() < 0.002                       # metres
         assert g.reprojection_rms_px < 2.0
     topology = model_texture_topology("ict-facekit")

@@ -102,7 +102,7 @@ def test_correspondence_puts_mediapipe_points_on_the_right_features(installed_mo
 def test_fit_recovers_a_known_ict_face_and_is_batch_independent(installed_models):
     from backend_server.models import store
     from backend_server.models.builtin import load_builtin
-    from backend_server.pipeline.fit import Camera, similarity_fit
+    from backend_server.pipeline.fit import Camera, rigid_fit
     from backend_server.pipeline.fit_model import ModelFitter, ideal_landmarks, rodrigues
     import torch
     model = store.load_model("ict-facekit")
@@ -125,10 +125,8 @@ def test_fit_recovers_a_known_ict_face_and_is_batch_independent(installed_models
         # of residual; and they hold the jaw points fixed on the model where the fit follows the
         # silhouette, as a real detector's do)
         assert fit.reprojection_rms_px < 4.0
-        posed = model.vertices(fit.identity, fit.expression)[region] @ fit.pose.rotation.T
-        # rigid alignment (a photo does not fix the distance): rotation, then translation by the centroids
-        _, rotation, _ = similarity_fit(posed, truth[region])
-        aligned = posed @ rotation.T + (truth[region].mean(0) - posed.mean(0) @ rotation.T)
+        posed = fit.pose.apply(model.vertices(fit.identity, fit.expression)[region])
+        aligned = rigid_fit(posed, truth[region]).apply(posed)        # a photo does not fix the distance
         error_mm = 1000 * np.linalg.norm(aligned - truth[region], axis=1)
         assert np.median(error_mm) < 3.0, np.median(error_mm)
         assert fit.expression[model.expression_names.index("jawOpen")] == pytest.approx(0.6, abs=0.3)

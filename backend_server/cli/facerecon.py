@@ -236,7 +236,7 @@ def predicted_ibug68(reconstructor, face) -> np.ndarray:
     if face.shape is None:
         return reconstructor.model.ibug68_points(face.landmarks[:, :2])
     ids = face.shape.model.landmarks68
-    points = face.shape.posed[np.maximum(ids, 0)] @ face.fit.pose.rotation.T + face.fit.pose.translation
+    points = face.fit.pose.apply(face.shape.posed[np.maximum(ids, 0)])
     return np.where((ids >= 0)[:, None], face.fit.camera.project(points), np.nan)
 
 

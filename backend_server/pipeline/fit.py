@@ -54,6 +54,10 @@ class Pose:
     rotation: np.ndarray      # (3, 3)
     translation: np.ndarray   # (3,)
 
+    def apply(self, points: np.ndarray) -> np.ndarray:
+        """(N, 3) head-frame points -> (N, 3) camera frame."""
+        return points @ self.rotation.T + self.translation
+
     def euler_degrees(self) -> dict[str, float]:
         """Yaw (about +Y, positive turns the face to the photo's left), pitch (about +X, positive
         raises the chin), roll (about +Z): R = Ry(yaw) @ Rx(pitch) @ Rz(roll)."""
@@ -97,6 +101,13 @@ def similarity_fit(source: np.ndarray, target: np.ndarray) -> tuple[float, np.nd
     rotation = u @ d @ vt
     scale = float(np.trace(np.diag(sigma) @ d) / (s ** 2).sum())
     return scale, rotation, mu_t - scale * rotation @ mu_s
+
+
+def rigid_fit(source: np.ndarray, target: np.ndarray) -> Pose:
+    """The rotation and translation (no scale) moving `source` onto `target`: Umeyama's rotation,
+    then the translation that matches the centroids."""
+    _, rotation, _ = similarity_fit(source, target)
+    return Pose(rotation, target.mean(0) - rotation @ source.mean(0))
 
 
 def fit_builtin(landmarks: np.ndarray, reference: np.ndarray, camera: Camera) -> Fit:

@@ -29,7 +29,7 @@ import torch
 
 from ..models.morphable import MorphableModel
 from .bake import vertex_normals
-from .fit import Camera, Pose, fit_builtin, similarity_fit
+from .fit import Camera, Pose, fit_builtin, rigid_fit
 
 ITERATIONS = 16
 CONTOUR_EVERY = 4
@@ -133,17 +133,13 @@ class ModelFitter:
         model's (468, 3) reference shape (for the starting pose)."""
         count = len(landmarks)
         dev, f32 = self.device, torch.float32
-        start_rotation, start_translation = [], []
-        mean_points = self.point_bases[0].cpu().numpy().astype(np.float64)
-        for marks, camera in zip(landmarks, cameras):
-            lifted = fit_builtin(marks, reference, camera).vertices
-            _, rotation, _ = similarity_fit(mean_points[self.valid], lifted[self.valid])
-            start_rotation.append(rotation)
-            start_translation.append(lifted[self.valid].mean(0) - rotation @ mean_points[self.valid].mean(0))
+        mean_points = self.point_bases[0].cpu().numpy().astype(np.float64)[self.valid]
+        starts = [rigid_fit(mean_points, fit_builtin(marks, reference, camera).vertices[self.valid])
+                  for marks, camera in zip(landmarks, cameras)]
         marks = torch.as_tensor(np.array([m[:468] for m in landmarks]), dtype=f32, device=dev)
         problem = _Problem(self, marks, cameras)
-        start = torch.as_tensor(np.array(start_translation), dtype=f32, device=dev)
-        state = _State(torch.as_tensor(np.array(start_rotation), dtype=f32, device=dev),
+        start = torch.as_tensor(np.array([s.translation for s in starts]), dtype=f32, device=dev)
+        state = _State(torch.as_tensor(np.array([s.rotation for s in starts]), dtype=f32, device=dev),
                        start[:, :2] / -start[:, 2:], torch.log(-start[:, 2]),
                        torch.zeros((count, self.k_identity + self.k_expression), dtype=f32, device=dev))
         damping = torch.full((count,), START_DAMPING, dtype=f32, device=dev)

@@ -78,7 +78,7 @@ def attach_model_fit(face: FaceReconstruction, model: MorphableModel, fit: Model
     camera frame."""
     face.fit = fit
     face.shape = ModelShape(model, model.vertices(fit.identity, fit.expression), model.vertices(fit.identity))
-    face.vertices = face.topology.refine @ (face.shape.posed @ fit.pose.rotation.T + fit.pose.translation)
+    face.vertices = face.topology.refine @ fit.pose.apply(face.shape.posed)
 
 
 @dataclass
