@@ -77,7 +77,8 @@ def attach_model_fit(face: FaceReconstruction, model: MorphableModel, fit: Model
     """Give a face its model fit: the posed and neutral meshes, and its texture vertices in the
     camera frame."""
     face.fit = fit
-    face.shape = ModelShape(model, model.vertices(fit.identity, fit.expression), model.vertices(fit.identity))
+    neutral = model.vertices(fit.identity)
+    face.shape = ModelShape(model, neutral + np.tensordot(fit.expression, model.expression_basis, axes=1), neutral)
     face.vertices = face.topology.refine @ fit.pose.apply(face.shape.posed)
 
 
