@@ -70,12 +70,16 @@ def load_eos_model(name: str, shape_file: Path, blendshapes_file: Path | None = 
               "identity_components": int(identity.shape[0]), "expressions": list(names)})
 
 
+def sfm_files(folder: Path) -> list[Path]:
+    """The Surrey Face Model's shape model, blendshapes and iBUG mapping in `folder`."""
+    return [Path(folder) / name for name in (SFM_SHAPE, SFM_BLENDSHAPES, SFM_IBUG_MAPPING)]
+
+
 def load_sfm(folder: Path) -> MorphableModel:
     """The Surrey Face Model (3448 vertices, 63 shape components, 6 expression blendshapes) from
     the eos `share/` folder."""
-    folder = Path(folder)
-    missing = [f for f in (SFM_SHAPE, SFM_BLENDSHAPES, SFM_IBUG_MAPPING) if not (folder / f).is_file()]
+    files = sfm_files(folder)
+    missing = [path.name for path in files if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}; get the files from {SFM_SOURCE}")
-    return load_eos_model(SFM_NAME, folder / SFM_SHAPE, folder / SFM_BLENDSHAPES, folder / SFM_IBUG_MAPPING,
-                          source=SFM_SOURCE)
+    return load_eos_model(SFM_NAME, *files, source=SFM_SOURCE)

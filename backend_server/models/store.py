@@ -49,8 +49,7 @@ KINDS = {
         "--from PATH/TO/FaceXModel"),
     eos_format.SFM_NAME: ModelKind(
         lambda s: eos_format.load_sfm(Path(s["folder"])),
-        lambda s: [Path(s["folder"]) / f for f in (eos_format.SFM_SHAPE, eos_format.SFM_BLENDSHAPES,
-                                                   eos_format.SFM_IBUG_MAPPING)],
+        lambda s: eos_format.sfm_files(Path(s["folder"])),
         f"Get share/sfm_shape_3448.bin, share/expression_blendshapes_3448.bin and share/ibug_to_sfm.txt "
         f"from {eos_format.SFM_SOURCE} into one folder (needs `pip install eos-py`), then: "
         "facerecon-backend models install sfm --from FOLDER"),
