@@ -26,23 +26,8 @@ def safe_stem(photo_name: str) -> str:
     return stem or "photo"
 
 
-def obj_bytes(vertices: np.ndarray, normals: np.ndarray, uvs: np.ndarray, triangles: np.ndarray,
-              material_file: str, material_name: str) -> bytes:
-    """Wavefront OBJ with one vertex/UV/normal per vertex; triangles counter-clockwise (outward).
-
-    Formatted with one %-operation per block (C speed: ~4x faster than np.savetxt)."""
-    faces = np.repeat(np.asarray(triangles) + 1, 3, axis=1)
-    return "".join([
-        f"# FaceRecon mesh: metres, +Y up, face toward +Z\nmtllib {material_file}\no {material_name}\n",
-        ("v %.6f %.6f %.6f\n" * len(vertices)) % tuple(np.asarray(vertices, float).ravel().tolist()),
-        ("vt %.6f %.6f\n" * len(uvs)) % tuple(np.asarray(uvs, float).ravel().tolist()),
-        ("vn %.5f %.5f %.5f\n" * len(normals)) % tuple(np.asarray(normals, float).ravel().tolist()),
-        f"usemtl {material_name}\ns 1\n",
-        ("f %d/%d/%d %d/%d/%d %d/%d/%d\n" * len(faces)) % tuple(faces.ravel().tolist()),
-    ]).encode("ascii")
-
-
 def uv_lines(uvs: np.ndarray) -> str:
+    """`vt` lines, origin bottom-left."""
     return ("vt %.6f %.6f\n" * len(uvs)) % tuple(np.asarray(uvs, float).ravel().tolist())
 
 
@@ -58,11 +43,12 @@ def polygon_lines(polygons: np.ndarray, polygon_uvs: np.ndarray) -> str:
     return "".join(lines)
 
 
-def polygon_obj_bytes(vertices: np.ndarray, normals: np.ndarray, uv_block: str, material_blocks: list[tuple[str, str]],
-                      material_file: str, object_name: str) -> bytes:
-    """Wavefront OBJ of a model's mesh: positions and one normal per vertex, then the fixed parts of
-    the topology (made once per model with `uv_lines` and `polygon_lines`): the UVs and, per
-    material, its name and face lines (UV ids per corner, so seams stay)."""
+def obj_bytes(vertices: np.ndarray, normals: np.ndarray, uv_block: str, material_blocks: list[tuple[str, str]],
+              material_file: str, object_name: str) -> bytes:
+    """Wavefront OBJ: positions and one normal per vertex, then the topology's lines (made with
+    `uv_lines` and `polygon_lines`; a morphable model's once per model): the UVs and, per material,
+    its name and face lines (UV ids per corner, so seams stay). Formatted with one %-operation per
+    block (C speed: ~4x faster than np.savetxt)."""
     return "".join([
         f"# FaceRecon mesh: metres, +Y up, face toward +Z\nmtllib {material_file}\no {object_name}\n",
         ("v %.6f %.6f %.6f\n" * len(vertices)) % tuple(np.asarray(vertices, float).ravel().tolist()),

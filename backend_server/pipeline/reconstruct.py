@@ -25,7 +25,7 @@ from ..models.topology import MeshTopology
 from .bake import Bake, bake_texture, texel_map, vertex_normals
 from .decode import Photo, decode_photo
 from .detect import FaceBox, FaceDetector, select_faces
-from .export import mtl_bytes, obj_bytes, png_bytes, polygon_lines, polygon_obj_bytes, safe_stem, uv_lines
+from .export import mtl_bytes, obj_bytes, png_bytes, polygon_lines, safe_stem, uv_lines
 from .fit import Camera, Fit, fit_builtin
 from .fit_model import ModelFit, ModelFitter
 from .landmarks import LandmarkDetector
@@ -253,9 +253,11 @@ def mesh_and_texture_files(name: str, face: FaceReconstruction, options: Reconst
     files = []
     if "obj" in options.outputs:
         head = face.fit.head_frame(face.vertices)
-        normals = vertex_normals(head, face.topology.triangles)
-        files.append(ResultFile(f"{name}.obj", "obj", obj_bytes(head, normals, face.topology.uvs,
-                                                                  face.topology.triangles, f"{name}.mtl", name)))
+        triangles = face.topology.triangles
+        corners = np.concatenate([triangles, np.full((len(triangles), 1), -1)], axis=1)   # one UV per vertex
+        files.append(ResultFile(f"{name}.obj", "obj", obj_bytes(
+            head, vertex_normals(head, triangles), uv_lines(face.topology.uvs),
+            [(name, polygon_lines(corners, corners))], f"{name}.mtl", name)))
     if "mtl" in options.outputs:
         files.append(ResultFile(f"{name}.mtl", "mtl", mtl_bytes([(name, f"{name}.png", (1.0, 1.0, 1.0))])))
     if "png" in options.outputs:
@@ -303,8 +305,8 @@ def model_files(name: str, face: FaceReconstruction, options: ReconstructOptions
     blocks = [(material, faces) for material, faces in zip(materials, parts.part_faces) if faces]
 
     def mesh(vertices: np.ndarray) -> bytes:
-        return polygon_obj_bytes(vertices, vertex_normals(vertices, parts.triangles), parts.uv_block, blocks,
-                                 f"{name}.mtl", name)
+        return obj_bytes(vertices, vertex_normals(vertices, parts.triangles), parts.uv_block, blocks,
+                         f"{name}.mtl", name)
 
     files = []
     if "obj" in options.outputs:
