@@ -81,6 +81,12 @@ def test_install_command_explains_where_to_get_a_model(tmp_path):
                            "--from", str(tmp_path), "--models-dir", str(tmp_path)], capture_output=True,
                           text=True, cwd=ROOT)
     assert done.returncode == 1 and "not an ICT-FaceKit FaceXModel folder" in done.stderr
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a model")
+    done = subprocess.run([sys.executable, "-m", "backend_server.cli.backend", "models", "install", "eos",
+                           "--name", "junk", "--from", str(junk), "--models-dir", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 1 and "not an eos model file" in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("name", ["ict-facekit", "sfm"])

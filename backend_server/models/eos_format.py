@@ -39,15 +39,19 @@ def load_eos_model(name: str, shape_file: Path, blendshapes_file: Path | None = 
         import eos
     except ImportError as exc:
         raise ImportError("reading eos-format models needs the eos-py package: pip install eos-py") from exc
-    model = eos.morphablemodel.load_model(str(shape_file))
+    try:
+        model = eos.morphablemodel.load_model(str(shape_file))
+        blendshapes = eos.morphablemodel.load_blendshapes(str(blendshapes_file)) if blendshapes_file else []
+    except RuntimeError as exc:                          # eos's way of saying "not a model file"
+        files = ", ".join(str(f) for f in (shape_file, blendshapes_file) if f)
+        raise ValueError(f"{files}: not an eos model file ({exc})") from None
     shape = model.get_shape_model()
     mean = np.asarray(shape.get_mean(), np.float64).reshape(-1, 3) * unit_m
     basis = np.asarray(shape.get_rescaled_pca_basis(), np.float64)                 # (3V, K)
     identity = (basis.T.reshape(basis.shape[1], -1, 3) * unit_m).astype(np.float32)
     names: tuple[str, ...] = ()
     expression = np.zeros((0,) + mean.shape, np.float32)
-    if blendshapes_file is not None:
-        blendshapes = eos.morphablemodel.load_blendshapes(str(blendshapes_file))
+    if blendshapes:
         names = tuple(b.name for b in blendshapes)
         expression = np.stack([np.asarray(b.deformation, np.float64).reshape(-1, 3) * unit_m
                                for b in blendshapes]).astype(np.float32)
