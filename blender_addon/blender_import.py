@@ -123,21 +123,24 @@ def import_face(obj_path: Path, photo_path: str, collection: bpy.types.Collectio
     library: dict[str, MtlMaterial] = {}
     if source.material_library and (obj_path.parent / source.material_library).is_file():
         library = read_mtl(obj_path.parent / source.material_library)
-    mesh = create_mesh(name, source)
-    for material_name in source.materials:
-        entry = library.get(material_name, MtlMaterial())
-        texture = obj_path.parent / entry.texture if entry.texture else None
-        mesh.materials.append(create_material(material_name, texture, pack_texture, entry.diffuse))
-    obj = bpy.data.objects.new(name, mesh)
-    neutral_path = obj_path.with_name(name + NEUTRAL_SUFFIX)
-    shape_keys_path = obj_path.with_name(name + SHAPE_KEYS_SUFFIX)
-    if neutral_path.is_file() and shape_keys_path.is_file():
-        add_shape_keys(obj, neutral_path, shape_keys_path)
-    obj.location = location
-    facts_path = obj_path.with_suffix(".json")
-    store_facts(obj, json.loads(facts_path.read_text()) if facts_path.is_file() else {}, photo_path,
-                obj_path.parent)
-    collection.objects.link(obj)
+    obj = bpy.data.objects.new(name, create_mesh(name, source))
+    try:                                        # a failure below removes this object's data again
+        for material_name in source.materials:
+            entry = library.get(material_name, MtlMaterial())
+            texture = obj_path.parent / entry.texture if entry.texture else None
+            obj.data.materials.append(create_material(material_name, texture, pack_texture, entry.diffuse))
+        neutral_path = obj_path.with_name(name + NEUTRAL_SUFFIX)
+        shape_keys_path = obj_path.with_name(name + SHAPE_KEYS_SUFFIX)
+        if neutral_path.is_file() and shape_keys_path.is_file():
+            add_shape_keys(obj, neutral_path, shape_keys_path)
+        obj.location = location
+        facts_path = obj_path.with_suffix(".json")
+        store_facts(obj, json.loads(facts_path.read_text()) if facts_path.is_file() else {}, photo_path,
+                    obj_path.parent)
+        collection.objects.link(obj)
+    except Exception:
+        remove_objects([obj])
+        raise
     return obj
 
 

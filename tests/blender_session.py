@@ -11,6 +11,7 @@ fail). The last stdout line is `RESULT <json>`.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -158,11 +159,24 @@ def scenario_model(zip_path: str, address: str, work: Path, photos: list[str]) -
     shown = [list(v.co) for v in evaluated.vertices]
     obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).to_mesh_clear()
     materials = obj.data.materials
-    return {"run": run, "name": obj.name, "vertices": len(obj.data.vertices), "polygons": len(obj.data.polygons),
+    facts = {"materials": [{"name": m.name, "textured": any(n.type == "TEX_IMAGE" for n in m.node_tree.nodes),
+                            "colour": list(m.diffuse_color)[:3]} for m in materials]}
+    # A result whose shape keys are damaged: the import fails with a clear error and adds nothing.
+    folder = Path(obj["facerecon_result_folder"])
+    broken = folder.with_name(folder.name + "_broken")
+    shutil.copytree(folder, broken)
+    next(broken.glob("*_shape_keys.bin")).write_bytes(b"FRSK")
+    before_broken = counts()
+    try:
+        sys.modules[f"{ADDON}.blender_import"].import_result(broken, photos[0], bpy.context.scene,
+                                                            bpy.context.view_layer, False)
+        broken_error = None
+    except ValueError as exc:
+        broken_error = str(exc)
+    return {"run": run, "broken_error": broken_error, "broken_added": counts() != before_broken,
+            **facts, "name": obj.name, "vertices": len(obj.data.vertices), "polygons": len(obj.data.polygons),
             "keys": [{"name": k.name, "value": k.value, "relative_to": k.relative_key.name} for k in keys],
             "basis": [list(v.co) for v in keys[0].data] if keys else [], "shown": shown,
-            "materials": [{"name": m.name, "textured": any(n.type == "TEX_IMAGE" for n in m.node_tree.nodes),
-                           "colour": list(m.diffuse_color)[:3]} for m in materials],
             "material_use": sorted({p.material_index for p in obj.data.polygons}),
             "result_folder": obj.get("facerecon_result_folder"), "model_property": obj.get("facerecon_model")}
 

@@ -130,6 +130,7 @@ def test_a_model_with_expressions_imports_with_arkit_shape_keys(addon_zip, insta
     assert facts["material_use"] == list(range(8))
     skin = materials[1]["colour"]                             # the head takes the face's skin colour
     assert skin[0] > skin[2] and 0.05 < skin[0] < 0.9
+    assert "shape-keys file" in facts["broken_error"] and not facts["broken_added"]
 
 
 def test_failures_report_clearly_and_add_nothing(addon_zip, backend, tmp_path):
