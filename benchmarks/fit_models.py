@@ -18,7 +18,7 @@ import torch
 
 from backend_server.models import store
 from backend_server.models.builtin import load_builtin
-from backend_server.pipeline.fit import Camera
+from backend_server.geometry import Camera
 from backend_server.pipeline.fit_model import ModelFitter, ideal_landmarks, rodrigues
 
 

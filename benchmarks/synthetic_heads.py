@@ -149,7 +149,7 @@ def reconstructed_points(face) -> tuple[np.ndarray, np.ndarray]:
 def run(args: argparse.Namespace) -> None:
     from backend_server.models import store
     from backend_server.models.correspondence import closest_surface_points
-    from backend_server.pipeline.fit import rigid_fit
+    from backend_server.geometry import rigid_fit
     from backend_server.pipeline.reconstruct import Reconstructor
     from shared_protocol import ProtocolError, ReconstructOptions
     truth_model = store.load_model("ict-facekit")

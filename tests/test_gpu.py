@@ -171,7 +171,7 @@ def test_model_fit_and_bake_on_the_gpu_match_the_cpu(ict_model):
     model's topology gives the CPU bake's texture."""
     from backend_server.models.builtin import load_builtin
     from backend_server.pipeline.bake_gpu import GpuBaker
-    from backend_server.pipeline.fit import Camera
+    from backend_server.geometry import Camera
     from backend_server.pipeline.fit_model import ModelFitter, ideal_landmarks
     from backend_server.pipeline.reconstruct import model_texture_topology
     rng = np.random.default_rng(5)

@@ -108,7 +108,7 @@ def test_correspondence_puts_mediapipe_points_on_the_right_features(installed_mo
 def test_fit_recovers_a_known_ict_face_and_is_batch_independent(installed_models):
     from backend_server.models import store
     from backend_server.models.builtin import load_builtin
-    from backend_server.pipeline.fit import Camera, rigid_fit
+    from backend_server.geometry import Camera, rigid_fit
     from backend_server.pipeline.fit_model import ModelFitter, ideal_landmarks, rodrigues
     import torch
     model = store.load_model("ict-facekit")

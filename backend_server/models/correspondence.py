@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..pipeline.fit import similarity_fit
+from ..geometry import similarity_fit
 from .builtin import load_builtin
 from .morphable import Correspondence, MorphableModel, triangulate
 

@@ -17,9 +17,9 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
+from ..geometry import Camera, sample_bilinear, uv_to_texture_px, vertex_normals
 from ..models.topology import MeshTopology
 from ..render.rasterize import rasterize
-from .fit import Camera
 
 MIN_FACING_COS = 0.15          # surface seen at more than ~81 degrees off its normal is not used
 DEPTH_TOLERANCE_M = 0.005      # a point this far behind the z-buffer still counts as seen
@@ -56,11 +56,6 @@ class Bake:
     mirrored_fraction: float    # covered texels coloured from their mirror texel
 
 
-def uv_to_texture_px(uvs: np.ndarray, size: int) -> np.ndarray:
-    """(N, 2) UVs (origin bottom-left) -> (N, 2) texture pixel positions (x right, y down)."""
-    return np.stack([uvs[:, 0] * size, (1.0 - uvs[:, 1]) * size], axis=1)
-
-
 @lru_cache(maxsize=8)
 def texel_map(topology: MeshTopology, size: int) -> TexelMap:
     """Rasterize the UV layout once per (topology, size); workers keep it for every later photo."""
@@ -71,16 +66,6 @@ def texel_map(topology: MeshTopology, size: int) -> TexelMap:
     corners = topology.triangles[raster.triangle.ravel()[texel]]
     return TexelMap(size, texel, rows * size + (size - 1 - cols), np.ascontiguousarray(corners.T, dtype=np.intp),
                     np.ascontiguousarray(raster.bary.reshape(-1, 3)[texel].T))
-
-
-def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
-    """Area-weighted unit normals (V, 3); outward for counter-clockwise triangles."""
-    a, b, c = (vertices[triangles[:, k]] for k in range(3))
-    face = np.cross(b - a, c - a)
-    normals = np.zeros_like(vertices)
-    for k in range(3):
-        np.add.at(normals, triangles[:, k], face)
-    return normals / np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
 
 
 def pull_push_fill(image: np.ndarray, known: np.ndarray) -> np.ndarray:
@@ -103,17 +88,6 @@ def pull_push_fill(image: np.ndarray, known: np.ndarray) -> np.ndarray:
         filled = colour / np.maximum(weight, 1e-8)[..., None] * alpha + upsampled * (1 - alpha)
     upsampled = cv2.resize(filled, (width, height), interpolation=cv2.INTER_LINEAR).reshape(image.shape)
     return np.where(known[..., None], image, upsampled)
-
-
-def sample_bilinear(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
-    """Bilinear samples (N, C) float32 of an (H, W, C) image at (N, 2) pixel positions (x, y),
-    pixel centres at +0.5; positions outside take the nearest border pixel."""
-    count = len(xy)
-    padded = np.zeros((-(-count // 1024) * 1024, 2), np.float32)        # cv2.remap: < 32767 columns
-    padded[:count] = xy - 0.5
-    samples = cv2.remap(image, padded.reshape(-1, 1024, 2), None, cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_REPLICATE)
-    return samples.reshape(-1, image.shape[2] if image.ndim == 3 else 1)[:count].astype(np.float32)
 
 
 def bake_texture(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopology,

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from ..models.topology import MeshTopology
 from ..render.rasterize_cuda import rasterize_batch
-from .bake import DEPTH_TOLERANCE_M, MIN_FACING_COS, Bake, uv_to_texture_px, vertex_normals
-from .fit import Camera
+from ..geometry import Camera, uv_to_texture_px, vertex_normals
+from .bake import DEPTH_TOLERANCE_M, MIN_FACING_COS, Bake
 
 FACES_PER_PASS = 4          # faces baked together: bounds GPU memory (~250 MB a face at 2048²)
 

@@ -12,10 +12,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..geometry import Camera, sample_bilinear, uv_to_texture_px
 from ..models.topology import MeshTopology
 from ..render.rasterize import rasterize
-from .bake import sample_bilinear, uv_to_texture_px
-from .fit import Camera
 
 SILHOUETTE_BAND_PX = 2
 

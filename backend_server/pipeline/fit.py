@@ -1,9 +1,6 @@
 """Stage 4, fit: 478 landmarks (photo pixels) -> metric 3D mesh in the camera frame, and head pose.
 
-Camera model: a pinhole at the origin of the camera frame (metres, +X right, +Y up, +Z toward the
-viewer; the face lies at z < 0), principal point at the photo centre, square pixels, no
-distortion, focal length in pixels `focal_px = FOCAL_35MM_EQUIV / 36 mm * long side`, i.e. a 50 mm
-lens on a full-frame camera unless the caller knows better.
+Camera and pose: `backend_server.geometry`.
 
 Built-in model: the face is assumed to have the reference face's size (63 mm between the iris
 centres). A similarity (Procrustes) fit of the reference shape to the landmarks gives the head
@@ -13,63 +10,11 @@ reprojects onto the landmarks exactly.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 
-FOCAL_35MM_EQUIV = 50.0   # millimetres
-
-
-@dataclass(frozen=True)
-class Camera:
-    """Pinhole intrinsics in pixels for a photo of width x height pixels."""
-
-    focal_px: float
-    cx: float
-    cy: float
-    width: int
-    height: int
-
-    @classmethod
-    def for_photo(cls, width: int, height: int, focal_35mm: float = FOCAL_35MM_EQUIV) -> "Camera":
-        return cls(focal_35mm / 36.0 * max(width, height), width / 2.0, height / 2.0, width, height)
-
-    def project(self, points: np.ndarray) -> np.ndarray:
-        """(N, 3) camera-frame metres (z < 0) -> (N, 2) photo pixels."""
-        distance = -points[:, 2]
-        return np.stack([self.cx + self.focal_px * points[:, 0] / distance,
-                         self.cy - self.focal_px * points[:, 1] / distance], axis=1)
-
-    def to_json(self) -> dict:
-        return {"model": "pinhole", "focal_px": self.focal_px, "cx": self.cx, "cy": self.cy,
-                "width": self.width, "height": self.height,
-                "focal_35mm_equiv": self.focal_px * 36.0 / max(self.width, self.height)}
-
-
-@dataclass(frozen=True)
-class Pose:
-    """Head frame -> camera frame: x_cam = rotation @ x_head + translation (metres)."""
-
-    rotation: np.ndarray      # (3, 3)
-    translation: np.ndarray   # (3,)
-
-    def apply(self, points: np.ndarray) -> np.ndarray:
-        """(N, 3) head-frame points -> (N, 3) camera frame."""
-        return points @ self.rotation.T + self.translation
-
-    def euler_degrees(self) -> dict[str, float]:
-        """Yaw (about +Y, positive turns the face to the photo's left), pitch (about +X, positive
-        raises the chin), roll (about +Z): R = Ry(yaw) @ Rx(pitch) @ Rz(roll)."""
-        r = self.rotation
-        pitch = math.asin(max(-1.0, min(1.0, -r[1, 2])))
-        yaw = math.atan2(r[0, 2], r[2, 2])
-        roll = math.atan2(r[1, 0], r[1, 1])
-        return {"yaw": math.degrees(yaw), "pitch": math.degrees(pitch), "roll": math.degrees(roll)}
-
-    def to_json(self) -> dict:
-        return {"rotation": self.rotation.tolist(), "translation_m": self.translation.tolist(),
-                "scale": 1.0, **{f"{k}_deg": v for k, v in self.euler_degrees().items()}}
+from ..geometry import Camera, Pose, similarity_fit
 
 
 @dataclass(frozen=True)
@@ -89,25 +34,7 @@ class Fit:
 
     def head_frame(self, points: np.ndarray) -> np.ndarray:
         """Camera-frame points -> head frame (pose removed: upright, facing +Z, metres)."""
-        return (points - self.pose.translation) @ self.pose.rotation
-
-
-def similarity_fit(source: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """(scale, rotation, translation) minimising |scale * R @ source + t - target| (Umeyama)."""
-    mu_s, mu_t = source.mean(0), target.mean(0)
-    s, t = source - mu_s, target - mu_t
-    u, sigma, vt = np.linalg.svd(t.T @ s)
-    d = np.diag([1.0, 1.0, np.sign(np.linalg.det(u @ vt))])
-    rotation = u @ d @ vt
-    scale = float(np.trace(np.diag(sigma) @ d) / (s ** 2).sum())
-    return scale, rotation, mu_t - scale * rotation @ mu_s
-
-
-def rigid_fit(source: np.ndarray, target: np.ndarray) -> Pose:
-    """The rotation and translation (no scale) moving `source` onto `target`: Umeyama's rotation,
-    then the translation that matches the centroids."""
-    _, rotation, _ = similarity_fit(source, target)
-    return Pose(rotation, target.mean(0) - rotation @ source.mean(0))
+        return self.pose.head_frame(points)
 
 
 def fit_builtin(landmarks: np.ndarray, reference: np.ndarray, camera: Camera) -> Fit:

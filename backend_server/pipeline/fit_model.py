@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from ..models.morphable import MorphableModel
-from .bake import vertex_normals
-from .fit import Camera, Pose, fit_builtin, rigid_fit
+from ..geometry import Camera, Pose, rigid_fit, vertex_normals
+from .fit import fit_builtin
 
 ITERATIONS = 16
 CONTOUR_EVERY = 4

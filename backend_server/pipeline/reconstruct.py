@@ -22,11 +22,12 @@ from ..models import store
 from ..models.builtin import NAME as BUILTIN_NAME, builtin_topology, load_builtin
 from ..models.morphable import MorphableModel, texture_topology
 from ..models.topology import MeshTopology
-from .bake import Bake, bake_texture, texel_map, vertex_normals
+from ..geometry import Camera, vertex_normals
+from .bake import Bake, bake_texture, texel_map
 from .decode import Photo, decode_photo
 from .detect import FaceBox, FaceDetector, select_faces
 from .export import mtl_bytes, obj_bytes, png_bytes, polygon_lines, safe_stem, uv_lines
-from .fit import Camera, Fit, fit_builtin
+from .fit import Fit, fit_builtin
 from .fit_model import ModelFit, ModelFitter
 from .landmarks import LandmarkDetector
 
