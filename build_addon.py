@@ -65,7 +65,8 @@ def manifest_text(wheels: list[str]) -> str:
     if wheels:
         listed = ",\n".join(f'  "./wheels/{name}"' for name in wheels)
         platforms = ", ".join(f'"{p}"' for p in PLATFORMS)
-        text = text.replace("\n[permissions]", f"\nplatforms = [{platforms}]\nwheels = [\n{listed},\n]\n\n[permissions]", 1)
+        text = text.replace("\n[permissions]",
+                            f"\nplatforms = [{platforms}]\nwheels = [\n{listed},\n]\n\n[permissions]", 1)
     return text
 
 

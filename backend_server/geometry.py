@@ -113,8 +113,8 @@ def sample_bilinear(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
     count = len(xy)
     padded = np.zeros((-(-count // 1024) * 1024, 2), np.float32)        # cv2.remap: < 32767 columns
     padded[:count] = xy - 0.5
-    samples = cv2.remap(image, padded.reshape(-1, 1024, 2), None, cv2.INTER_LINEAR,
-                        borderMode=cv2.BORDER_REPLICATE)
+    samples = cv2.remap(image, padded.reshape(-1, 1024, 2), None, cv2.INTER_LINEAR,   # type: ignore[call-overload]
+                        borderMode=cv2.BORDER_REPLICATE)         # (OpenCV's stubs lack map2=None: one 2-channel map)
     return samples.reshape(-1, image.shape[2] if image.ndim == 3 else 1)[:count].astype(np.float32)
 
 

@@ -19,7 +19,7 @@ import torch
 from backend_server.models import store
 from backend_server.models.builtin import load_builtin
 from backend_server.geometry import Camera
-from backend_server.pipeline.fit_model import ModelFitter, ideal_landmarks, rodrigues
+from backend_server.models.morphable_fit import ModelFitter, ideal_landmarks, rodrigues
 
 
 def random_faces(model, count: int, camera: Camera, seed: int = 0) -> list[np.ndarray]:
@@ -80,8 +80,8 @@ def main() -> None:
 
 def bake_speed(name: str, model, faces: list[np.ndarray], camera: Camera, device: str, batch: int) -> None:
     from backend_server.pipeline.bake_gpu import GpuBaker
-    from backend_server.pipeline.reconstruct import model_texture_topology
-    topology = model_texture_topology(name)
+    from backend_server.models.registry import face_model
+    topology = face_model(name).topology
     baker = GpuBaker(device)
     baker.warm_up(topology, 2048)
     rng = np.random.default_rng(1)

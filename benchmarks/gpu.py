@@ -77,7 +77,7 @@ def batch_throughput(devices: list[str], photos: list[Path], out_dir: Path, batc
 
     def on_outcome(outcome) -> None:
         finished.append(time.perf_counter())
-        if outcome.status != "done":
+        if outcome.status.value != "done":
             failures.append(f"{outcome.photo.name}: {outcome.detail}")
 
     runner = GpuBatchRunner(devices, ReconstructOptions(model=model), batch_size, cpu_workers)
@@ -97,8 +97,8 @@ def cpu_throughput(photos: list[Path], out_dir: Path, workers: int, model: str) 
     shutil.rmtree(out_dir, ignore_errors=True)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "backend_server.cli.facerecon", "reconstruct", *map(str, photos),
-                           "-o", str(out_dir), "--workers", str(workers), "--model", model, "-q"], cwd=ROOT, capture_output=True,
-                          text=True)
+                           "-o", str(out_dir), "--workers", str(workers), "--model", model, "-q"], cwd=ROOT,
+                          capture_output=True, text=True)
     seconds = time.perf_counter() - start
     return {"photos": len(photos), "workers": workers, "wall_s": seconds, "photos_per_s": len(photos) / seconds,
             "exit": done.returncode, "tail": done.stdout[-300:]}
@@ -141,7 +141,8 @@ def main() -> None:
     for device_set in args.device_sets:
         devices = [f"cuda:{d}" for d in device_set.split(",")]
         workers = args.cpu_workers_per_gpu * len(devices) if args.cpu_workers_per_gpu else None
-        results["batch"].append(batch_throughput(devices, many, args.work / "out", args.batch_size, workers, args.model))
+        results["batch"].append(batch_throughput(devices, many, args.work / "out", args.batch_size, workers,
+                                                 args.model))
         save()
     if len(results["batch"]) > 1:
         one, last = results["batch"][0], results["batch"][-1]

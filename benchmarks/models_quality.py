@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["builtin", "ict-facekit", "sfm"])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    print("| model | photos | PSNR dB (mean) | SSIM (mean) | face pixels (mean) | 68-point error % | inner-point error % |")
+    print("| model | photos | PSNR dB (mean) | SSIM (mean) | face pixels (mean) | 68-point error % "
+          "| inner-point error % |")
     print("|---|---|---|---|---|---|---|")
     for model in args.models:
         with tempfile.TemporaryDirectory() as folder:
@@ -39,7 +40,11 @@ def main() -> None:
         if not rows:
             print(f"| {model} | 0 | - | - | - | - | - |")
             continue
-        mean = lambda key: np.mean([r[key] for r in rows if key in r]) if any(key in r for r in rows) else float("nan")
+
+        def mean(key: str, rows: list = rows) -> float:
+            values = [r[key] for r in rows if key in r]
+            return float(np.mean(values)) if values else float("nan")
+
         print(f"| {model} | {len(rows)} | {mean('psnr_db'):.2f} | {mean('ssim'):.3f} | {mean('face_pixels'):.0f} | "
               f"{100 * mean('landmark68_normalized'):.2f} | {100 * mean('landmark_inner_normalized'):.2f} |")
 

@@ -53,7 +53,7 @@ def euler_rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
 def generate(args: argparse.Namespace) -> None:
     import bpy
     from backend_server.models import store
-    from backend_server.pipeline.reconstruct import skin_colour
+    from backend_server.pipeline.export import skin_colour
     from PIL import Image
     model = store.load_model("ict-facekit")
     textures = sorted(Path(args.textures).glob("*.png"))
@@ -139,11 +139,13 @@ def generate(args: argparse.Namespace) -> None:
 
 
 # --- run ------------------------------------------------------------------------------------------
-def reconstructed_points(face) -> tuple[np.ndarray, np.ndarray]:
+def reconstructed_points(result) -> tuple[np.ndarray, np.ndarray]:
     """(468, 3) at MediaPipe's points and (N, 3) the face's vertices; camera frame, metres."""
-    if face.shape is None:
-        return face.fit.landmark_points, face.vertices
-    return face.fit.landmark_points, face.fit.pose.apply(face.shape.posed[face.shape.model.face_region])
+    from backend_server.models.morphable_face import MorphableFaceModel
+    face, model = result.faces[0], result.model
+    if not isinstance(model, MorphableFaceModel):
+        return face.fit.landmark_points, face.texture_vertices
+    return face.fit.landmark_points, face.fit.pose.apply(model.head_mesh(face.fit).posed[model.model.face_region])
 
 
 def run(args: argparse.Namespace) -> None:
@@ -176,11 +178,11 @@ def run(args: argparse.Namespace) -> None:
                 print(f"{name} {photo.name}: {exc}")
                 continue
             seconds.append(time.perf_counter() - start)
-            at_points, face_vertices = reconstructed_points(result.faces[0])
+            at_points, face_vertices = reconstructed_points(result)
             truth_points = np.einsum("nk,nkc->nc", corr.bary, truth[corr.corners])
             valid = corr.valid
-            if result.faces[0].shape is not None:
-                valid = valid & result.faces[0].shape.model.mediapipe.valid
+            if hasattr(result.model, "model"):
+                valid = valid & result.model.model.mediapipe.valid
             alignment = rigid_fit(at_points[valid], truth_points[valid])
             point_error = 1000 * np.linalg.norm(alignment.apply(at_points[valid]) - truth_points[valid], axis=1)
             aligned = alignment.apply(face_vertices)[::max(1, len(face_vertices) // SURFACE_POINTS)]
@@ -188,8 +190,9 @@ def run(args: argparse.Namespace) -> None:
             row = {"points_mean": point_error.mean(), "points_median": np.median(point_error),
                    "surface_mean": 1000 * surface.mean(), "surface_median": 1000 * np.median(surface)}
             if name == "ict-facekit":
-                posed = result.faces[0].fit.pose.apply(result.faces[0].shape.posed[region])
-                vertex_error = 1000 * np.linalg.norm(rigid_fit(posed, truth[region]).apply(posed) - truth[region], axis=1)
+                posed = result.faces[0].fit.pose.apply(result.model.head_mesh(result.faces[0].fit).posed[region])
+                aligned_posed = rigid_fit(posed, truth[region]).apply(posed)
+                vertex_error = 1000 * np.linalg.norm(aligned_posed - truth[region], axis=1)
                 row.update(vertex_mean=vertex_error.mean(), vertex_median=np.median(vertex_error))
             per_head.append({"head": sample.stem, **row})
         summary = {k: float(np.mean([r[k] for r in per_head])) for k in per_head[0] if k != "head"} if per_head else {}
@@ -197,12 +200,13 @@ def run(args: argparse.Namespace) -> None:
                        per_head=per_head)
         rows[name] = summary
         print(f"{name:12s} " + "  ".join(f"{k} {v:.2f}" for k, v in summary.items() if k != "per_head"), flush=True)
-    print(f"\n| model | heads | 468-point mean / median mm | surface mean / median mm | vertex mean / median mm |")
+    print("\n| model | heads | 468-point mean / median mm | surface mean / median mm | vertex mean / median mm |")
     print("|---|---|---|---|---|")
     for name, s in rows.items():
         vertex = f"{s['vertex_mean']:.2f} / {s['vertex_median']:.2f}" if "vertex_mean" in s else "-"
         print(f"| {name} | {s['heads']} ({s['failures']} failed) | {s.get('points_mean', 0):.2f} / "
-              f"{s.get('points_median', 0):.2f} | {s.get('surface_mean', 0):.2f} / {s.get('surface_median', 0):.2f} | {vertex} |")
+              f"{s.get('points_median', 0):.2f} | {s.get('surface_mean', 0):.2f} / "
+              f"{s.get('surface_median', 0):.2f} | {vertex} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=float))
 

@@ -87,7 +87,8 @@ def read_obj(path: Path) -> ObjMesh:
 def read_obj_positions(path: Path) -> list[tuple[float, float, float]]:
     """Only the `v` lines of an OBJ (a neutral mesh whose faces are those of the posed one)."""
     with open(path, encoding="utf-8") as lines:
-        return [(float(p[1]), float(p[2]), float(p[3])) for p in (line.split() for line in lines if line.startswith("v "))]
+        rows = (line.split() for line in lines if line.startswith("v "))
+        return [(float(p[1]), float(p[2]), float(p[3])) for p in rows]
 
 
 def read_mtl(path: Path) -> dict[str, MtlMaterial]:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import bpy
 
-from .operators import job_running
 from .properties import photo_preview
 
 

@@ -55,8 +55,8 @@ def describe_objects() -> list[dict]:
         mesh = obj.data
         material = mesh.materials[0] if mesh.materials else None
         images = [n.image for n in material.node_tree.nodes if n.type == "TEX_IMAGE"] if material else []
-        base_color_links = [l.from_node.type for l in material.node_tree.links
-                            if l.to_socket.name == "Base Color"] if material else []
+        base_color_links = [link.from_node.type for link in material.node_tree.links
+                            if link.to_socket.name == "Base Color"] if material else []
         zs = [v.co.z for v in mesh.vertices]
         ys = [v.co.y for v in mesh.vertices]
         nose = max(mesh.vertices, key=lambda v: -v.co.y)           # the point furthest toward -Y

@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
 
 
 def facerecon(*args: str) -> subprocess.CompletedProcess:

@@ -13,6 +13,7 @@ from PIL import Image
 from backend_server.devices import parse_devices
 from backend_server.models.builtin import builtin_topology
 from backend_server.pipeline.bake import bake_texture, pull_push_fill
+from shared_protocol import ReconstructOptions
 
 CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the lent GPU machine)")
@@ -47,9 +48,10 @@ def resized_jpeg(data: bytes, size: tuple[int, int]) -> bytes:
 
 @pytest.fixture(scope="module")
 def prepared(reconstructor, grace_hopper_bytes):
-    """Two photos of different sizes (512x600 and 700x820)."""
-    return [reconstructor.prepare(grace_hopper_bytes, "grace.jpg"),
-            reconstructor.prepare(resized_jpeg(grace_hopper_bytes, (700, 820)), "grace_big.jpg")]
+    """Two photos of different sizes (512x600 and 700x820), reconstructed on the CPU."""
+    options = ReconstructOptions(texture_size=256)
+    return [reconstructor.run(grace_hopper_bytes, "grace.jpg", options),
+            reconstructor.run(resized_jpeg(grace_hopper_bytes, (700, 820)), "grace_big.jpg", options)]
 
 
 @gpu
@@ -80,14 +82,14 @@ def test_gpu_bake_matches_the_cpu_bake(prepared):
     topology = builtin_topology(1)
     baker = GpuBaker("cuda:0")
     photos = [p.photo.rgb for p in prepared]
-    vertices = [p.faces[0].vertices for p in prepared]
-    cameras = [p.camera for p in prepared]
+    vertices = [p.faces[0].texture_vertices for p in prepared]
+    cameras = [p.faces[0].fit.camera for p in prepared]
     together = baker.bake(photos, vertices, cameras, topology, 2048)            # photos of different sizes
     for k, p in enumerate(prepared):
         alone = baker.bake(photos[k:k + 1], vertices[k:k + 1], cameras[k:k + 1], topology, 2048)[0]
         moved = np.abs(alone.texture.astype(int) - together[k].texture.astype(int))
         assert (moved > 2).mean() < 1e-4, (moved > 2).mean()                 # batching changes ~nothing
-        cpu = bake_texture(p.photo.rgb, vertices[k], topology, p.camera, 2048)
+        cpu = bake_texture(p.photo.rgb, vertices[k], topology, cameras[k], 2048)
         difference = np.abs(cpu.texture.astype(int) - together[k].texture.astype(int))
         assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 8, (difference.mean(),
                                                                                np.percentile(difference, 99))
@@ -158,35 +160,38 @@ def test_evaluate_rerender_on_gpu_matches_cpu(prepared):
     from backend_server.pipeline.evaluate import photo_metrics
     p = prepared[0]
     face = p.faces[0]
-    texture = bake_texture(p.photo.rgb, face.vertices, face.topology, p.camera, 2048).texture
-    cpu = photo_metrics(p.photo.rgb, face.vertices, face.topology, texture, p.camera, "cpu")
-    cuda = photo_metrics(p.photo.rgb, face.vertices, face.topology, texture, p.camera, "cuda:0")
+    topology, camera = p.model.topology, face.fit.camera
+    texture = bake_texture(p.photo.rgb, face.texture_vertices, topology, camera, 2048).texture
+    cpu = photo_metrics(p.photo.rgb, face.texture_vertices, topology, texture, camera, "cpu")
+    cuda = photo_metrics(p.photo.rgb, face.texture_vertices, topology, texture, camera, "cuda:0")
     assert cpu["psnr_db"] > 30 and abs(cpu["psnr_db"] - cuda["psnr_db"]) < 0.2
     assert abs(cpu["ssim"] - cuda["ssim"]) < 0.005
 
 
 @gpu
 def test_model_fit_and_bake_on_the_gpu_match_the_cpu(ict_model):
-    """ICT-FaceKit: the batched fit on CUDA lands where the CPU fit does, and the bake in the
-    model's topology gives the CPU bake's texture."""
-    from backend_server.models.builtin import load_builtin
-    from backend_server.pipeline.bake_gpu import GpuBaker
+    """ICT-FaceKit through the FaceModel interface: the batched fit on CUDA lands where the CPU fit
+    does, its texture vertices computed on the GPU match the CPU's, and the bake in the model's
+    topology gives the CPU bake's texture."""
     from backend_server.geometry import Camera
-    from backend_server.pipeline.fit_model import ModelFitter, ideal_landmarks
-    from backend_server.pipeline.reconstruct import model_texture_topology
+    from backend_server.models.morphable_fit import ideal_landmarks
+    from backend_server.models.registry import face_model
+    from backend_server.pipeline.bake_gpu import GpuBaker
+    model = face_model("ict-facekit")
     rng = np.random.default_rng(5)
     camera = Camera.for_photo(640, 640)
     truths = [ict_model.vertices(rng.normal(size=100)) + np.array([0.0, 0.0, -0.7]) for _ in range(3)]
     marks = [ideal_landmarks(ict_model, v, camera) for v in truths]
-    reference = load_builtin().reference_vertices
-    on_gpu = ModelFitter(ict_model, "cuda:0").fit(marks, [camera] * 3, reference)
-    on_cpu = ModelFitter(ict_model, "cpu").fit(marks, [camera] * 3, reference)
+    on_gpu = model.fit(marks, [camera] * 3, "cuda:0")
+    on_cpu = model.fit(marks, [camera] * 3, "cpu")
     for g, c in zip(on_gpu, on_cpu):
         posed_g = g.pose.apply(ict_model.vertices(g.identity, g.expression))
         posed_c = c.pose.apply(ict_model.vertices(c.identity, c.expression))
         assert np.abs(posed_g - posed_c).max() < 0.002                       # metres
         assert g.reprojection_rms_px < 2.0
-    topology = model_texture_topology("ict-facekit")
+    for g, c in zip(model.texture_vertices(on_gpu, "cuda:0"), model.texture_vertices(on_gpu, "cpu")):
+        assert g.shape == c.shape == (model.topology.vertex_count, 3) and np.abs(g - c).max() < 1e-4
+    topology = model.topology
     photo = rng.integers(0, 255, (640, 640, 3), dtype=np.uint8)
     photo = np.asarray(Image.fromarray(photo).resize((80, 80)).resize((640, 640), Image.BILINEAR))   # smooth
     vertices = topology.refine @ truths[0]

@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,7 +108,7 @@ def test_fit_recovers_a_known_ict_face_and_is_batch_independent(installed_models
     from backend_server.models import store
     from backend_server.models.builtin import load_builtin
     from backend_server.geometry import Camera, rigid_fit
-    from backend_server.pipeline.fit_model import ModelFitter, ideal_landmarks, rodrigues
+    from backend_server.models.morphable_fit import ModelFitter, ideal_landmarks, rodrigues
     import torch
     model = store.load_model("ict-facekit")
     rng = np.random.default_rng(7)
@@ -126,7 +125,7 @@ def test_fit_recovers_a_known_ict_face_and_is_batch_independent(installed_models
     reference = load_builtin().reference_vertices
     fits = fitter.fit([m for m, _, _ in faces], [camera, camera], reference)
     region = model.face_region
-    for fit, (marks, truth, expression) in zip(fits, faces):
+    for fit, (_, truth, _) in zip(fits, faces):
         # (the prior is set for MediaPipe's correlated errors, so even ideal landmarks keep a few px
         # of residual; and they hold the jaw points fixed on the model where the fit follows the
         # silhouette, as a real detector's do)
@@ -162,7 +161,8 @@ def test_reconstruct_in_ict_topology_gives_meshes_texture_shape_keys_and_named_c
     mtl = files["mtl"].data.decode()
     assert mtl.count("newmtl") == 8 and "map_Kd deca_exp1.png" in mtl
     face = result.faces[0]
-    metrics = photo_metrics(result.photo.rgb, face.vertices, face.topology, face.bake.texture, face.fit.camera)
+    metrics = photo_metrics(result.photo.rgb, face.texture_vertices, result.model.topology, face.bake.texture,
+                            face.fit.camera)
     assert metrics["psnr_db"] > 22 and metrics["face_pixels"] > 5000   # the texture holds the face where it is
     assert facts["quality"]["landmark_reprojection_rms_px"] < 6
 

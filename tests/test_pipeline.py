@@ -35,16 +35,16 @@ def test_demo_photo_gives_mesh_texture_and_json(reconstructor, grace_hopper_byte
     assert len(result.faces) == 1
     face = result.faces[0]
     topology = builtin_topology(1)
-    assert face.vertices.shape == (topology.vertex_count, 3) == (1790, 3)
+    assert face.texture_vertices.shape == (topology.vertex_count, 3) == (1790, 3)
     assert len(topology.triangles) == 3408
     assert face.bake.texture.shape == (1024, 1024, 3)
     names = sorted(f.name for f in result.files)
     assert names == ["grace_hopper.json", "grace_hopper.mtl", "grace_hopper.obj", "grace_hopper.png"]
     files = {f.kind: f.data for f in result.files}
     obj_lines = files["obj"].decode().splitlines()
-    assert sum(l.startswith("v ") for l in obj_lines) == 1790
-    assert sum(l.startswith("vt ") for l in obj_lines) == 1790
-    assert sum(l.startswith("f ") for l in obj_lines) == 3408
+    assert sum(line.startswith("v ") for line in obj_lines) == 1790
+    assert sum(line.startswith("vt ") for line in obj_lines) == 1790
+    assert sum(line.startswith("f ") for line in obj_lines) == 3408
     assert b"map_Kd grace_hopper.png" in files["mtl"]
     png = np.asarray(Image.open(io.BytesIO(files["png"])))
     assert png.shape == (1024, 1024, 3)
@@ -56,7 +56,7 @@ def test_demo_photo_gives_mesh_texture_and_json(reconstructor, grace_hopper_byte
     assert 0.7 < facts["quality"]["texture_seen_fraction"] <= 1.0
     # The face is about 0.4-1.5 m in front of the camera, mesh about 14 cm wide, metres throughout.
     assert -1.5 < facts["pose"]["translation_m"][2] < -0.3
-    head = np.array([[float(v) for v in l.split()[1:]] for l in obj_lines if l.startswith("v ")])
+    head = np.array([[float(v) for v in line.split()[1:]] for line in obj_lines if line.startswith("v ")])
     assert 0.10 < np.ptp(head[:, 0]) < 0.20
     # Upright and facing +Z in the OBJ: forehead above chin, nose tip in front.
     assert head[10, 1] > head[152, 1] and head[4, 2] > head[234, 2]
@@ -71,7 +71,8 @@ def test_texture_has_face_colours_where_the_face_is(reconstructor, grace_hopper_
     assert np.abs(centre - photo_mean).max() < 25, (centre, photo_mean)
     background = result.photo.rgb[:40, :40].reshape(-1, 3).mean(axis=0)
     assert np.abs(centre - background).max() > 25   # not just the photo's average colour
-    metrics = photo_metrics(result.photo.rgb, face.vertices, face.topology, face.bake.texture, face.fit.camera)
+    metrics = photo_metrics(result.photo.rgb, face.texture_vertices, result.model.topology, face.bake.texture,
+                            face.fit.camera)
     assert metrics["psnr_db"] > 30 and metrics["ssim"] > 0.9
 
 
@@ -92,7 +93,8 @@ def test_astronaut_photo(reconstructor, astronaut_png):
     result = reconstructor.run(astronaut_png, "astronaut.png", ReconstructOptions(texture_size=512))
     face = result.faces[0]
     assert face.bake.seen_fraction > 0.7
-    metrics = photo_metrics(result.photo.rgb, face.vertices, face.topology, face.bake.texture, face.fit.camera)
+    metrics = photo_metrics(result.photo.rgb, face.texture_vertices, result.model.topology, face.bake.texture,
+                            face.fit.camera)
     assert metrics["psnr_db"] > 28
 
 
@@ -156,6 +158,6 @@ def test_landmarks_match_hand_annotation(reconstructor):
     photo = shared_photo("eos_image_0010.png")
     result = reconstructor.run(photo.read_bytes(), photo.name, ReconstructOptions(texture_size=256))
     face = result.faces[0]
-    predicted = reconstructor.model.ibug68_points(face.landmarks[:, :2]) / result.photo.scale
+    predicted = result.model.ibug68(face.fit, face.landmarks) / result.photo.scale
     error = landmark_error(predicted, read_pts(photo.with_suffix(".pts")))
     assert error["landmark68_normalized"] < 0.06, error

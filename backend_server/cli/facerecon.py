@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any
 
-from backend_server.pipeline.batch_gpu import PhotoOutcome
-import numpy as np
-
+from backend_server.pipeline.batch import OutcomeStatus, PhotoOutcome
 from shared_protocol import OUTPUT_KINDS, ProtocolError, ReconstructOptions, limits
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -59,31 +55,6 @@ def output_stems(photos: list[Path]) -> dict[Path, str]:
     return stems
 
 
-_worker_reconstructor = None
-
-
-def _worker_init(texture_size: int, subdivision: int, model: str) -> None:
-    global _worker_reconstructor
-    from backend_server.pipeline.reconstruct import Reconstructor
-    _worker_reconstructor = Reconstructor()
-    _worker_reconstructor.warm_up(texture_size, subdivision, (model,))
-
-
-def _worker_run(task: tuple[Path, str, Path, ReconstructOptions]) -> PhotoOutcome:
-    from backend_server.pipeline.export import write_files
-    photo, stem, out_dir, options = task
-    start = time.perf_counter()
-    try:
-        data = photo.read_bytes()
-        result = _worker_reconstructor.run(data, stem + photo.suffix, options)
-        write_files(out_dir, result.files)
-        return PhotoOutcome(photo, "done", f"{len(result.faces)} face(s)", time.perf_counter() - start, stem)
-    except ProtocolError as exc:
-        return PhotoOutcome(photo, "failed", f"{exc.code.value}: {exc.message}", time.perf_counter() - start)
-    except OSError as exc:
-        return PhotoOutcome(photo, "failed", f"cannot read or write: {exc}", time.perf_counter() - start)
-
-
 def parse_device(value: str) -> list[str]:
     from backend_server.devices import parse_devices
     try:
@@ -93,6 +64,9 @@ def parse_device(value: str) -> list[str]:
 
 
 def run_reconstruct(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from backend_server.pipeline.batch import run_batch
     if args.demo:
         args.inputs = [str(demo_photo())] + args.inputs
     if not args.inputs:
@@ -107,67 +81,37 @@ def run_reconstruct(args: argparse.Namespace) -> int:
                                  subdivision=args.subdivision)
     stems = output_stems(photos)
     outcomes: list[PhotoOutcome] = []
-    tasks = []
+    todo = []
     for photo in photos:
         marker = out_dir / (f"{stems[photo]}.json" if args.face != -1 else f"{stems[photo]}_face0.json")
         if marker.exists() and not args.overwrite:
-            outcomes.append(PhotoOutcome(photo, "skipped", f"already done ({marker.name}); --overwrite redoes it"))
+            outcomes.append(PhotoOutcome(photo, OutcomeStatus.SKIPPED,
+                                         f"already done ({marker.name}); --overwrite redoes it"))
         else:
-            tasks.append((photo, stems[photo], out_dir, options))
-
-    from tqdm import tqdm
-    progress = tqdm(total=len(tasks), unit="photo", disable=args.quiet or not tasks)
-    if args.device != ["cpu"]:
-        return run_on_gpus(args, tasks, options, outcomes, progress, out_dir)
-    workers = max(1, min(args.workers, len(tasks)))
-    if workers == 1:
-        _worker_init(args.texture_size, args.subdivision, args.model)
-        results: Iterator[PhotoOutcome] = map(_worker_run, tasks)
-        pool = None
-    else:
-        pool = multiprocessing.get_context("spawn").Pool(workers, _worker_init,
-                                                         (args.texture_size, args.subdivision, args.model))
-        results = pool.imap_unordered(_worker_run, tasks)
-    try:
-        for outcome in results:
-            outcomes.append(outcome)
-            progress.update(1)
-            if outcome.status == "failed":
-                progress.write(f"failed: {outcome.photo}: {outcome.detail}")
-    finally:
-        progress.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
-    return summarize(outcomes, out_dir)
-
-
-def run_on_gpus(args: argparse.Namespace, tasks: list, options: ReconstructOptions, outcomes: list[PhotoOutcome],
-                progress, out_dir: Path) -> int:
-    """CUDA devices: CPU stages in a process pool, bake batched on each GPU (pipeline.batch_gpu)."""
-    from backend_server.pipeline.batch_gpu import run_batch
+            todo.append((photo, stems[photo]))
+    progress = tqdm(total=len(todo), unit="photo", disable=args.quiet or not todo)
 
     def on_outcome(outcome: PhotoOutcome) -> None:
         outcomes.append(outcome)
         progress.update(1)
-        if outcome.status == "failed":
+        if outcome.status is OutcomeStatus.FAILED:
             progress.write(f"failed: {outcome.photo}: {outcome.detail}")
 
     try:
-        report = run_batch(args.device, [(photo, stem) for photo, stem, _, _ in tasks], out_dir, options,
-                           max(1, args.batch_size), on_outcome)
+        report = run_batch(args.device, todo, out_dir, options, on_outcome, workers=args.workers,
+                           batch_size=max(1, args.batch_size))
     finally:
         progress.close()
-    if tasks:
+    if todo and report.gpu:
         gpus = ", ".join(f"{d}: {g['faces']:.0f} faces, peak {g['peak_mb']:.0f} MB" for d, g in report.gpu.items())
         print(f"{report.photos_per_s:.1f} photos/s on {len(args.device)} GPU(s) ({gpus})")
     return summarize(outcomes, out_dir)
 
 
 def summarize(outcomes: list[PhotoOutcome], out_dir: Path) -> int:
-    done = [o for o in outcomes if o.status == "done"]
-    failed = [o for o in outcomes if o.status == "failed"]
-    skipped = [o for o in outcomes if o.status == "skipped"]
+    done = [o for o in outcomes if o.status is OutcomeStatus.DONE]
+    failed = [o for o in outcomes if o.status is OutcomeStatus.FAILED]
+    skipped = [o for o in outcomes if o.status is OutcomeStatus.SKIPPED]
     for outcome in skipped:
         print(f"skipped: {outcome.photo}: {outcome.detail}")
     for outcome in failed:
@@ -214,12 +158,13 @@ def run_evaluate(args: argparse.Namespace) -> int:
             failures += 1
             continue
         face = result.faces[0]
-        row = {"photo": str(photo), **photo_metrics(result.photo.rgb, face.vertices, face.topology,
-                                                     face.bake.texture, face.fit.camera, device),
+        metrics = photo_metrics(result.photo.rgb, face.texture_vertices, result.model.topology, face.bake.texture,
+                                face.fit.camera, device)
+        row: dict[str, Any] = {"photo": str(photo), **metrics,
                "seen_fraction": face.bake.seen_fraction, **face.fit.pose.euler_degrees()}
         pts = photo.with_suffix(".pts")
         if pts.exists():
-            predicted = predicted_ibug68(reconstructor, face) / result.photo.scale
+            predicted = result.model.ibug68(face.fit, face.landmarks) / result.photo.scale
             row.update(landmark_error(predicted, read_pts(pts)))
         rows.append(row)
         lm = f"{100 * row['landmark68_normalized']:8.2f}%" if "landmark68_normalized" in row else f"{'-':>9s}"
@@ -228,16 +173,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 1 if failures else 0
-
-
-def predicted_ibug68(reconstructor, face) -> np.ndarray:
-    """(68, 2) photo pixels: the built-in model's points from MediaPipe's, a morphable model's from
-    its own iBUG vertices on the posed mesh (NaN where the model has none)."""
-    if face.shape is None:
-        return reconstructor.model.ibug68_points(face.landmarks[:, :2])
-    ids = face.shape.model.landmarks68
-    points = face.fit.pose.apply(face.shape.posed[np.maximum(ids, 0)])
-    return np.where((ids >= 0)[:, None], face.fit.camera.project(points), np.nan)
 
 
 def face_choice(value: str) -> int:

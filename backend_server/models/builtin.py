@@ -1,6 +1,11 @@
 """The built-in face model: MediaPipe's 468-vertex face-mesh topology with the project's own UVs.
 
-It has no shape or expression basis: every photo gives its own per-vertex geometry (see fit.py).
+It has no shape or expression basis: every photo gives its own per-vertex geometry. The face is
+assumed to have the reference face's size (63 mm between the iris centres). A similarity
+(Procrustes) fit of the reference shape to the landmarks gives the head rotation and the
+pixels-per-metre scale, hence the distance (depth = focal_px / scale); every landmark is then
+lifted to its own 3D point on its camera ray at its own depth, so the mesh reprojects onto the
+landmarks exactly. The mesh exported and baked is that one after `subdivision` Loop steps.
 Fixed data lives in `data/builtin_topology.json` (made by build_builtin_topology.py).
 """
 from __future__ import annotations
@@ -9,9 +14,12 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
+from ..geometry import Camera, Pose, similarity_fit
+from .face_model import FaceFit, FaceModel, HeadMesh, MeshLayout, ModelFacts, Part
 from .topology import MeshTopology, SparseRows
 
 DATA_FILE = Path(__file__).parent / "data" / "builtin_topology.json"
@@ -53,50 +61,57 @@ def loop_subdivide_matrices(triangles: np.ndarray, vertex_count: int
     (for UVs, which must stay a flat, overlap-free layout)."""
     edges, side_edge = _edges(triangles)
     count = len(edges)
-    opposite = [[] for _ in range(count)]
+    opposite: list[list[int]] = [[] for _ in range(count)]
     for k in range(3):
         for edge, vertex in zip(side_edge[:, k], triangles[:, (k + 2) % 3]):
             opposite[edge].append(vertex)
     boundary = np.array([len(o) == 1 for o in opposite])
 
-    rows, cols, vals = [], [], []
-    lin_rows, lin_cols, lin_vals = [], [], []
+    smooth_entries: tuple[list, list, list] = ([], [], [])       # rows, columns, weights
+    linear_entries: tuple[list, list, list] = ([], [], [])
+
+    def put(entries: tuple[list, list, list], row: int, columns: list, weights: list[float]) -> None:
+        entries[0].extend([row] * len(columns))
+        entries[1].extend(columns)
+        entries[2].extend(weights)
+
     for e, (a, b) in enumerate(edges):
         row = vertex_count + e
-        lin_rows += [row, row]; lin_cols += [a, b]; lin_vals += [0.5, 0.5]
+        put(linear_entries, row, [a, b], [0.5, 0.5])
         if boundary[e]:
-            rows += [row, row]; cols += [a, b]; vals += [0.5, 0.5]
+            put(smooth_entries, row, [a, b], [0.5, 0.5])
         else:
             c, d = opposite[e]
-            rows += [row] * 4; cols += [a, b, c, d]; vals += [0.375, 0.375, 0.125, 0.125]
+            put(smooth_entries, row, [a, b, c, d], [0.375, 0.375, 0.125, 0.125])
 
-    neighbours = [set() for _ in range(vertex_count)]
-    boundary_neighbours = [[] for _ in range(vertex_count)]
+    neighbours: list[set[int]] = [set() for _ in range(vertex_count)]
+    boundary_neighbours: list[list[int]] = [[] for _ in range(vertex_count)]
     for e, (a, b) in enumerate(edges):
-        neighbours[a].add(b); neighbours[b].add(a)
+        neighbours[a].add(b)
+        neighbours[b].add(a)
         if boundary[e]:
-            boundary_neighbours[a].append(b); boundary_neighbours[b].append(a)
+            boundary_neighbours[a].append(b)
+            boundary_neighbours[b].append(a)
     for v in range(vertex_count):
-        lin_rows.append(v); lin_cols.append(v); lin_vals.append(1.0)
-        if boundary_neighbours[v]:
-            ring = boundary_neighbours[v]
-            rows += [v] + [v] * len(ring); cols += [v] + ring
-            vals += [0.75] + [0.25 / len(ring)] * len(ring)
+        put(linear_entries, v, [v], [1.0])
+        ring = boundary_neighbours[v]
+        if ring:
+            put(smooth_entries, v, [v] + ring, [0.75] + [0.25 / len(ring)] * len(ring))
         elif neighbours[v]:
             n = len(neighbours[v])
             beta = 3 / 16 if n == 3 else 3 / (8 * n)
-            rows += [v] * (n + 1); cols += [v] + sorted(neighbours[v]); vals += [1 - n * beta] + [beta] * n
+            put(smooth_entries, v, [v] + sorted(neighbours[v]), [1 - n * beta] + [beta] * n)
         else:
-            rows.append(v); cols.append(v); vals.append(1.0)
+            put(smooth_entries, v, [v], [1.0])
 
     shape = (vertex_count + count, vertex_count)
-    smooth = SparseRows(np.array(rows), np.array(cols), np.array(vals), shape)
-    linear = SparseRows(np.array(lin_rows), np.array(lin_cols), np.array(lin_vals), shape)
+    smooth = SparseRows(np.array(smooth_entries[0]), np.array(smooth_entries[1]), np.array(smooth_entries[2]), shape)
+    linear = SparseRows(np.array(linear_entries[0]), np.array(linear_entries[1]), np.array(linear_entries[2]), shape)
     m = vertex_count + side_edge                      # new vertex id of each side's midpoint
-    a, b, c = triangles[:, 0], triangles[:, 1], triangles[:, 2]
-    ab, bc, ca = m[:, 0], m[:, 1], m[:, 2]
+    v0, v1, v2 = triangles[:, 0], triangles[:, 1], triangles[:, 2]
+    m01, m12, m20 = m[:, 0], m[:, 1], m[:, 2]
     new_triangles = np.concatenate([np.stack(t, axis=1) for t in
-                                    ((a, ab, ca), (ab, b, bc), (ca, bc, c), (ab, bc, ca))])
+                                    ((v0, m01, m20), (m01, v1, m12), (m20, m12, v2), (m01, m12, m20))])
     return new_triangles, smooth, linear
 
 
@@ -112,3 +127,71 @@ def builtin_topology(subdivision: int) -> MeshTopology:
         uvs = linear @ uvs
         triangles = triangles_next
     return MeshTopology(triangles, uvs, refine, (builtin_topology, (subdivision,)))
+
+
+@dataclass(frozen=True)
+class LandmarkFit(FaceFit):
+    """The built-in model's fit: `landmark_points` (468, 3) camera-frame metres are the mesh
+    itself; rigid_rms_px: how far the rigid reference shape (before per-vertex lifting) lies from
+    the landmarks, in pixels."""
+
+    rigid_rms_px: float
+
+
+def fit_landmarks(landmarks: np.ndarray, reference: np.ndarray, camera: Camera) -> LandmarkFit:
+    """landmarks: (478, 3) photo pixels (x, y down, z MediaPipe depth); reference: (468, 3) metres."""
+    mesh = landmarks[:len(reference)]
+    # Landmarks in a Y-up, Z-toward-viewer frame centred on the principal point (pixels).
+    observed = np.stack([mesh[:, 0] - camera.cx, camera.cy - mesh[:, 1], -mesh[:, 2]], axis=1)
+    scale, rotation, shift = similarity_fit(reference, observed)         # pixels per metre
+    rigid = scale * reference @ rotation.T + shift
+    rigid_rms = float(np.sqrt(((rigid[:, :2] - observed[:, :2]) ** 2).sum(1).mean()))
+    distance = camera.focal_px / scale                                   # metres to the head origin
+    depth = distance - (observed[:, 2] - shift[2]) / scale               # per-vertex distance
+    vertices = np.stack([observed[:, 0] * depth / camera.focal_px,
+                         observed[:, 1] * depth / camera.focal_px, -depth], axis=1)
+    translation = np.array([shift[0] * distance / camera.focal_px, shift[1] * distance / camera.focal_px,
+                            -distance])
+    return LandmarkFit(Pose(rotation, translation), camera, vertices, rigid_rms)
+
+
+class BuiltinFaceModel(FaceModel[LandmarkFit]):
+    """The built-in model as a FaceModel: no coefficients, one textured part, no expressions."""
+
+    def __init__(self, subdivision: int) -> None:
+        self.name = NAME
+        self.subdivision = subdivision
+        self.data = load_builtin()
+        self.topology = builtin_topology(subdivision)
+        triangles = np.concatenate([self.topology.triangles, np.full((len(self.topology.triangles), 1), -1)],
+                                   axis=1)                              # one UV per vertex: same ids
+        self.layout = MeshLayout(triangles, triangles, self.topology.uvs, np.zeros(len(triangles), np.int64),
+                                 (Part("face", textured=True),))
+
+    def fit(self, landmarks: Sequence[np.ndarray], cameras: Sequence[Camera], device: str = "cpu"
+            ) -> list[LandmarkFit]:
+        """Closed form, numpy, a face at a time (about 0.5 ms each): `device` is not needed."""
+        return [fit_landmarks(marks, self.data.reference_vertices, camera) for marks, camera in zip(landmarks, cameras)]
+
+    def texture_vertices(self, fits: Sequence[LandmarkFit], device: str = "cpu") -> list[np.ndarray]:
+        return [self.topology.refine @ fit.landmark_points for fit in fits]
+
+    def head_mesh(self, fit: LandmarkFit) -> HeadMesh:
+        [vertices] = self.texture_vertices([fit])
+        return HeadMesh(self.layout, fit.pose.head_frame(vertices), None, np.zeros(0))
+
+    def facts(self, fit: LandmarkFit, name: str) -> ModelFacts:
+        return ModelFacts(
+            {"identity": None, "expression": None,
+             "note": "the built-in model has no shape or expression basis; its geometry is per vertex"},
+            {"vertices": int(self.topology.vertex_count), "triangles": int(len(self.topology.triangles)),
+             "subdivision": self.subdivision},
+            {"rigid_fit_rms_px": fit.rigid_rms_px})
+
+    def ibug68(self, fit: LandmarkFit, landmarks: np.ndarray) -> np.ndarray:
+        return self.data.ibug68_points(landmarks[:, :2])
+
+    def __reduce__(self) -> tuple:
+        """Pickled by its recipe: another process builds (or reuses) its own."""
+        from .registry import face_model
+        return (face_model, (NAME, self.subdivision))

@@ -19,7 +19,8 @@ import numpy as np
 
 from ..geometry import similarity_fit
 from .builtin import load_builtin
-from .morphable import Correspondence, MorphableModel, triangulate
+from .face_model import triangulate
+from .morphable import Correspondence, MorphableModel
 
 ROUNDS = 6
 NEAREST_VERTICES = 12
@@ -34,7 +35,7 @@ def closest_surface_points(points: np.ndarray, vertices: np.ndarray, triangles: 
     used = np.unique(triangles)
     nearest = used[np.argsort(((points[:, None, :] - vertices[None, used, :]) ** 2).sum(2), axis=1)
                    [:, :NEAREST_VERTICES]]
-    incident = [[] for _ in range(len(vertices))]
+    incident: list[list[int]] = [[] for _ in range(len(vertices))]
     for t, corners in enumerate(triangles.tolist()):
         for v in corners:
             incident[v].append(t)

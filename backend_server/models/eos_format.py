@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .morphable import MorphableModel, Part
+from .face_model import Part
+from .morphable import MorphableModel
 
 MM = 0.001
 SFM_NAME = "sfm"
@@ -86,4 +87,5 @@ def load_sfm(folder: Path) -> MorphableModel:
     missing = [path.name for path in files if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} lacks {', '.join(missing)}; get the files from {SFM_SOURCE}")
-    return load_eos_model(SFM_NAME, *files, source=SFM_SOURCE)
+    shape, blendshapes, mapping = files
+    return load_eos_model(SFM_NAME, shape, blendshapes, mapping, source=SFM_SOURCE)

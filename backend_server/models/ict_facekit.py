@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .morphable import MorphableModel, Part, keep_parts
+from .face_model import Part
+from .morphable import MorphableModel, keep_parts
 
 NAME = "ict-facekit"
 CM = 0.01
@@ -114,8 +115,7 @@ def load_ict_facekit(folder: Path) -> MorphableModel:
     names = tuple(indices["expressions"])
     expression = offsets([folder / f"{name}.obj" for name in names])
 
-    material_names = [m for m in PARTS if PARTS[m] is not None]
-    parts = tuple(PARTS[m] for m in material_names)
+    parts = tuple(part for part in PARTS.values() if part is not None)
     keep = np.array([PARTS[m] is not None for m in PARTS])
     all_materials = list(PARTS)
     part_of_polygon = np.array([all_materials.index(m) for m in materials])

@@ -16,20 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .face_model import Part, triangulate
 from .topology import MeshTopology, SparseRows
 
 CACHE_FORMAT = 1
-
-
-@dataclass(frozen=True)
-class Part:
-    """A material group of the mesh: `textured` parts take the baked photo texture; the others a
-    plain colour (linear 0..1 RGB), or the face's skin colour where `skin` is set."""
-
-    name: str
-    colour: tuple[float, float, float] = (0.6, 0.6, 0.6)
-    textured: bool = False
-    skin: bool = False
 
 
 @dataclass(frozen=True)
@@ -88,6 +78,12 @@ class MorphableModel:
         """Pickled by name: another process loads the installed model (never MBs through a pipe)."""
         return (_installed_model, (self.name,))
 
+    def correspondence(self) -> Correspondence:
+        """MediaPipe's points on this model; ValueError if the cache has none (install it again)."""
+        if self.mediapipe is None:
+            raise ValueError(f"model {self.name!r} has no MediaPipe correspondence; install it again")
+        return self.mediapipe
+
     def with_correspondence(self, correspondence: Correspondence) -> "MorphableModel":
         from dataclasses import replace
         return replace(self, mediapipe=correspondence)
@@ -130,12 +126,6 @@ class MorphableModel:
 def _installed_model(name: str) -> "MorphableModel":
     from .store import load_model
     return load_model(name)
-
-
-def triangulate(polygons: np.ndarray) -> np.ndarray:
-    """(F, 4) polygons (-1 padded triangles) -> (T, 3) fan triangles: every polygon's first
-    triangle, then the quads' second ones (the same order for vertex ids and UV ids)."""
-    return np.concatenate([polygons[:, :3], polygons[polygons[:, 3] >= 0][:, [0, 2, 3]]])
 
 
 def texture_topology(model: MorphableModel, recipe: tuple) -> MeshTopology:

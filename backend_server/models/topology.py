@@ -32,10 +32,16 @@ class SparseRows:
         return np.bincount(self.rows, self.vals, self.shape[0])
 
     @classmethod
-    def selection(cls, columns: np.ndarray, column_count: int) -> "SparseRows":
+    def selection(cls, columns: np.ndarray, column_count: int) -> SparseRows:
         """Row i picks column columns[i] (weight 1)."""
         count = len(columns)
         return cls(np.arange(count), np.asarray(columns, np.int64), np.ones(count), (count, column_count))
+
+    def selected_columns(self) -> np.ndarray:
+        """(rows,) the column each row picks, for a matrix made by `selection`; ValueError otherwise."""
+        if not (np.array_equal(self.rows, np.arange(self.shape[0])) and np.all(self.vals == 1.0)):
+            raise ValueError("not a selection matrix: a row mixes columns or weights them")
+        return self.cols
 
 
 @dataclass(frozen=True, eq=False)      # hashed by identity: UV rasters are cached per instance

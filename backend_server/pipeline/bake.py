@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol, Sequence
 
 import cv2
 import numpy as np
@@ -72,8 +73,8 @@ def pull_push_fill(image: np.ndarray, known: np.ndarray) -> np.ndarray:
     """Fill unknown pixels of a float32 (H, W, C) image from known ones, coarse to fine; known
     pixels keep their values exactly."""
     height, width = known.shape
-    weight = known.astype(np.float32)
-    colour = image * weight[..., None]
+    weight: np.ndarray = known.astype(np.float32)
+    colour: np.ndarray = image * weight[..., None]
     levels = []
     while min(weight.shape) > 1:
         h, w = (weight.shape[0] + 1) // 2, (weight.shape[1] + 1) // 2
@@ -125,3 +126,38 @@ def bake_texture(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopo
     texture = np.clip(np.rint(filled), 0, 255).astype(np.uint8)
     covered = max(len(texels.texel), 1)
     return Bake(texture, float(seen.sum()) / covered, float(use_mirror.sum()) / covered)
+
+
+class Baker(Protocol):
+    """Bakes many faces' textures on one device. photos: (H, W, 3) uint8 each; vertices: (V, 3)
+    camera-frame metres of `topology`'s texture vertices, one per photo; targets: optional
+    (size, size, 3) uint8 arrays that receive the textures (the Bakes then hold them)."""
+
+    def warm_up(self, topology: MeshTopology, size: int) -> None: ...
+
+    def bake(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
+             topology: MeshTopology, size: int, targets: Sequence[np.ndarray] | None = None) -> list[Bake]: ...
+
+
+class CpuBaker:
+    """`bake_texture`, one face after another, on this process's CPU."""
+
+    def warm_up(self, topology: MeshTopology, size: int) -> None:
+        texel_map(topology, size)
+
+    def bake(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
+             topology: MeshTopology, size: int, targets: Sequence[np.ndarray] | None = None) -> list[Bake]:
+        bakes = [bake_texture(photo, v, topology, camera, size) for photo, v, camera in zip(photos, vertices, cameras)]
+        if targets is None:
+            return bakes
+        for bake, target in zip(bakes, targets):
+            target[...] = bake.texture
+        return [Bake(target, bake.seen_fraction, bake.mirrored_fraction) for bake, target in zip(bakes, targets)]
+
+
+def baker_for(device: str) -> Baker:
+    """The baker of a device: cpu, or cuda:N (nvdiffrast)."""
+    if device == "cpu":
+        return CpuBaker()
+    from .bake_gpu import GpuBaker
+    return GpuBaker(device)

@@ -9,6 +9,7 @@ samples moved the texture by up to 1 level, and the bake is not the bottleneck).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -67,8 +68,8 @@ class GpuBaker:
                                        raster.bary.reshape(-1, 3)[texel])
         return self._uv_maps[key]
 
-    def bake(self, photos: list[np.ndarray], vertices: list[np.ndarray], cameras: list[Camera],
-             topology: MeshTopology, size: int, targets: list[np.ndarray] | None = None) -> list[Bake]:
+    def bake(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
+             topology: MeshTopology, size: int, targets: Sequence[np.ndarray] | None = None) -> list[Bake]:
         """photos: (H, W, 3) uint8 each; vertices: (V, 3) camera-frame metres of `topology`'s mesh.
 
         targets: optional (size, size, 3) uint8 arrays (e.g. shared-memory slots) that receive the
@@ -83,8 +84,8 @@ class GpuBaker:
         return bakes
 
     @torch.inference_mode()
-    def _bake_pass(self, photos: list[np.ndarray], vertices: list[np.ndarray], cameras: list[Camera],
-                   topology: MeshTopology, size: int, targets: list[np.ndarray]) -> list[Bake]:
+    def _bake_pass(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
+                   topology: MeshTopology, size: int, targets: Sequence[np.ndarray]) -> list[Bake]:
         device, count = self.device, len(photos)
         uv = self.uv_map(topology, size)
         height = -(-max(c.height for c in cameras) // 8) * 8
@@ -95,7 +96,9 @@ class GpuBaker:
         screen, points = attributes[..., :2], attributes[..., 2:5]
         zbuffer = rasterize_batch(screen, -points[..., 2], self.triangles(topology), width, height).depth
 
-        per_texel = sum(attributes[:, uv.corners[:, k]] * uv.bary[None, :, k, None] for k in range(3))
+        per_texel = (attributes[:, uv.corners[:, 0]] * uv.bary[None, :, 0, None]
+                     + attributes[:, uv.corners[:, 1]] * uv.bary[None, :, 1, None]
+                     + attributes[:, uv.corners[:, 2]] * uv.bary[None, :, 2, None])
         xy, point, normal = per_texel[..., :2], per_texel[..., 2:5], per_texel[..., 5:8]
         facing = (normal * -point).sum(-1) / torch.sqrt(
             ((normal * normal).sum(-1) * (point * point).sum(-1)).clamp_min(1e-24))

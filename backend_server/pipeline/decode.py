@@ -15,15 +15,25 @@ Image.MAX_IMAGE_PIXELS = limits.MAX_PHOTO_PIXELS
 
 
 @dataclass(frozen=True)
-class Photo:
-    """A decoded photo. rgb: (H, W, 3) uint8, sRGB (None once handed elsewhere, e.g. to a GPU
-    process). scale: decoded pixels per original pixel (<= 1)."""
+class PhotoInfo:
+    """What is known of a decoded photo without its pixels. scale: decoded pixels per original
+    pixel (<= 1)."""
 
     name: str
-    rgb: np.ndarray | None
-    size: tuple[int, int]            # (width, height) of rgb, pixels
+    size: tuple[int, int]            # (width, height) of the decoded pixels
     original_size: tuple[int, int]   # (width, height) after EXIF rotation, before downscaling
     scale: float
+
+    def info(self) -> PhotoInfo:
+        """This photo's facts alone (a Photo without its pixels, e.g. to send to another process)."""
+        return PhotoInfo(self.name, self.size, self.original_size, self.scale)
+
+
+@dataclass(frozen=True)
+class Photo(PhotoInfo):
+    """A decoded photo. rgb: (H, W, 3) uint8, sRGB, photo pixels (x right, y down)."""
+
+    rgb: np.ndarray
 
 
 def decode_photo(data: bytes, name: str, max_side: int = DEFAULT_MAX_SIDE) -> Photo:
@@ -32,9 +42,10 @@ def decode_photo(data: bytes, name: str, max_side: int = DEFAULT_MAX_SIDE) -> Ph
         raise ProtocolError(ErrorCode.IMAGE_TOO_LARGE,
                             f"{name}: {len(data)} bytes, over the limit of {limits.MAX_PHOTO_BYTES}")
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.format not in ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"):
-                raise ProtocolError(ErrorCode.BAD_IMAGE, f"{name}: {image.format} images are not "
+        with Image.open(io.BytesIO(data)) as opened:
+            image: Image.Image = opened
+            if opened.format not in ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "MPO"):
+                raise ProtocolError(ErrorCode.BAD_IMAGE, f"{name}: {opened.format} images are not "
                                     "supported; use JPEG, PNG, WebP, BMP or TIFF")
             width, height = image.size
             if width * height > limits.MAX_PHOTO_PIXELS:
@@ -42,8 +53,8 @@ def decode_photo(data: bytes, name: str, max_side: int = DEFAULT_MAX_SIDE) -> Ph
                                     f"the limit of {limits.MAX_PHOTO_PIXELS}")
             orientation = image.getexif().get(0x0112, 1)
             original_size = (height, width) if orientation in (5, 6, 7, 8) else (width, height)
-            image.draft("RGB", (max_side, max_side))       # JPEG: decode at reduced size when possible
-            image = ImageOps.exif_transpose(image)
+            opened.draft("RGB", (max_side, max_side))      # JPEG: decode at reduced size when possible
+            image = ImageOps.exif_transpose(opened)
             if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                 rgba = image.convert("RGBA")
                 background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -64,4 +75,4 @@ def decode_photo(data: bytes, name: str, max_side: int = DEFAULT_MAX_SIDE) -> Ph
                              Image.Resampling.LANCZOS)
     scale = image.size[0] / original_size[0]
     rgb = np.asarray(image, dtype=np.uint8)
-    return Photo(name=name, rgb=rgb, size=(rgb.shape[1], rgb.shape[0]), original_size=original_size, scale=scale)
+    return Photo(name=name, size=(rgb.shape[1], rgb.shape[0]), original_size=original_size, scale=scale, rgb=rgb)

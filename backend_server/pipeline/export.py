@@ -1,21 +1,40 @@
 """Stage 6, export: mesh, material, texture and facts as file bytes, and safe writing of them.
 
-OBJ: positions in metres in the head frame (+Y up, the face looking toward +Z, pose removed; the
-JSON's pose puts it back into the camera frame), per-vertex normals and UVs (origin bottom-left).
-The built-in mesh has one UV per vertex; a morphable model's mesh has UVs per corner (seams),
-quads, and one material per part (face with the texture, the rest plain colours).
+Every model's head goes out the same way, from its `HeadMesh` (models/face_model.py):
+- `NAME.obj`: positions in metres in the head frame (+Y up, the face looking toward +Z, pose
+  removed; the JSON's pose puts it back into the camera frame), per-vertex normals, UVs per
+  corner (origin bottom-left; seams stay), triangles and quads, one material per part;
+- `NAME_neutral.obj`: the same with every expression weight 0 (models with a neutral shape);
+- `NAME.mtl`: the textured parts use `NAME.png`, the others a plain or the skin colour;
+- `NAME.png`: the UV texture; `NAME_shape_keys.bin`: per expression its offsets from the neutral
+  mesh and its fitted weight (shared_protocol/shape_keys.py);
+- `NAME.json`: the facts (`face_facts`).
 """
 from __future__ import annotations
 
 import io
+import json
 import re
+from array import array
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
-from shared_protocol import ResultFile
+from shared_protocol import ReconstructOptions, ResultFile
+from shared_protocol.shape_keys import NEUTRAL_SUFFIX, SUFFIX as SHAPE_KEYS_SUFFIX, ShapeKey, encode_shape_keys
+from .. import __version__
+from ..geometry import vertex_normals
+from ..models.face_model import FaceFit, FaceModel, HeadMesh, MeshLayout
+from .bake import Bake
+from .decode import PhotoInfo
+from .landmarks import LocatedFace
+from .progress import StageClock
 
-PNG_COMPRESS_LEVEL = 1   # used only where fpng is missing (Pillow fallback)
+PNG_COMPRESS_LEVEL = 1              # used only where fpng is missing (Pillow fallback)
+SHAPE_KEY_MIN_OFFSET_M = 1e-5       # a vertex moved less than this by an expression is left out of its key
 
 
 def safe_stem(photo_name: str) -> str:
@@ -98,3 +117,125 @@ def write_files(folder: Path, files: list[ResultFile], overwrite: bool = True) -
         temporary.replace(target)          # never a half-written file under the final name
         written.append(target)
     return written
+
+
+def skin_colour(texture: np.ndarray) -> tuple[float, float, float]:
+    """Median colour of a baked face texture (sRGB uint8), as linear RGB 0..1 for a plain material."""
+    small = texture[::32, ::32].reshape(-1, 3).astype(np.float64) / 255.0
+    srgb = np.median(small, axis=0)
+    linear = np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
+    return (float(linear[0]), float(linear[1]), float(linear[2]))
+
+
+@dataclass(frozen=True)
+class LayoutText:
+    """What every OBJ and shape-keys file of one layout shares, formatted once: the UV lines, the
+    face lines per part, and per expression its moved vertex ids and their offsets (float32 bytes)."""
+
+    uv_block: str
+    part_faces: list[str]
+    shape_keys: list[tuple[str, bytes, bytes]]
+
+
+@lru_cache(maxsize=8)
+def layout_text(layout: MeshLayout) -> LayoutText:
+    part_faces = [polygon_lines(layout.polygons[layout.polygon_part == k], layout.polygon_uvs[layout.polygon_part == k])
+                  for k in range(len(layout.parts))]
+    shape_keys = []
+    basis = layout.expression_basis if layout.expression_basis is not None else ()
+    for key_name, offsets in zip(layout.expression_names, basis):
+        moved = np.flatnonzero(np.abs(offsets).max(axis=1) >= SHAPE_KEY_MIN_OFFSET_M)
+        shape_keys.append((key_name, moved.astype(np.uint32).tobytes(), offsets[moved].astype(np.float32).tobytes()))
+    return LayoutText(uv_lines(layout.uvs), part_faces, shape_keys)
+
+
+def face_files(name: str, mesh: HeadMesh, texture: np.ndarray, outputs: Sequence[str]) -> list[ResultFile]:
+    """The mesh, material, texture and shape-keys files of one face (those of `outputs` that apply)."""
+    layout = mesh.layout
+    text = layout_text(layout)
+    materials = [name if part.textured else f"{name}_{part.name}" for part in layout.parts]
+    blocks = [(material, faces) for material, faces in zip(materials, text.part_faces) if faces]
+
+    def obj(vertices: np.ndarray) -> bytes:
+        return obj_bytes(vertices, vertex_normals(vertices, layout.triangles), text.uv_block, blocks,
+                         f"{name}.mtl", name)
+
+    files = []
+    if "obj" in outputs:
+        files.append(ResultFile(f"{name}.obj", "obj", obj(mesh.posed)))
+    if "neutral_obj" in outputs and mesh.neutral is not None:
+        files.append(ResultFile(f"{name}{NEUTRAL_SUFFIX}", "neutral_obj", obj(mesh.neutral)))
+    if "mtl" in outputs:
+        skin = skin_colour(texture) if any(part.skin for part in layout.parts) else (1.0, 1.0, 1.0)
+        files.append(ResultFile(f"{name}.mtl", "mtl", mtl_bytes([
+            (material, f"{name}.png" if part.textured else None, skin if part.skin else part.colour)
+            for material, part in zip(materials, layout.parts)])))
+    if "png" in outputs:
+        files.append(ResultFile(f"{name}.png", "png", png_bytes(texture)))
+    if "shape_keys" in outputs and text.shape_keys:
+        keys = [ShapeKey(key_name, float(value), array("I", ids), array("f", offsets))
+                for (key_name, ids, offsets), value in zip(text.shape_keys, mesh.expression)]
+        vertex_count = len(mesh.posed)
+        files.append(ResultFile(f"{name}{SHAPE_KEYS_SUFFIX}", "shape_keys", encode_shape_keys(vertex_count, keys)))
+    return files
+
+
+def face_facts(photo: PhotoInfo, face: LocatedFace, fit: FaceFit, model: FaceModel, mesh: HeadMesh, bake: Bake,
+               options: ReconstructOptions, timings_ms: dict[str, float], face_count: int, name: str
+               ) -> dict[str, Any]:
+    """Everything the JSON output says about one face (units in the key names)."""
+    facts = model.facts(fit, name)
+    points = fit.landmark_points
+    reprojection = np.linalg.norm(fit.camera.project(points) - face.landmarks[:len(points), :2], axis=1)
+    quality = {"texture_seen_fraction": bake.seen_fraction, "texture_mirrored_fraction": bake.mirrored_fraction,
+               "landmark_reprojection_rms_px": float(np.sqrt((reprojection ** 2).mean())), **facts.quality}
+    mesh_facts = dict(facts.mesh)
+    if mesh.neutral is not None:
+        mesh_facts["neutral_file"] = f"{name}{NEUTRAL_SUFFIX}"
+        mesh_facts["shape_keys_file"] = f"{name}{SHAPE_KEYS_SUFFIX}" if mesh.layout.expression_names else None
+    return {
+        "format": "facerecon-face/1",
+        "backend_version": __version__,
+        "model": options.model,
+        "coefficients": facts.coefficients,
+        "mesh": {**mesh_facts, "frame": "head frame: metres, +Y up, face toward +Z; camera = pose applied"},
+        "texture": {"size_px": options.texture_size, "uv_origin": "bottom-left", "colour_space": "sRGB"},
+        "photo": {"name": photo.name, "width_px": photo.size[0], "height_px": photo.size[1],
+                  "original_width_px": photo.original_size[0], "original_height_px": photo.original_size[1],
+                  "scale": photo.scale},
+        "face": {"index": face.index, "of": face_count,
+                 "box_px": [face.box.x0, face.box.y0, face.box.width, face.box.height],
+                 "detector_score": face.box.score},
+        "camera": fit.camera.to_json(),
+        "pose": {**fit.pose.to_json(), "frame": "x_camera = rotation @ x_head + translation_m; "
+                 "camera: metres, +X right, +Y up, +Z toward the viewer"},
+        "landmarks_px": np.round(face.landmarks, 3).tolist(),
+        "quality": quality,
+        "timings_ms": dict(timings_ms),
+    }
+
+
+@dataclass(frozen=True)
+class FaceExport:
+    """One face's result files (JSON last) and the facts its JSON holds."""
+
+    files: tuple[ResultFile, ...]
+    facts: dict[str, Any]
+
+
+def export_photo(photo: PhotoInfo, faces: Sequence[LocatedFace], names: Sequence[str], fits: Sequence[FaceFit],
+                 bakes: Sequence[Bake], model: FaceModel, options: ReconstructOptions, clock: StageClock
+                 ) -> list[FaceExport]:
+    """Stage 6 for every face of a photo: mesh, material, texture and shape-keys files, then the
+    JSONs, which carry every stage's time (this one's included)."""
+    clock.enter("export", 0.9)
+    meshes = [model.head_mesh(fit) for fit in fits]
+    files = [face_files(name, mesh, bake.texture, options.outputs) for name, mesh, bake in zip(names, meshes, bakes)]
+    clock.stop()
+    exports = []
+    for name, face, fit, mesh, bake, face_files_ in zip(names, faces, fits, meshes, bakes, files):
+        facts = face_facts(photo, face, fit, model, mesh, bake, options, clock.timings, len(faces), name)
+        if "json" in options.outputs:
+            face_files_.append(ResultFile(f"{name}.json", "json", json.dumps(facts, indent=1).encode("utf-8")))
+        exports.append(FaceExport(tuple(face_files_), facts))
+    return exports

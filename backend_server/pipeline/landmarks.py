@@ -6,6 +6,7 @@ units, MediaPipe's sign (smaller = closer to the camera), origin near the head c
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -17,6 +18,16 @@ LANDMARK_COUNT = 478
 MESH_VERTEX_COUNT = 468
 CROP_MARGIN = 1.9          # crop side = this x the larger box side
 MIN_CROP_SIDE = 256        # small faces are upscaled to at least this many pixels
+
+
+@dataclass(frozen=True)
+class LocatedFace:
+    """A face found in a photo: `index` among the photo's faces (largest first), its detector box
+    and its (478, 3) landmarks (photo pixels; see the module docstring)."""
+
+    index: int
+    box: FaceBox
+    landmarks: np.ndarray
 
 
 class LandmarkDetector:

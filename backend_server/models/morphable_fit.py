@@ -1,4 +1,4 @@
-"""Stage 4 for morphable models: head pose, identity and expression fitted to MediaPipe's points,
+"""Fitting a morphable model: head pose, identity and expression fitted to MediaPipe's points,
 many faces at once in torch (CPU or CUDA).
 
 Inputs per face: 478 landmarks (photo pixels, x right, y down; z MediaPipe's relative depth in
@@ -18,7 +18,7 @@ parameters: a rotation increment (axis-angle, applied on the left), the head ori
 Expression weights are projected into [0, 1] after each step; gaze shapes (eyeLook*) stay 0: in
 ICT-FaceKit they move only the eyelids (its eyeballs turn by a rig, not by blendshapes), so the
 iris points cannot measure them and the eyelid points alone gave spurious gaze. Start: the built-in fit's pose
-(fit.fit_builtin), rigidly aligned to the model's mean.
+(builtin.fit_landmarks), rigidly aligned to the model's mean.
 """
 from __future__ import annotations
 
@@ -27,9 +27,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..models.morphable import MorphableModel
 from ..geometry import Camera, Pose, rigid_fit, vertex_normals
-from .fit import fit_builtin
+from .builtin import fit_landmarks
+from .face_model import FaceFit
+from .morphable import MorphableModel
 
 ITERATIONS = 16
 CONTOUR_EVERY = 4
@@ -48,14 +49,12 @@ JAW_CONTOUR = (454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148, 176, 
 
 
 @dataclass(frozen=True)
-class ModelFit:
-    """A fitted face in a morphable model. pose: model head frame -> camera frame (metres)."""
+class ModelFit(FaceFit):
+    """A fitted face in a morphable model (pose: model head frame -> camera frame, metres;
+    landmark_points: the model at MediaPipe's points)."""
 
-    pose: Pose
-    camera: Camera
     identity: np.ndarray            # (K_id,)
     expression: np.ndarray          # (K_exp,) in [0, 1]
-    landmark_points: np.ndarray     # (468, 3) camera-frame metres: the model at MediaPipe's points
     reprojection_rms_px: float      # over the landmarks used
 
 
@@ -63,7 +62,8 @@ def ideal_landmarks(model: MorphableModel, vertices: np.ndarray, camera: Camera)
     """(478, 3) what a perfect landmark detector reports for a model face given as camera-frame
     vertices (V, 3): MediaPipe's 468 points through the correspondence, in photo pixels, z the depth
     in pixels relative to their mean; the 10 iris points repeat point 0 (not fitted)."""
-    points = np.einsum("nk,nkc->nc", model.mediapipe.bary, vertices[model.mediapipe.corners])
+    correspondence = model.correspondence()
+    points = np.einsum("nk,nkc->nc", correspondence.bary, vertices[correspondence.corners])
     depth = -points[:, 2]
     z_px = (depth - depth.mean()) * camera.focal_px / depth.mean()
     marks = np.concatenate([camera.project(points), z_px[:, None]], axis=1)
@@ -86,11 +86,9 @@ class ModelFitter:
     """Holds one model's fitting data on one device; `fit` takes any number of faces."""
 
     def __init__(self, model: MorphableModel, device: str = "cpu") -> None:
-        if model.mediapipe is None:
-            raise ValueError(f"model {model.name!r} has no MediaPipe correspondence; reinstall it")
+        correspondence = model.correspondence()
         self.model = model
         self.device = torch.device(device)
-        correspondence = model.mediapipe
         self.valid = np.flatnonzero(correspondence.valid)
         jaw = np.array(JAW_CONTOUR)
         self.fixed = np.setdiff1d(self.valid, jaw)                 # landmarks with fixed model points
@@ -100,7 +98,10 @@ class ModelFitter:
         at_points = np.einsum("nk,bnkc->bnc", bary, bases[:, corners])                          # (1+K, 468, 3)
         self.k_identity, self.k_expression = len(model.identity_basis), len(model.expression_basis)
         fitted = [not name.startswith(UNFITTED_EXPRESSIONS) for name in model.expression_names]
-        as_tensor = lambda a: torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=self.device)
+
+        def as_tensor(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=self.device)
+
         self.point_bases = as_tensor(at_points)
         self.expression_mask = as_tensor(np.array(fitted, np.float32))
         # Silhouette candidates: face-region vertices below the nose tip (MediaPipe point 1).
@@ -134,7 +135,7 @@ class ModelFitter:
         count = len(landmarks)
         dev, f32 = self.device, torch.float32
         mean_points = self.point_bases[0].cpu().numpy().astype(np.float64)[self.valid]
-        starts = [rigid_fit(mean_points, fit_builtin(marks, reference, camera).vertices[self.valid])
+        starts = [rigid_fit(mean_points, fit_landmarks(marks, reference, camera).landmark_points[self.valid])
                   for marks, camera in zip(landmarks, cameras)]
         marks = torch.as_tensor(np.array([m[:468] for m in landmarks]), dtype=f32, device=dev)
         problem = _Problem(self, marks, cameras)
@@ -148,7 +149,7 @@ class ModelFitter:
             if iteration % CONTOUR_EVERY == 0 and len(self.jaw):
                 jaw_choice = self._contour_choice(state, problem)
             bases = problem.landmark_bases(jaw_choice)
-            residual, jacobian = problem.residuals(bases, state, with_jacobian=True)
+            residual, jacobian = problem.jacobian(bases, state)
             cost = (residual ** 2).sum(1)
             hessian = jacobian.transpose(1, 2) @ jacobian
             gradient = (jacobian.transpose(1, 2) @ residual[..., None])[..., 0]
@@ -157,7 +158,7 @@ class ModelFitter:
             step = torch.linalg.solve(hessian + torch.diag_embed(damping[:, None] * diagonal + 1e-9 + fixed_parameters),
                                       -gradient)
             trial = state.moved(step, self.k_identity, self.expression_mask)
-            trial_cost = (problem.residuals(bases, trial)[0] ** 2).sum(1)
+            trial_cost = (problem.residuals(bases, trial) ** 2).sum(1)
             better = trial_cost < cost
             state = state.where(better, trial)
             damping = torch.where(better, damping / 3, damping * 4).clamp(1e-7, 1e7)
@@ -168,9 +169,10 @@ class ModelFitter:
         rotation = state.rotation.cpu().double().numpy()
         translation = state.translation().cpu().double().numpy()
         coefficients = state.coefficients.cpu().double().numpy()
-        points = points.cpu().double().numpy()
-        return [ModelFit(Pose(rotation[b], translation[b]), cameras[b], coefficients[b, :self.k_identity],
-                         coefficients[b, self.k_identity:], points[b], float(error[b])) for b in range(count)]
+        at_points = points.cpu().double().numpy()
+        return [ModelFit(pose=Pose(rotation[b], translation[b]), camera=cameras[b], landmark_points=at_points[b],
+                         identity=coefficients[b, :self.k_identity], expression=coefficients[b, self.k_identity:],
+                         reprojection_rms_px=float(error[b])) for b in range(count)]
 
     def _contour_choice(self, state: "_State", problem: "_Problem") -> torch.Tensor:
         """(B, J) candidate index per jaw landmark on the current silhouette, or -1 (fixed point)."""
@@ -210,7 +212,9 @@ class _State:
                       self.log_distance + step[:, 5], torch.cat([coefficients[:, :k_identity], expression], dim=1))
 
     def where(self, accept: torch.Tensor, other: "_State") -> "_State":
-        pick = lambda a, b: torch.where(accept.reshape((-1,) + (1,) * (a.dim() - 1)), b, a)
+        def pick(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.where(accept.reshape((-1,) + (1,) * (a.dim() - 1)), b, a)
+
         return _State(pick(self.rotation, other.rotation), pick(self.direction, other.direction),
                       pick(self.log_distance, other.log_distance), pick(self.coefficients, other.coefficients))
 
@@ -256,10 +260,19 @@ class _Problem:
         return torch.stack([self.centre[..., 0] + self.focal * points[..., 0] / distance,
                             self.centre[..., 1] - self.focal * points[..., 1] / distance], dim=-1)
 
-    def residuals(self, bases: torch.Tensor, state: _State, with_jacobian: bool = False
+    def residuals(self, bases: torch.Tensor, state: _State) -> torch.Tensor:
+        """(B, m) the objective's residuals."""
+        return self._evaluate(bases, state, with_jacobian=False)[0]
+
+    def jacobian(self, bases: torch.Tensor, state: _State) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residuals (B, m) and their Jacobian (B, m, 6 + K) in (rotation increment, direction,
+        log distance, coefficients)."""
+        residual, jacobian = self._evaluate(bases, state, with_jacobian=True)
+        assert jacobian is not None
+        return residual, jacobian
+
+    def _evaluate(self, bases: torch.Tensor, state: _State, with_jacobian: bool
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Residuals (B, m) and, if asked, their Jacobian (B, m, 6 + K) in (rotation increment,
-        direction, log distance, coefficients)."""
         points = self.points(bases, state)                                               # (B, n, 3)
         scale = self.scale[..., None]
         reprojection = (self.project(points) - self.targets[..., :2]) / scale               # (B, n, 2)
