@@ -6,7 +6,7 @@ assumed to have the reference face's size (63 mm between the iris centres). A si
 pixels-per-metre scale, hence the distance (depth = focal_px / scale); every landmark is then
 lifted to its own 3D point on its camera ray at its own depth, so the mesh reprojects onto the
 landmarks exactly. The mesh exported and baked is that one after `subdivision` Loop steps.
-Fixed data lives in `data/builtin_topology.json` (made by build_builtin_topology.py).
+Fixed data lives in `data/builtin_topology.json` (made by `python -m backend_server.cli.build_builtin_topology`).
 """
 from __future__ import annotations
 

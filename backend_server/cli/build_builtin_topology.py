@@ -1,6 +1,6 @@
 """Builds `data/builtin_topology.json`, the built-in model's fixed data, once; the result is committed.
 
-    python -m backend_server.models.build_builtin_topology
+    python -m backend_server.cli.build_builtin_topology
 
 - triangles: the faces of MediaPipe's 468-point tessellation graph (its 3-cliques, less the few
   cliques that are not faces), oriented counter-clockwise seen from the front (+Z);
@@ -25,7 +25,7 @@ IRIS_CENTRES = (468, 473)
 INTERPUPILLARY_M = 0.063
 CYLINDER_AXIS_DEPTH_M = 0.09     # vertical projection axis this far behind the head origin
 UV_MARGIN = 0.02
-OUTPUT = Path(__file__).parent / "data" / "builtin_topology.json"
+OUTPUT = Path(__file__).parents[1] / "models" / "data" / "builtin_topology.json"
 
 # iBUG-68 points as MediaPipe vertices (one vertex, or the mean of two), in iBUG order (0-based):
 # jaw 0-16, brows 17-26, nose 27-35, eyes 36-47, outer lips 48-59, inner lips 60-67.
