@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import bpy
 
@@ -31,6 +31,7 @@ def create_mesh(name: str, source: ObjMesh) -> bpy.types.Mesh:
     mesh.from_pydata([obj_to_blender(p) for p in source.positions], [], source.faces)
     if source.face_uvs:
         layer = mesh.uv_layers.new(name="UVMap")
+        assert layer is not None              # None only past Blender's limit of UV maps; this mesh has none
         flat = [c for face in source.face_uvs for index in face for c in source.uvs[index]]
         layer.data.foreach_set("uv", flat)
     mesh.polygons.foreach_set("use_smooth", [True] * len(mesh.polygons))
@@ -47,19 +48,25 @@ def create_material(name: str, texture_path: Path | None, pack: bool,
     material = bpy.data.materials.new(name)
     if material.node_tree is None:          # Blender 4.x; 5.0 always gives materials a node tree
         material.use_nodes = True
+    assert material.node_tree is not None   # the default nodes: Principled BSDF -> Material Output
     nodes, links = material.node_tree.nodes, material.node_tree.links
     bsdf = next(n for n in nodes if n.type == "BSDF_PRINCIPLED")
-    bsdf.inputs["Roughness"].default_value = 0.6
-    bsdf.inputs["Base Color"].default_value = (*colour, 1.0)
-    material.diffuse_color = (*colour, 1.0)                  # the viewport's solid-mode colour
+    cast(bpy.types.NodeSocketFloatFactor, bsdf.inputs["Roughness"]).default_value = 0.6
+    base_color = cast(bpy.types.NodeSocketColor, bsdf.inputs["Base Color"])
+    # stubs: RNA arrays are typed bpy_prop_array, but Blender assigns any sequence of the right length
+    base_color.default_value = (*colour, 1.0)  # type: ignore[assignment]
+    material.diffuse_color = (*colour, 1.0)  # type: ignore[assignment]  # the viewport's solid-mode colour
     if texture_path is not None and texture_path.is_file():
         image = bpy.data.images.load(str(texture_path), check_existing=False)
-        image.colorspace_settings.name = "sRGB"
+        assert image.colorspace_settings is not None      # every image has colour space settings
+        # stubs: the colour spaces come from the OCIO config at runtime; the stubs list only 'NONE'
+        image.colorspace_settings.name = "sRGB"  # type: ignore[assignment]
         if pack:
             image.pack()
-        texture = nodes.new("ShaderNodeTexImage")
+        texture = cast(bpy.types.ShaderNodeTexImage, nodes.new("ShaderNodeTexImage"))
         texture.image = image
         texture.location = (bsdf.location.x - 350, bsdf.location.y)
+        assert texture.outputs is not None                 # a node's sockets always exist
         links.new(texture.outputs["Color"], bsdf.inputs["Base Color"])
     return material
 
@@ -94,6 +101,7 @@ def add_shape_keys(obj: bpy.types.Object, neutral_path: Path, shape_keys_path: P
     neutral = read_obj_positions(neutral_path)
     vertex_count, keys = decode_shape_keys(shape_keys_path.read_bytes())
     mesh = obj.data
+    assert isinstance(mesh, bpy.types.Mesh)   # import_face made it from an OBJ
     if vertex_count != len(mesh.vertices) or len(neutral) != len(mesh.vertices):
         raise ValueError(f"{shape_keys_path.name}: {vertex_count} vertices and {neutral_path.name}: "
                          f"{len(neutral)}, but the mesh has {len(mesh.vertices)}")
@@ -123,12 +131,13 @@ def import_face(obj_path: Path, photo_path: str, collection: bpy.types.Collectio
     library: dict[str, MtlMaterial] = {}
     if source.material_library and (obj_path.parent / source.material_library).is_file():
         library = read_mtl(obj_path.parent / source.material_library)
-    obj = bpy.data.objects.new(name, create_mesh(name, source))
+    mesh = create_mesh(name, source)
+    obj = bpy.data.objects.new(name, mesh)
     try:                                        # a failure below removes this object's data again
         for material_name in source.materials:
             entry = library.get(material_name, MtlMaterial())
             texture = obj_path.parent / entry.texture if entry.texture else None
-            obj.data.materials.append(create_material(material_name, texture, pack_texture, entry.diffuse))
+            mesh.materials.append(create_material(material_name, texture, pack_texture, entry.diffuse))
         neutral_path = obj_path.with_name(name + NEUTRAL_SUFFIX)
         shape_keys_path = obj_path.with_name(name + SHAPE_KEYS_SUFFIX)
         if neutral_path.is_file() and shape_keys_path.is_file():
@@ -172,11 +181,14 @@ def remove_objects(objects: list[bpy.types.Object]) -> None:
     """Delete objects with their meshes, materials and images (undo a half-made import)."""
     for obj in objects:
         mesh = obj.data
+        assert isinstance(mesh, bpy.types.Mesh)   # objects made by import_face
         materials = [m for m in mesh.materials if m is not None]
         bpy.data.objects.remove(obj)
         bpy.data.meshes.remove(mesh)
         for material in materials:
-            images = [n.image for n in material.node_tree.nodes if n.type == "TEX_IMAGE" and n.image]
+            assert material.node_tree is not None  # made by create_material
+            images = [n.image for n in material.node_tree.nodes
+                      if isinstance(n, bpy.types.ShaderNodeTexImage) and n.image]
             bpy.data.materials.remove(material)
             for image in images:
                 bpy.data.images.remove(image)

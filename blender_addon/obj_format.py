@@ -107,7 +107,8 @@ def read_mtl(path: Path) -> dict[str, MtlMaterial]:
                 current.texture = value
             elif current is not None and key == "Kd":
                 try:
-                    current.diffuse = tuple(float(v) for v in value.split()[:3])
+                    red, green, blue = (float(v) for v in value.split()[:3])
+                    current.diffuse = (red, green, blue)
                 except ValueError:
                     raise ValueError(f"{path.name} line {number}: bad Kd {value!r}") from None
     return materials

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import bpy
 
-from . import preferences
+from . import preferences, properties
 from .blender_import import import_result
-from .properties import set_models
+from .properties import FACERECON_PG_settings, set_models
 from .protocol import ReconstructOptions
 from .result_files import write_result
 from .transport import ReconstructJob, StatusCheck, describe_status
+
+if TYPE_CHECKING:                                 # a type alias of the stubs only
+    from bpy.stub_internal.rna_enums import OperatorReturnItems
 
 TICK_S = 0.1
 _job: ReconstructJob | None = None
@@ -24,23 +28,25 @@ _job_scene = ""
 _check: StatusCheck | None = None
 
 
-def _state() -> bpy.types.PropertyGroup:
-    return bpy.context.window_manager.facerecon
+def _window_manager() -> bpy.types.WindowManager:
+    window_manager = bpy.context.window_manager
+    assert window_manager is not None             # Blender always has one, in background mode too
+    return window_manager
 
 
 def _redraw() -> None:
-    for window in bpy.context.window_manager.windows:
+    for window in _window_manager().windows:
         for area in window.screen.areas:
             if area.type == "VIEW_3D":
                 area.tag_redraw()
 
 
 def _show(message: str, error: bool) -> None:
-    state = _state()
+    state = properties.state(bpy.context)
     state.message, state.message_is_error = message, error
 
 
-def job_options(settings: bpy.types.PropertyGroup) -> ReconstructOptions:
+def job_options(settings: FACERECON_PG_settings) -> ReconstructOptions:
     return ReconstructOptions(face=-1 if settings.all_faces else settings.face_index,
                               texture_size=int(settings.texture_size), model=settings.model or "builtin")
 
@@ -50,15 +56,16 @@ def start_job(context: bpy.types.Context) -> str | None:
     global _job, _job_scene
     if job_running():
         return "a reconstruction is already running; cancel it first"
-    settings = context.scene.facerecon
+    settings = properties.settings(context)
     job = ReconstructJob(preferences.connection(context), bpy.path.abspath(settings.photo_path),
                          job_options(settings))
     job.start()
     if job.finished:
         _show(job.error, True)
         return job.error
+    assert context.scene is not None              # properties.settings(context) found one
     _job, _job_scene = job, context.scene.name
-    state = context.window_manager.facerecon
+    state = properties.state(context)
     state.running, state.stage, state.progress = True, "connecting", 0.0
     _show(f"Sending {Path(job.photo_path).name} to {job.connection.address}", False)
     if not bpy.app.timers.is_registered(tick_job):
@@ -81,7 +88,7 @@ def tick_job() -> float | None:
     if _job is None:
         return None
     _job.poll()
-    state = _state()
+    state = properties.state(bpy.context)
     state.stage, state.progress = _job.stage, _job.fraction
     if _job.state == "queued" and _job.queue_position:
         state.stage = f"queued ({_job.queue_position} ahead)"
@@ -99,27 +106,33 @@ def finish_job(job: ReconstructJob) -> None:
         return _show("Cancelled", False)
     if job.state == "failed":
         return _show(f"{job.error} [{job.error_code}]", True)
+    result = job.result
+    assert result is not None                     # a job is "done" with its result
     context = bpy.context
     scene = bpy.data.scenes.get(_job_scene) or context.scene
+    assert scene is not None                      # Blender always has a scene
     view_layer = context.view_layer if context.scene == scene else scene.view_layers[0]
+    assert view_layer is not None                 # the context's scene has a view layer
     parent, temporary = preferences.output_folder(context)
     stem = Path(job.photo_path).stem or "face"
     try:
-        folder = write_result(Path(parent), stem, job.result.files)
+        folder = write_result(Path(parent), stem, result.files)
         objects = import_result(folder, job.photo_path, scene, view_layer, pack_texture=temporary)
     except Exception as exc:                      # disk full, unreadable result: say so, add nothing
         traceback.print_exc()
         return _show(f"the result could not be imported: {exc}", True)
     _push_undo("Reconstruct Face")
-    faces = job.result.summary.get("faces", len(objects))
+    faces = result.summary.get("faces", len(objects))
+    mesh = objects[0].data
+    assert isinstance(mesh, bpy.types.Mesh)       # import_result makes mesh objects
     _show(f"Imported {', '.join(o.name for o in objects)} ({faces} face{'s' * (faces != 1)}, "
-          f"{len(objects[0].data.vertices)} vertices) from {folder}", False)
+          f"{len(mesh.vertices)} vertices) from {folder}", False)
 
 
 def _push_undo(message: str) -> None:
     """One undo step for the whole import (the timer runs outside any operator)."""
     try:
-        window = bpy.context.window_manager.windows[0]
+        window = _window_manager().windows[0]
         with bpy.context.temp_override(window=window):
             bpy.ops.ed.undo_push(message=message)
     except (RuntimeError, IndexError):
@@ -133,7 +146,7 @@ def tick_check() -> float | None:
     _check.poll()
     if not _check.finished:
         return TICK_S
-    state = _state()
+    state = properties.state(bpy.context)
     check, _check = _check, None
     state.checking = False
     if check.status is not None:
@@ -155,28 +168,32 @@ class FACERECON_OT_reconstruct(bpy.types.Operator):
     def poll(cls, context: bpy.types.Context) -> bool:
         return not job_running()
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
+    def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         error = start_job(context)
         if error is not None:
             self.report({"ERROR"}, error)
             return {"CANCELLED"}
         return {"FINISHED"}
 
-    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[OperatorReturnItems]:
         if self.execute(context) != {"FINISHED"} or context.window is None:
             return {"FINISHED"} if job_running() else {"CANCELLED"}
-        self._timer = context.window_manager.event_timer_add(0.25, window=context.window)
-        context.window_manager.modal_handler_add(self)
+        window_manager = context.window_manager
+        assert window_manager is not None
+        self._timer = window_manager.event_timer_add(0.25, window=context.window)
+        window_manager.modal_handler_add(self)
         return {"RUNNING_MODAL"}
 
-    def modal(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+    def modal(self, context: bpy.types.Context, event: bpy.types.Event) -> set[OperatorReturnItems]:
         if job_running():
             if event.type == "ESC" and event.value == "PRESS":
                 cancel_job()
                 return {"RUNNING_MODAL"}
             return {"PASS_THROUGH"}
-        context.window_manager.event_timer_remove(self._timer)
-        state = context.window_manager.facerecon
+        window_manager = context.window_manager
+        assert window_manager is not None
+        window_manager.event_timer_remove(self._timer)
+        state = properties.state(context)
         self.report({"ERROR"} if state.message_is_error else {"INFO"}, state.message)
         return {"FINISHED"}
 
@@ -191,7 +208,7 @@ class FACERECON_OT_cancel(bpy.types.Operator):
     def poll(cls, context: bpy.types.Context) -> bool:
         return job_running()
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
+    def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         cancel_job()
         return {"FINISHED"}
 
@@ -202,13 +219,13 @@ class FACERECON_OT_test_connection(bpy.types.Operator):
     bl_idname = "facerecon.test_connection"
     bl_label = "Test Connection"
 
-    def execute(self, context: bpy.types.Context) -> set[str]:
+    def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
         global _check
         if _check is not None:
             return {"CANCELLED"}
         check = StatusCheck(preferences.connection(context))
         check.start()
-        state = context.window_manager.facerecon
+        state = properties.state(context)
         if check.finished:
             state.status_text, state.status_is_error = check.error, True
             self.report({"ERROR"}, check.error)

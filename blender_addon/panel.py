@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import bpy
 
+from . import properties
 from .properties import photo_preview
 
 
@@ -14,8 +15,9 @@ class FACERECON_PT_panel(bpy.types.Panel):
 
     def draw(self, context: bpy.types.Context) -> None:
         layout = self.layout
-        settings = context.scene.facerecon
-        state = context.window_manager.facerecon
+        assert layout is not None                 # Blender sets it before calling draw()
+        settings = properties.settings(context)
+        state = properties.state(context)
         layout.prop(settings, "photo_path", text="")
         preview = photo_preview(bpy.path.abspath(settings.photo_path))
         if preview is not None and preview.icon_id:      # icon ids exist only with a UI

@@ -1,6 +1,8 @@
 """Add-on preferences: where the backend is, the CURVE key files, the output folder, the timeout."""
 from __future__ import annotations
 
+from typing import cast
+
 import bpy
 
 from .transport import Connection, default_output_folder
@@ -37,7 +39,11 @@ class FACERECON_AP_preferences(bpy.types.AddonPreferences):
 
 
 def preferences(context: bpy.types.Context) -> FACERECON_AP_preferences:
-    return context.preferences.addons[__package__].preferences
+    blender = context.preferences
+    assert blender is not None                # Blender's preferences exist in background mode too
+    ours = blender.addons[__package__].preferences
+    assert ours is not None                   # an add-on with an AddonPreferences class has them
+    return cast(FACERECON_AP_preferences, ours)
 
 
 def connection(context: bpy.types.Context) -> Connection:

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+from typing import cast
 
 import bpy
+
+PROPERTY = "facerecon"                 # Scene.facerecon and WindowManager.facerecon, added in register()
 
 _previews = None                       # bpy.utils.previews collection for the photo thumbnail
 _model_items: list[tuple[str, str, str]] = [("builtin", "Built-in", "MediaPipe topology, any face")]
@@ -58,18 +61,32 @@ class FACERECON_PG_state(bpy.types.PropertyGroup):
 CLASSES = (FACERECON_PG_settings, FACERECON_PG_state)
 
 
+def settings(context: bpy.types.Context) -> FACERECON_PG_settings:
+    """The scene's panel inputs (Scene.facerecon)."""
+    scene = context.scene
+    assert scene is not None                  # the add-on's UI and timers always run with a scene
+    return cast(FACERECON_PG_settings, getattr(scene, PROPERTY))
+
+
+def state(context: bpy.types.Context) -> FACERECON_PG_state:
+    """The running job's display state (WindowManager.facerecon)."""
+    window_manager = context.window_manager
+    assert window_manager is not None         # Blender always has one, in background mode too
+    return cast(FACERECON_PG_state, getattr(window_manager, PROPERTY))
+
+
 def register() -> None:
     global _previews
     import bpy.utils.previews
     _previews = bpy.utils.previews.new()
-    bpy.types.Scene.facerecon = bpy.props.PointerProperty(type=FACERECON_PG_settings)
-    bpy.types.WindowManager.facerecon = bpy.props.PointerProperty(type=FACERECON_PG_state)
+    setattr(bpy.types.Scene, PROPERTY, bpy.props.PointerProperty(type=FACERECON_PG_settings))
+    setattr(bpy.types.WindowManager, PROPERTY, bpy.props.PointerProperty(type=FACERECON_PG_state))
 
 
 def unregister() -> None:
     global _previews
-    del bpy.types.WindowManager.facerecon
-    del bpy.types.Scene.facerecon
+    delattr(bpy.types.WindowManager, PROPERTY)
+    delattr(bpy.types.Scene, PROPERTY)
     if _previews is not None:
         bpy.utils.previews.remove(_previews)
         _previews = None

@@ -3,10 +3,12 @@
 `build_addon.py` copies the repository's `shared_protocol/` into the add-on as a subpackage, so
 the installed extension needs nothing outside itself but pyzmq (shipped as wheels). Run from the
 repository (development, tests of the unbuilt package) the top-level `shared_protocol` is used.
+Type checkers see the top-level one (the same code; the vendored copy exists only in the build).
 """
 import importlib.util
+from typing import TYPE_CHECKING
 
-if importlib.util.find_spec(f"{__package__}.shared_protocol") is not None:
+if not TYPE_CHECKING and importlib.util.find_spec(f"{__package__}.shared_protocol") is not None:
     from .shared_protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, ErrorCode, Ping, Progress,
                                   ProtocolError, ReconstructOptions, Result, ResultFile, Status,
                                   StatusRequest, limits)
