@@ -161,3 +161,44 @@ def test_landmarks_match_hand_annotation(reconstructor):
     predicted = result.model.ibug68(face.fit, face.landmarks) / result.photo.scale
     error = landmark_error(predicted, read_pts(photo.with_suffix(".pts")))
     assert error["landmark68_normalized"] < 0.06, error
+
+
+def wide_range_photo(rgb: np.ndarray, kind: str) -> bytes:
+    """The photo's grey values as a 16-bit PNG, a 32-bit float TIFF (0..1) or a 32-bit integer
+    TIFF (0..65535): the formats scanners and HDR tools write."""
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float64) / 255.0
+    if kind == "png16":
+        return encode_image(np.rint(grey * 65535).astype(np.uint16), "PNG")
+    if kind == "float32":
+        return encode_image(grey.astype(np.float32), "TIFF")
+    return encode_image(np.rint(grey * 65535).astype(np.int32), "TIFF")
+
+
+@pytest.mark.parametrize("kind", ["png16", "float32", "int32"])
+def test_wide_range_grey_photos_decode_to_their_grey_values_and_reconstruct(reconstructor, grace_hopper_bytes, kind):
+    rgb = decode_photo(grace_hopper_bytes, "g.jpg").rgb
+    expected = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    photo = decode_photo(wide_range_photo(rgb, kind), f"g_{kind}")
+    assert photo.rgb.dtype == np.uint8 and photo.rgb.shape == rgb.shape
+    assert np.abs(photo.rgb[..., 0] - expected).mean() < 1.0           # before: 16-bit PNGs read as white
+    result = reconstructor.run(wide_range_photo(rgb, kind), f"g_{kind}", ReconstructOptions(texture_size=256))
+    assert len(result.faces) == 1
+
+
+def test_images_without_a_known_range_are_refused_by_name():
+    signed = encode_image(np.full((100, 100), -5, np.int32), "TIFF")
+    with pytest.raises(ProtocolError) as info:
+        decode_photo(signed, "signed.tif")
+    assert info.value.code == ErrorCode.BAD_IMAGE and "signed.tif" in info.value.message
+    assert "mode I" in info.value.message and "negative" in info.value.message
+    hot = encode_image(np.full((100, 100), 1e6, np.float32), "TIFF")
+    with pytest.raises(ProtocolError, match="values up to 1e\\+06 has no known white"):
+        decode_photo(hot, "hot.tif")
+
+
+def test_unreadable_bytes_get_a_clean_message():
+    with pytest.raises(ProtocolError) as info:
+        decode_photo(b"GIF87a but not really", "notes.png")
+    assert info.value.code == ErrorCode.BAD_IMAGE
+    assert info.value.message == ("notes.png: not a readable image (not a JPEG, PNG, WebP, BMP or TIFF file, "
+                                  "or a damaged one)")                  # before: <_io.BytesIO object at 0x...>
