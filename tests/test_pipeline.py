@@ -98,13 +98,18 @@ def test_astronaut_photo(reconstructor, astronaut_png):
     assert metrics["psnr_db"] > 28
 
 
-def test_two_people_give_two_faces(reconstructor, grace_hopper_bytes):
+def two_faces_png(grace_hopper_bytes: bytes) -> bytes:
+    """The demo portrait and a smaller copy side by side: two faces, the left one larger."""
     photo = decode_photo(grace_hopper_bytes, "g.jpg").rgb
     other = np.asarray(Image.open(io.BytesIO(grace_hopper_bytes)).resize((400, 468)))
     canvas = np.full((600, 512 + 400, 3), 255, np.uint8)
     canvas[:, :512] = photo
     canvas[:468, 512:] = other
-    data = encode_image(canvas)
+    return encode_image(canvas)
+
+
+def test_two_people_give_two_faces(reconstructor, grace_hopper_bytes):
+    data = two_faces_png(grace_hopper_bytes)
     result = reconstructor.run(data, "pair.png", ReconstructOptions(face=-1, texture_size=256))
     assert len(result.faces) == 2
     centres = sorted(f.box.x0 + f.box.width / 2 for f in result.faces)

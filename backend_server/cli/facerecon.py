@@ -26,12 +26,14 @@ def demo_photo() -> Path:
 
 
 def gather_photos(inputs: list[str]) -> list[Path]:
-    """Files as given; folders searched recursively for photo suffixes. Sorted, duplicates removed."""
+    """Files as given; folders searched recursively for photo suffixes (a link that leads nowhere
+    is kept, and fails with its reason in the summary). Sorted, duplicates removed."""
     photos: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            photos += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in PHOTO_SUFFIXES)
+            photos += sorted(p for p in path.rglob("*") if p.suffix.lower() in PHOTO_SUFFIXES
+                             and (p.is_symlink() or p.is_file()))
         else:
             photos.append(path)
     return list(dict.fromkeys(photos))
@@ -66,7 +68,7 @@ def parse_device(value: str) -> list[str]:
 def run_reconstruct(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from backend_server.pipeline.batch import run_batch
+    from backend_server.pipeline.batch import marker_name, photo_is_done, remove_partial_files, run_batch
     if args.demo:
         args.inputs = [str(demo_photo())] + args.inputs
     if not args.inputs:
@@ -83,10 +85,9 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     outcomes: list[PhotoOutcome] = []
     todo = []
     for photo in photos:
-        marker = out_dir / (f"{stems[photo]}.json" if args.face != -1 else f"{stems[photo]}_face0.json")
-        if marker.exists() and not args.overwrite:
-            outcomes.append(PhotoOutcome(photo, OutcomeStatus.SKIPPED,
-                                         f"already done ({marker.name}); --overwrite redoes it"))
+        if not args.overwrite and photo_is_done(out_dir, stems[photo], options):
+            outcomes.append(PhotoOutcome(photo, OutcomeStatus.SKIPPED, f"already done "
+                                         f"({marker_name(stems[photo], options)}); --overwrite redoes it"))
         else:
             todo.append((photo, stems[photo]))
     progress = tqdm(total=len(todo), unit="photo", disable=args.quiet or not todo)
@@ -100,6 +101,14 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     try:
         report = run_batch(args.device, todo, out_dir, options, on_outcome, workers=args.workers,
                            batch_size=max(1, args.batch_size))
+    except KeyboardInterrupt:
+        progress.close()
+        remove_partial_files(out_dir)
+        done = sum(o.status is OutcomeStatus.DONE for o in outcomes)
+        failed = sum(o.status is OutcomeStatus.FAILED for o in outcomes)
+        print(f"\ninterrupted: {done} done, {failed} failed, {len(todo) - done - failed} not finished; run the "
+              "same command again to do the rest (finished photos are skipped)", file=sys.stderr)
+        return 130
     finally:
         progress.close()
     if todo and report.gpu:

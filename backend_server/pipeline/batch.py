@@ -6,15 +6,28 @@ the one entry point that picks the path for the devices asked for.
 
 `photos` are (path, output stem) pairs; each photo's files are written as `stem.*` (or
 `stem_faceK.*` for options.face == -1), and `on_outcome` hears of each photo as it ends.
+
+A photo's files are written one by one (each through a temporary `.NAME.part` renamed into
+place), every JSON after every other file and the first face's JSON last: that one is the
+photo's *marker*. `photo_is_done` counts a photo as done only when its marker and every file it
+implies are there, so a batch stopped at any moment (Ctrl+C, a crash, a full disk) leaves no
+photo that a re-run would take for finished. On Ctrl+C the batch paths stop their worker
+processes at once and raise KeyboardInterrupt; `remove_partial_files` clears the `.part` files
+that a killed writer left.
 """
 from __future__ import annotations
 
 import enum
+import json
+import signal
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
-from shared_protocol import ReconstructOptions
+from shared_protocol import ReconstructOptions, ResultFile
+from shared_protocol.shape_keys import NEUTRAL_SUFFIX, SUFFIX as SHAPE_KEYS_SUFFIX
+from .export import write_files
 
 
 class OutcomeStatus(enum.Enum):
@@ -68,3 +81,64 @@ def run_batch(devices: Sequence[str], photos: Sequence[tuple[Path, str]], out_di
         return CpuBatchRunner(options, workers).run(photos, out_dir, on_outcome)
     from .batch_gpu import GpuBatchRunner
     return GpuBatchRunner(list(devices), options, batch_size).run(photos, out_dir, on_outcome)
+
+
+def marker_name(stem: str, options: ReconstructOptions) -> str:
+    """The file whose presence says a photo may be done: its (first) face's JSON."""
+    return f"{stem}.json" if options.face != -1 else f"{stem}_face0.json"
+
+
+def write_photo(out_dir: Path, files: Sequence[ResultFile]) -> None:
+    """Write one photo's files (all its faces', in face order) with the marker last."""
+    jsons = [f for f in files if f.kind == "json"]
+    write_files(out_dir, [f for f in files if f.kind != "json"] + jsons[::-1])
+
+
+def photo_is_done(out_dir: Path, stem: str, options: ReconstructOptions) -> bool:
+    """True when the photo's marker is there and so is every file it implies: for each of its
+    faces (the marker's `face.of` with --face all) the JSON and the outputs asked for."""
+    marker = out_dir / marker_name(stem, options)
+    try:
+        faces = json.loads(marker.read_text())["face"]["of"] if options.face == -1 else 1
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    names = [stem] if options.face != -1 else [f"{stem}_face{k}" for k in range(int(faces))]
+    for name in names:
+        try:
+            mesh = json.loads((out_dir / f"{name}.json").read_text()).get("mesh", {})
+        except (OSError, ValueError, AttributeError):
+            return False
+        wanted = [f"{name}.{kind}" for kind in ("obj", "mtl", "png") if kind in options.outputs]
+        if "neutral_obj" in options.outputs and mesh.get("neutral_file"):
+            wanted.append(f"{name}{NEUTRAL_SUFFIX}")
+        if "shape_keys" in options.outputs and mesh.get("shape_keys_file"):
+            wanted.append(f"{name}{SHAPE_KEYS_SUFFIX}")
+        if not all((out_dir / file).is_file() and (out_dir / file).stat().st_size for file in wanted):
+            return False
+    return True
+
+
+def remove_partial_files(out_dir: Path) -> int:
+    """Delete the `.NAME.part` files a writer killed mid-file left in out_dir; returns how many."""
+    partial = list(Path(out_dir).glob(".*.part")) if Path(out_dir).is_dir() else []
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return len(partial)
+
+
+def ignore_sigint_in_children() -> None:
+    """A worker process's first step: Ctrl+C goes to the whole process group, and only the main
+    process acts on it (it stops the workers itself; a worker dying of it would leave its pool
+    waiting forever)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def sigint_ignored() -> Iterator[None]:
+    """Ignore Ctrl+C while starting worker processes: a spawned child inherits the ignored signal
+    from its first instruction on, before its initializer runs."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

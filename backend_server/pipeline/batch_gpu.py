@@ -28,10 +28,11 @@ import numpy as np
 from shared_protocol import ErrorCode, ProtocolError, ReconstructOptions
 from ..models.face_model import FaceModel
 from .bake import Bake, Baker
-from .batch import BatchReport, OutcomeCallback, OutcomeStatus, PhotoOutcome
+from .batch import (BatchReport, OutcomeCallback, OutcomeStatus, PhotoOutcome, ignore_sigint_in_children,
+                    sigint_ignored, write_photo)
 from .batch_scheduler import (Action, BakedFace, BatchBaked, BatchFailed, BatchJob, BatchScheduler, Export,
                               Finish, GpuDead, GpuMessage, GpuReady, Prepare, ReleasePixels, SendBatch)
-from .export import export_photo, write_files
+from .export import export_photo
 from .fit import fit_faces
 from .progress import StageClock
 from .reconstruct import LocatedPhoto, face_model
@@ -46,6 +47,7 @@ _slots: dict[str, shared_memory.SharedMemory] = {}
 
 def _cpu_init() -> None:
     global _reconstructor
+    ignore_sigint_in_children()
     os.environ.setdefault("GLOG_minloglevel", "2")
     import cv2
     import torch
@@ -97,7 +99,7 @@ def _export(located: LocatedPhoto, baked: tuple[BakedFace, ...], options: Recons
                                 "bake": sum(face.bake_ms for face in baked)})
     exports = export_photo(located.photo, located.faces, located.names, [face.fit for face in baked], bakes,
                            face_model(options), options, clock)
-    write_files(out_dir, [file for export in exports for file in export.files])
+    write_photo(out_dir, [file for export in exports for file in export.files])
     del bakes                                        # drop the views into shared memory before returning
     return clock.timings
 
@@ -106,6 +108,7 @@ def _export(located: LocatedPhoto, baked: tuple[BakedFace, ...], options: Recons
 def _gpu_main(device: str, jobs: Any, results: Any, slot_names: list[str], options: ReconstructOptions) -> None:
     """Fit and bake batches on one GPU until a None job arrives. Puts GpuReady once warmed up (or
     GpuDead if it cannot start), then one BatchBaked or BatchFailed per BatchJob."""
+    ignore_sigint_in_children()
     import torch
     from .bake_gpu import GpuBaker
     size = options.texture_size
@@ -191,25 +194,33 @@ class GpuBatchRunner:
         gpus = {d: context.Process(target=_gpu_main, args=(d, inboxes[d], results, [s.name for s in slots],
                                                             self.options), daemon=True)
                 for d in self.devices}
-        for process in gpus.values():
-            process.start()
+        with sigint_ignored():
+            for process in gpus.values():
+                process.start()
         pool = ProcessPoolExecutor(self.cpu_workers, mp_context=context, initializer=_cpu_init)
         scheduler = BatchScheduler(len(photos), self.devices, [s.name for s in slots], self.batch_size,
                                    self.cpu_workers, GPU_BATCHES_IN_FLIGHT)
         loop = _Loop(self, scheduler, [_Photo(path, stem) for path, stem in photos], out_dir, on_outcome, pool,
                      inboxes)
         start = time.perf_counter()
+        interrupted = False
         try:
             loop.run(results, gpus)
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
+            if interrupted:                          # Ctrl+C: the children ignore it; stop them now
+                for child in multiprocessing.active_children():
+                    child.terminate()
             for inbox in inboxes.values():
                 inbox.put(None)
             for process in gpus.values():
-                process.join(30)
+                process.join(1 if interrupted else 30)
                 if process.is_alive():
                     process.terminate()
             loop.release_all()
-            pool.shutdown(cancel_futures=True)
+            pool.shutdown(wait=not interrupted, cancel_futures=True)
             for slot in slots:
                 slot.close()
                 slot.unlink()
@@ -327,9 +338,9 @@ class _Loop:
         for future, (kind, index) in list(self.futures.items()):
             if kind == "locate" and not future.cancel():
                 try:
-                    _, segment, shape = future.result()
+                    _, segment, shape = future.result(timeout=60)
                     self.photos[index].pixels = (segment, shape)
-                except Exception:
+                except Exception:                    # failed, or its worker was stopped (Ctrl+C)
                     pass
         for photo in self.photos:
             self.release(photo)
