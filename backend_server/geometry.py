@@ -111,11 +111,14 @@ def sample_bilinear(image: np.ndarray, xy: np.ndarray) -> np.ndarray:
     """Bilinear samples (N, C) float32 of an (H, W, C) image at (N, 2) pixel positions (x, y),
     pixel centres at +0.5; positions outside take the nearest border pixel."""
     count = len(xy)
+    channels = image.shape[2] if image.ndim == 3 else 1
+    if count == 0:
+        return np.zeros((0, channels), np.float32)
     padded = np.zeros((-(-count // 1024) * 1024, 2), np.float32)        # cv2.remap: < 32767 columns
     padded[:count] = xy - 0.5
     samples = cv2.remap(image, padded.reshape(-1, 1024, 2), None, cv2.INTER_LINEAR,   # type: ignore[call-overload]
                         borderMode=cv2.BORDER_REPLICATE)         # (OpenCV's stubs lack map2=None: one 2-channel map)
-    return samples.reshape(-1, image.shape[2] if image.ndim == 3 else 1)[:count].astype(np.float32)
+    return samples.reshape(-1, channels)[:count].astype(np.float32)
 
 
 def uv_to_texture_px(uvs: np.ndarray, size: int) -> np.ndarray:
