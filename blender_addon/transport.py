@@ -75,7 +75,9 @@ class _Exchange:
     def _receive(self) -> list:
         """Everything that arrived, without waiting; heartbeats and timeouts handled here."""
         now = time.monotonic()
-        messages = []
+        messages: list = []
+        if self.client is None:
+            return messages
         while (message := self.client.poll(0)) is not None:
             messages.append(message)
         if messages:
@@ -89,6 +91,8 @@ class _Exchange:
 
     def _send(self, message: object) -> None:
         """Send without blocking; a connection that cannot take it fails the exchange."""
+        if self.client is None:
+            return
         try:
             self.client.send(message)
         except ProtocolError as exc:

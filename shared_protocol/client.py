@@ -123,6 +123,7 @@ class Client:
         message = self._wait(timeout_s, lambda m: isinstance(m, (Status, Error)))
         if isinstance(message, Error):
             raise ProtocolError(message.code, message.message)
+        assert isinstance(message, Status)             # what `accept` let through
         return message
 
     def wait_until_ready(self, timeout_s: float, keep_waiting: Callable[[], bool] = lambda: True) -> Status:
@@ -168,4 +169,5 @@ class Client:
         message = self._wait(timeout_s, mine)
         if isinstance(message, Error):
             raise ProtocolError(message.code, message.message)
+        assert isinstance(message, Result)             # what `mine` let through
         return message

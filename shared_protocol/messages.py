@@ -36,43 +36,43 @@ class _Fields:
         self.header = header
         self.type_name = type_name
 
-    def _get(self, name: str, required: bool) -> Any:
+    def _get(self, name: str) -> Any:
         if name not in self.header:
-            if required:
-                raise _fail(f"'{self.type_name}' needs field '{name}'")
-            return None
+            raise _fail(f"'{self.type_name}' needs field '{name}'")
         return self.header[name]
 
-    def text(self, name: str, required: bool = True, max_chars: int = 4096) -> str | None:
-        value = self._get(name, required)
-        if value is None and not required:
-            return None
+    def text(self, name: str, max_chars: int = 4096) -> str:
+        value = self._get(name)
         if not isinstance(value, str) or len(value) > max_chars:
             raise _fail(f"field '{name}' must be a string of at most {max_chars} characters")
         return value
 
-    def integer(self, name: str, low: int, high: int, required: bool = True) -> int | None:
-        value = self._get(name, required)
-        if value is None and not required:
+    def optional_text(self, name: str, max_chars: int = 4096) -> str | None:
+        """A string field that may be absent or null (fields added in a minor version are)."""
+        if self.header.get(name) is None:
             return None
+        return self.text(name, max_chars)
+
+    def integer(self, name: str, low: int, high: int) -> int:
+        value = self._get(name)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise _fail(f"field '{name}' must be an integer in [{low}, {high}]")
         return value
 
     def number(self, name: str, low: float, high: float) -> float:
-        value = self._get(name, True)
+        value = self._get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
             raise _fail(f"field '{name}' must be a number in [{low}, {high}]")
         return float(value)
 
     def choice(self, name: str, allowed: Sequence[str]) -> str:
-        value = self._get(name, True)
+        value = self._get(name)
         if value not in allowed:
             raise _fail(f"field '{name}' must be one of {', '.join(allowed)}")
         return value
 
     def text_list(self, name: str, allowed: Sequence[str] | None = None) -> list[str]:
-        value = self._get(name, True)
+        value = self._get(name)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _fail(f"field '{name}' must be a list of strings")
         if allowed is not None and any(v not in allowed for v in value):
@@ -80,7 +80,7 @@ class _Fields:
         return value
 
     def obj(self, name: str) -> dict[str, Any]:
-        value = self._get(name, True)
+        value = self._get(name)
         if not isinstance(value, dict):
             raise _fail(f"field '{name}' must be a JSON object")
         return value
@@ -346,7 +346,7 @@ class Status:
 
 Message = Union[ReconstructRequest, Accepted, Progress, Result, Error, Cancel, Ping, Pong,
                 StatusRequest, Status]
-MESSAGE_TYPES: dict[str, type] = {cls.TYPE: cls for cls in (
+MESSAGE_TYPES: dict[str, type[Message]] = {cls.TYPE: cls for cls in (
     ReconstructRequest, Accepted, Progress, Result, Error, Cancel, Ping, Pong, StatusRequest, Status)}
 
 
@@ -370,7 +370,7 @@ def _check_version(header: dict[str, Any]) -> None:
                     "update the add-on or the backend so that both match", ErrorCode.PROTOCOL_MISMATCH)
 
 
-def _payload_table(header: dict[str, Any], frames: Sequence[bytes]) -> list[tuple[str, bytes]]:
+def _payload_table(header: dict[str, Any], frames: Sequence[bytes | bytearray | memoryview]) -> list[tuple[str, bytes]]:
     table = header.get("payloads")
     if not isinstance(table, list):
         raise _fail("header needs a 'payloads' list", ErrorCode.BAD_HEADER)
@@ -394,7 +394,7 @@ def _payload_table(header: dict[str, Any], frames: Sequence[bytes]) -> list[tupl
     return payloads
 
 
-def decode(frames: Sequence[bytes]) -> Message:
+def decode(frames: Sequence[bytes | bytearray | memoryview]) -> Message:
     """Multipart frames -> Message. Raises ProtocolError (never anything else) on any defect."""
     if not isinstance(frames, (list, tuple)) or not frames:
         raise _fail("a message needs at least a header frame", ErrorCode.BAD_FRAMES)
@@ -413,9 +413,9 @@ def decode(frames: Sequence[bytes]) -> Message:
         raise _fail("header must be a JSON object", ErrorCode.BAD_HEADER)
     _check_version(header)
     type_name = header.get("type")
-    cls = MESSAGE_TYPES.get(type_name) if isinstance(type_name, str) else None
-    if cls is None:
+    if not isinstance(type_name, str) or type_name not in MESSAGE_TYPES:
         raise _fail(f"unknown message type {str(type_name)[:40]!r}", ErrorCode.UNKNOWN_TYPE)
+    cls = MESSAGE_TYPES[type_name]
     payloads = _payload_table(header, frames)
     if cls not in (ReconstructRequest, Result) and payloads:
         raise _fail(f"'{type_name}' carries no payloads", ErrorCode.BAD_FRAMES)

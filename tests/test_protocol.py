@@ -139,7 +139,8 @@ def test_truncated_or_mutated_frames_raise_only_protocol_errors(message, data):
 @given(st.dictionaries(st.sampled_from(["type", "protocol_version", "payloads", "job_id", "nonce",
                                         "options", "code", "message", "files", "kinds", "stage"]),
                        st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-                                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                                    lambda inner: (st.lists(inner, max_size=3)
+                                                   | st.dictionaries(st.text(max_size=5), inner, max_size=3)),
                                     max_leaves=8)))
 def test_random_json_headers_raise_only_protocol_errors(header):
     try:
@@ -167,7 +168,8 @@ def test_shape_keys_file_round_trips_and_refuses_damage():
     assert count == 10 and [k.name for k in decoded] == ["jawOpen", "eyeBlink_L"]
     assert decoded[0].value == 0.25 and list(decoded[0].vertex_ids) == [0, 5, 9]
     assert list(decoded[0].offsets) == pytest.approx([0.0, -0.01, 0.002] * 3)
-    for damaged in (data[:-4], data + b"x", b"FRSX" + data[4:], data.replace(b'"vertex_count": 10', b'"vertex_count": 5 ')):
+    for damaged in (data[:-4], data + b"x", b"FRSX" + data[4:],
+                    data.replace(b'"vertex_count": 10', b'"vertex_count": 5 ')):
         with pytest.raises(ValueError):
             decode_shape_keys(damaged)
     with pytest.raises(ValueError, match="offsets"):

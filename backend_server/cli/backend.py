@@ -155,6 +155,8 @@ def run_models_list(args: argparse.Namespace) -> int:
     print("  builtin       (always there: MediaPipe's 468-point mesh, no coefficients)")
     for name in store.installed_models():
         manifest = store.read_manifest(name)
+        if manifest is None:                   # removed or damaged since installed_models() looked
+            continue
         stale = store.is_stale(manifest)
         print(f"  {name:13s} {manifest['vertices']} vertices, {manifest['identity_components']} identity, "
               f"{len(manifest['expressions'])} expressions; from {next(iter(manifest['source'].values()))}"
@@ -172,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--devices", default="cpu",
                        help="cpu (default), or GPUs such as 0,1 or cuda:0,cuda:1: one worker process each")
     serve.add_argument("--workers", type=int, default=default_cpu_workers(),
-                       help=f"CPU worker processes with --devices cpu (default {default_cpu_workers()}: one per two cores)")
+                       help=f"CPU worker processes with --devices cpu (default {default_cpu_workers()}: "
+                       "one per two cores)")
     serve.add_argument("--queue-size", type=int, default=512, help="queued jobs before 'busy' (default 512)")
     serve.add_argument("--keys", type=Path, help="CURVE keys folder (facerecon-backend keys generate)")
     serve.add_argument("--insecure", action="store_true",

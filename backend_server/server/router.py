@@ -21,8 +21,9 @@ import logging
 import tempfile
 import time
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import zmq
 
@@ -30,7 +31,10 @@ from shared_protocol import (Accepted, Cancel, Error, ErrorCode, Message, Ping, 
                              ReconstructRequest, Status, StatusRequest, decode, encode, limits)
 from .. import __version__
 from .scheduler import FairQueue, Job
-from .workers import READY, STOP, WorkerConfig, WorkerHandle
+from .workers import READY, STOP, WorkerConfig, WorkerHandle, WorkerState
+
+if TYPE_CHECKING:
+    from zmq.auth.thread import ThreadAuthenticator
 
 log = logging.getLogger("facerecon.server")
 POLL_MS = 100
@@ -57,6 +61,15 @@ class ServerConfig:
     warm_subdivision: int = 1
 
 
+class JobOutcome(str, Enum):
+    """How a job ended: counted in Counters, named in the job's log line."""
+
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"      # by its client
+    DROPPED = "dropped"          # its client went away: nobody to run it for
+
+
 @dataclass
 class Counters:
     done: int = 0
@@ -77,7 +90,7 @@ class Server:
         self.started = time.monotonic()
         self._stop_requested = False
         self._stopping_since: float | None = None
-        self._authenticator = None
+        self._authenticator: ThreadAuthenticator | None = None
         self._link_dir = tempfile.TemporaryDirectory(prefix="facerecon-")   # 0700: only this user
         self.clients = self._bind_clients()
         self.link = self.context.socket(zmq.ROUTER)
@@ -138,7 +151,7 @@ class Server:
                 if self._stop_requested and self._stopping_since is None:
                     self._begin_shutdown()
                 self._dispatch()
-                if self._stopping_since is not None and self._drained():
+                if self._stopping_since is not None and self._drained(self._stopping_since):
                     break
         finally:
             self._shutdown_workers()
@@ -186,7 +199,7 @@ class Server:
         """The client disconnected: its queued jobs are dropped, its running jobs cancelled."""
         dropped = self.queue.remove_client(client)
         for job in dropped:
-            self._finish(job, None, "dropped (client gone)")
+            self._finish(job, outcome=JobOutcome.DROPPED, why="client gone")
         for worker in self.workers:
             if worker.job is not None and worker.job.client == client:
                 self.link.send_multipart([worker.identity, *encode(Cancel(worker.job.job_id))])
@@ -253,34 +266,38 @@ class Server:
                       self.counters.failed, time.monotonic() - self.started)
 
     # --- jobs ----------------------------------------------------------------------------------
-    def _finish(self, job: Job, answer: Error | None, outcome: str = "") -> None:
-        """Account for a job's end; sends `answer` (an Error) to its client when given."""
+    def _finish(self, job: Job, answer: Error | None = None, outcome: JobOutcome | None = None,
+                why: str = "") -> None:
+        """Account for a job's end and log it; sends `answer` (an Error) to its client when given.
+        Without an outcome, the answer's code decides: CANCELLED for a cancel, FAILED otherwise."""
         if answer is not None:
             self._reply(job.client, answer)
-            outcome = answer.code.value
-        if outcome == "done":
+            why = why or answer.code.value
+            if outcome is None:
+                outcome = JobOutcome.CANCELLED if answer.code == ErrorCode.CANCELLED else JobOutcome.FAILED
+        outcome = outcome or JobOutcome.FAILED
+        if outcome == JobOutcome.DONE:
             self.counters.done += 1
-        elif outcome == ErrorCode.CANCELLED.value or outcome.startswith("dropped"):
+        elif outcome in (JobOutcome.CANCELLED, JobOutcome.DROPPED):
             self.counters.cancelled += 1
         else:
             self.counters.failed += 1
         now = time.monotonic()
         run_ms = (now - job.started_at) * 1000 if job.started_at else 0.0
         wait_ms = ((job.started_at or now) - job.accepted_at) * 1000
-        log.info("job %s %s: %s (%d bytes) client %s worker %s, waited %.0f ms, ran %.0f ms",
-                 job.job_id, outcome, job.request.photo_name, job.photo_bytes, job.client.hex(),
-                 job.worker or "-", wait_ms, run_ms)
+        log.info("job %s %s%s: %s (%d bytes) client %s worker %s, waited %.0f ms, ran %.0f ms",
+                 job.job_id, outcome.value, f" ({why})" if why else "", job.request.photo_name, job.photo_bytes,
+                 job.client.hex(), job.worker or "-", wait_ms, run_ms)
 
     def _dispatch(self) -> None:
         """Hand queued jobs to idle workers; a job whose client is gone is dropped, not run."""
         for worker in self.workers:
-            while worker.state == "idle" and len(self.queue):
-                job = self.queue.pop()
+            while worker.state == WorkerState.IDLE and (job := self.queue.pop()) is not None:
                 if not self._send_to_client(job.client, encode(Progress(job.job_id, "queued", 0.0))):
-                    self._finish(job, None, "dropped (client gone)")
+                    self._finish(job, outcome=JobOutcome.DROPPED, why="client gone")
                     continue
                 job.started_at, job.worker = time.monotonic(), worker.name
-                worker.job, worker.state = job, "busy"
+                worker.job, worker.state = job, WorkerState.BUSY
                 request = ReconstructRequest(job.job_id, job.request.photo_name, job.request.photo,
                                              job.request.options)
                 self.link.send_multipart([worker.identity, *encode(request)], copy=False)
@@ -292,7 +309,8 @@ class Server:
             return                                   # a dead predecessor's last words
         if frames[1].bytes == READY:
             info = json.loads(frames[2].bytes)
-            worker.state = "idle" if worker.state == "starting" else worker.state
+            if worker.state == WorkerState.STARTING:
+                worker.state = WorkerState.IDLE
             log.info("worker %s ready on %s (pid %s)", worker.name, worker.device, info.get("pid"))
             return
         header = json.loads(frames[1].bytes)
@@ -304,9 +322,14 @@ class Server:
         self._send_to_client(job.client, frames[1:])
         if header["type"] in ("result", "error"):
             worker.gpu_memory_mb = header.get("summary", {}).get("gpu_memory_mb", worker.gpu_memory_mb)
-            worker.job, worker.state = None, "idle"
+            worker.job, worker.state = None, WorkerState.IDLE
             worker.jobs_done += 1
-            self._finish(job, None, "done" if header["type"] == "result" else header.get("code", "error"))
+            if header["type"] == "result":
+                self._finish(job, outcome=JobOutcome.DONE)
+            else:
+                code = str(header.get("code"))
+                self._finish(job, outcome=JobOutcome.CANCELLED if code == ErrorCode.CANCELLED.value
+                             else JobOutcome.FAILED, why=code)
 
     def _watch_workers(self) -> None:
         now = time.monotonic()
@@ -319,7 +342,7 @@ class Server:
                 worker.process.join(5)
             if worker.died():
                 self._on_worker_death(worker, now)
-            elif worker.state == "waiting_to_restart" and now >= worker.restart_at:
+            elif worker.state == WorkerState.WAITING_TO_RESTART and now >= worker.restart_at:
                 del self._by_identity[worker.identity]
                 worker.start(self.worker_config)
                 self._by_identity[worker.identity] = worker
@@ -336,7 +359,7 @@ class Server:
                                     f"in native code?); it is being restarted; retry the photo",
                                     job_id=job.job_id))
         if self._stopping_since is not None:
-            worker.state = "stopped"
+            worker.state = WorkerState.STOPPED
         else:
             worker.schedule_restart(now)
 
@@ -351,10 +374,11 @@ class Server:
             self._finish(job, Error(ErrorCode.SHUTTING_DOWN, "the server shut down before the job started",
                                     job_id=job.job_id))
 
-    def _drained(self) -> bool:
+    def _drained(self, stopping_since: float) -> bool:
+        """True once no job runs, or the drain timeout is over (running jobs then fail)."""
         if all(w.job is None for w in self.workers):
             return True
-        if time.monotonic() - self._stopping_since < self.config.drain_timeout_s:
+        if time.monotonic() - stopping_since < self.config.drain_timeout_s:
             return False
         for worker in self.workers:
             if worker.job is not None:
@@ -366,14 +390,14 @@ class Server:
 
     def _shutdown_workers(self) -> None:
         for worker in self.workers:
-            if worker.process is not None and worker.process.is_alive() and worker.state == "idle":
+            if worker.process is not None and worker.process.is_alive() and worker.state == WorkerState.IDLE:
                 self.link.send_multipart([worker.identity, STOP])
         for worker in self.workers:
             if worker.process is None:
                 continue
-            worker.process.join(5 if worker.state == "idle" else 0)
+            worker.process.join(5 if worker.state == WorkerState.IDLE else 0)
             if worker.process.is_alive():
                 worker.process.terminate()
                 worker.process.join(5)
-            worker.state = "stopped"
+            worker.state = WorkerState.STOPPED
 

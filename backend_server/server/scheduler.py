@@ -78,7 +78,9 @@ class FairQueue:
     def remove(self, job_id: str, client: bytes) -> Job | None:
         """Take a queued job of this client out of the queue (cancel); None if not queued."""
         own = self._by_client.get(client)
-        for job in own or ():
+        if own is None:
+            return None
+        for job in own:
             if job.job_id == job_id:
                 own.remove(job)
                 if not own:

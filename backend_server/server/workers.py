@@ -19,6 +19,7 @@ import signal
 import time
 import traceback
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import zmq
@@ -115,6 +116,19 @@ def gpu_memory_mb(device: str) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 
 
+class WorkerState(str, Enum):
+    """Where a worker slot is; Status messages carry the value."""
+
+    STARTING = "starting"                       # process spawned, loading models
+    IDLE = "idle"                               # READY, no job
+    BUSY = "busy"                               # running a job
+    WAITING_TO_RESTART = "waiting_to_restart"   # its process died; restarts at restart_at
+    STOPPED = "stopped"                         # the server is shutting down
+
+
+ALIVE_STATES = (WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY)
+
+
 @dataclass
 class WorkerHandle:
     """The server's view of one worker slot; the process in it is replaced when it dies."""
@@ -123,7 +137,7 @@ class WorkerHandle:
     device: str                    # cpu, cuda:0, ...
     generation: int = 0
     process: Any = None            # multiprocessing.Process
-    state: str = "starting"        # starting, idle, busy, waiting_to_restart, stopped
+    state: WorkerState = WorkerState.STARTING
     job: Any = None                # the scheduler.Job it runs
     jobs_done: int = 0
     restarts: int = 0
@@ -141,12 +155,12 @@ class WorkerHandle:
             target=worker_main, args=(config, self.identity, self.device), name=f"facerecon-{self.name}",
             daemon=True)
         self.process.start()
-        self.state = "starting"
+        self.state = WorkerState.STARTING
         self.started_at = time.monotonic()
 
     def died(self) -> bool:
         """True once when a running process has ended (then the slot waits to restart or stops)."""
-        return (self.process is not None and self.state in ("starting", "idle", "busy")
+        return (self.process is not None and self.state in ALIVE_STATES
                 and not self.process.is_alive())
 
     def schedule_restart(self, now: float) -> None:
@@ -154,11 +168,11 @@ class WorkerHandle:
         quick_death = now - self.started_at < 10.0
         delay = min(MAX_RESTART_DELAY_S, 0.5 * 2 ** min(self.restarts, 6)) if quick_death else 0.0
         self.restarts += 1
-        self.state = "waiting_to_restart"
+        self.state = WorkerState.WAITING_TO_RESTART
         self.restart_at = now + delay
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "device": self.device, "state": self.state,
+        return {"name": self.name, "device": self.device, "state": self.state.value,
                 "pid": self.process.pid if self.process is not None else None,
                 "job_id": self.job.job_id if self.job is not None else None,
                 "jobs_done": self.jobs_done, "restarts": self.restarts, "gpu_memory_mb": self.gpu_memory_mb}
