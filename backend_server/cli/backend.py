@@ -44,6 +44,10 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"facerecon-backend: {exc}", file=sys.stderr)
         return 2
+    if not 0.0 < args.client_share <= 1.0:
+        print(f"facerecon-backend: --client-share must be in (0, 1] (a part of the queue), not "
+              f"{args.client_share:g}", file=sys.stderr)
+        return 2
     use_models_dir(args.models_dir)
     models = ["builtin"]
     for name in store.installed_models():
@@ -64,7 +68,8 @@ def run_serve(args: argparse.Namespace) -> int:
             return 2
         logging.warning("!!! serving %s WITHOUT authentication or encryption (--insecure) !!!", args.bind)
     config = ServerConfig(bind=args.bind, devices=["cpu"] * args.workers if devices == ["cpu"] else devices,
-                          max_queued_jobs=args.queue_size, job_timeout_s=args.job_timeout,
+                          max_queued_jobs=args.queue_size, client_share=args.client_share,
+                          job_timeout_s=args.job_timeout,
                           drain_timeout_s=args.drain_timeout, keys_dir=args.keys, models=tuple(models),
                           warm_texture_size=args.warm_texture_size)
     try:
@@ -177,6 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"CPU worker processes with --devices cpu (default {default_cpu_workers()}: "
                        "one per two cores)")
     serve.add_argument("--queue-size", type=int, default=512, help="queued jobs before 'busy' (default 512)")
+    serve.add_argument("--client-share", type=float, default=0.25,
+                       help="the part of the queue (jobs and photo bytes) one client may fill, in (0, 1]; "
+                       "the rest stays open to other clients (default 0.25: 128 of 512 jobs)")
     serve.add_argument("--keys", type=Path, help="CURVE keys folder (facerecon-backend keys generate)")
     serve.add_argument("--insecure", action="store_true",
                        help="allow a non-loopback --bind without --keys (trusted networks only)")

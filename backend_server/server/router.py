@@ -54,6 +54,7 @@ class ServerConfig:
     models: tuple[str, ...] = ("builtin",)
     max_queued_jobs: int = 512
     max_queued_bytes: int = 2 * 1024 ** 3                           # encoded photo bytes in the queue
+    client_share: float = 0.25                                      # of both bounds, for any one client
     job_timeout_s: float = 600.0                                    # a job running longer kills its worker
     drain_timeout_s: float = 60.0                                   # how long SIGTERM waits for running jobs
     keys_dir: Path | None = None                                    # CURVE keys; None = no authentication
@@ -85,7 +86,7 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.context = zmq.Context()
-        self.queue = FairQueue(config.max_queued_jobs, config.max_queued_bytes)
+        self.queue = FairQueue(config.max_queued_jobs, config.max_queued_bytes, config.client_share)
         self.counters = Counters()
         self.started = time.monotonic()
         self._stop_requested = False
@@ -235,7 +236,7 @@ class Server:
         elif request.options.model not in self.config.models:
             refusal = (ErrorCode.UNKNOWN_MODEL, f"model {request.options.model!r} is not installed on "
                        f"this server; installed: {', '.join(self.config.models)}")
-        elif (why := self.queue.refusal(len(request.photo))) is not None:
+        elif (why := self.queue.refusal(client, len(request.photo))) is not None:
             refusal = (ErrorCode.BUSY, f"{why} (queue depth {len(self.queue)})")
         if refusal is not None:
             self.counters.refused += 1

@@ -1,0 +1,72 @@
+"""The server under load, faults and bad input (issue 14): real `facerecon-backend serve` processes,
+real ZeroMQ sockets on 127.0.0.1. Each test fails on the defect it names."""
+from __future__ import annotations
+
+import time
+
+from backend_process import BackendProcess
+from shared_protocol import Accepted, Error, ErrorCode, ReconstructOptions
+from shared_protocol.client import Client
+
+QUICK = ReconstructOptions(texture_size=256, subdivision=0, outputs=("json",))
+SLOW = ReconstructOptions(texture_size=4096)           # ~10 s of one CPU worker: keeps it busy
+
+
+def first_answers(client: Client, request_ids: list[str], timeout_s: float = 60.0) -> dict[str, object]:
+    """The Accepted or Error that answers each request (other messages are skipped)."""
+    wanted, answers = set(request_ids), {}
+    end = time.monotonic() + timeout_s
+    while len(answers) < len(wanted) and time.monotonic() < end:
+        message = client.poll(100)
+        if isinstance(message, (Accepted, Error)) and message.request_id in wanted:
+            answers.setdefault(message.request_id, message)
+    assert len(answers) == len(wanted), f"{len(answers)} of {len(wanted)} requests answered"
+    return answers
+
+
+def test_one_clients_batch_of_600_leaves_room_for_another_clients_photo(tmp_path, grace_hopper_bytes):
+    server = BackendProcess(tmp_path / "serve.log", "--drain-timeout", "1", workers=1).start()
+    try:
+        with Client(server.address) as batch, Client(server.address) as single:
+            requests = [batch.submit(grace_hopper_bytes, "slow.jpg", SLOW)]           # the worker is busy
+            requests += [batch.submit(grace_hopper_bytes, f"b{k}.jpg", QUICK) for k in range(599)]
+            answers = first_answers(batch, requests)
+            busy = [m for m in answers.values() if isinstance(m, Error)]
+            accepted = len(answers) - len(busy)
+            print(f"batch of 600: {accepted} accepted, {len(busy)} busy")
+            assert busy and all(m.code == ErrorCode.BUSY for m in busy)
+            request = single.submit(grace_hopper_bytes, "single.jpg", QUICK)
+            answer = first_answers(single, [request], 10)[request]
+            print(f"second client: {answer}")
+            assert isinstance(answer, Accepted), answer
+            assert answer.queue_position == 1                   # after one job of the batch (round robin)
+            assert accepted <= 1 + 512 // 4                      # the running job and the batch's share
+            assert all("this client's share" in m.message and "--client-share" in m.message for m in busy)
+    finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_fair_queue_bounds_each_clients_share_of_jobs_and_bytes():
+    from backend_server.server.scheduler import FairQueue, Job
+    from shared_protocol import ReconstructRequest
+
+    def job(client: bytes, size: int) -> Job:
+        return Job(client, ReconstructRequest("r", "a.jpg", b"x" * size, QUICK))
+
+    queue = FairQueue(max_jobs=8, max_bytes=1000, client_share=0.25)
+    for _ in range(2):
+        assert queue.refusal(b"a", 10) is None
+        queue.push(job(b"a", 10))
+    assert "this client's share" in queue.refusal(b"a", 10)          # 2 of 8 jobs
+    assert queue.refusal(b"b", 240) is None
+    queue.push(job(b"b", 240))
+    assert "this client's share" in queue.refusal(b"b", 20)          # 260 of 1000 bytes
+    assert queue.refusal(b"c", 10) is None                              # a third client gets in
+    queue.pop(), queue.pop()
+    assert queue.refusal(b"a", 10) is None and queue.refusal(b"b", 20) is None
+
+
+def test_client_share_out_of_range_is_refused(capsys):
+    from backend_server.cli.backend import main as backend_main
+    assert backend_main(["serve", "--client-share", "0"]) == 2
+    assert "--client-share must be in (0, 1]" in capsys.readouterr().err
