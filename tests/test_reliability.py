@@ -3,9 +3,13 @@ real ZeroMQ sockets on 127.0.0.1. Each test fails on the defect it names."""
 from __future__ import annotations
 
 import time
+from collections import Counter
+
+import zmq
 
 from backend_process import BackendProcess
-from shared_protocol import Accepted, Error, ErrorCode, ReconstructOptions
+from shared_protocol import (Accepted, Error, ErrorCode, ReconstructOptions, ReconstructRequest, Result, decode,
+                             encode)
 from shared_protocol.client import Client
 
 QUICK = ReconstructOptions(texture_size=256, subdivision=0, outputs=("json",))
@@ -70,3 +74,64 @@ def test_client_share_out_of_range_is_refused(capsys):
     from backend_server.cli.backend import main as backend_main
     assert backend_main(["serve", "--client-share", "0"]) == 2
     assert "--client-share must be in (0, 1]" in capsys.readouterr().err
+
+
+def wait_until_settled(server: BackendProcess, jobs: int, done_before: int, timeout_s: float = 150.0,
+                       idle_s: float = 3.0):
+    """Once the server holds all `jobs` (queued, running or done since done_before), wait until they
+    are all done, or the workers have stayed idle for idle_s with jobs still queued (held back);
+    returns the last Status."""
+    end, idle_since = time.monotonic() + timeout_s, None
+    while time.monotonic() < end:
+        status = server.status()
+        busy = sum(w["state"] == "busy" for w in status.workers)
+        seen = status.jobs_done - done_before + status.queue_depth + busy
+        if seen >= jobs and status.queue_depth + busy == 0:
+            return status
+        idle_since = (idle_since or time.monotonic()) if seen >= jobs and busy == 0 else None
+        if idle_since and time.monotonic() - idle_since > idle_s:
+            return status
+        time.sleep(0.3)
+    raise AssertionError(f"the server did not settle within {timeout_s} s: {status}")
+
+
+def test_a_client_that_never_reads_holds_bounded_server_memory(tmp_path, grace_hopper_bytes):
+    server = BackendProcess(tmp_path / "serve.log", workers=1).start()
+    full = ReconstructOptions()                         # 2048² texture: ~3 MB of files per result
+    jobs = 20
+    try:
+        with Client(server.address) as warm:            # the first 2048² job builds its UV raster
+            warm.reconstruct(grace_hopper_bytes, "warm.jpg", full, timeout_s=120)
+        before = server.rss_mb()
+        # A client that reads nothing (a stopped process, a frozen script): its ZeroMQ takes one
+        # message, then TCP pushes back on the server.
+        sleeper = zmq.Context.instance().socket(zmq.DEALER)
+        sleeper.setsockopt(zmq.RCVHWM, 1)
+        sleeper.setsockopt(zmq.LINGER, 0)
+        sleeper.connect(server.address)
+        requests = [f"n{k}" for k in range(jobs)]
+        for request_id in requests:
+            sleeper.send_multipart(encode(ReconstructRequest(request_id, f"{request_id}.jpg", grace_hopper_bytes,
+                                                             full)))
+        status = wait_until_settled(server, jobs, done_before=1)
+        grown = server.rss_mb() - before
+        print(f"never-reading client: {status.jobs_done - 1} of {jobs} jobs run, server RSS +{grown:.0f} MB")
+        assert grown < 30, f"server RSS grew {grown:.0f} MB for a client that reads nothing"
+        # It reads at last: every job is answered, exactly once (held back, not dropped).
+        answers: Counter = Counter()
+        job_of = {}
+        end = time.monotonic() + 150
+        while len(answers) < jobs and time.monotonic() < end:
+            if not sleeper.poll(100):
+                continue
+            message = decode(sleeper.recv_multipart())
+            if isinstance(message, Accepted) and message.request_id in requests:
+                job_of[message.job_id] = message.request_id
+            elif isinstance(message, (Result, Error)) and message.job_id in job_of:
+                assert isinstance(message, Result), message
+                answers[message.job_id] += 1
+        sleeper.close()
+        assert len(answers) == jobs and set(answers.values()) == {1}
+        assert "is not reading" in server.log()
+    finally:
+        assert server.stop() == 0, server.log()

@@ -30,6 +30,7 @@ import zmq
 from shared_protocol import (Accepted, Cancel, Error, ErrorCode, Message, Ping, Pong, Progress, ProtocolError,
                              ReconstructRequest, Status, StatusRequest, decode, encode, limits)
 from .. import __version__
+from .outbox import CLIENT_SNDHWM, Outboxes
 from .scheduler import FairQueue, Job
 from .workers import READY, STOP, WorkerConfig, WorkerHandle, WorkerState
 
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("facerecon.server")
 POLL_MS = 100
+HOLDING_POLL_MS = 20            # while messages wait for a client that is not reading: retry soon
 LOOPBACK_PREFIXES = ("tcp://127.", "tcp://localhost:", "tcp://[::1]:", "ipc://", "inproc://")
 
 
@@ -94,6 +96,7 @@ class Server:
         self._authenticator: ThreadAuthenticator | None = None
         self._link_dir = tempfile.TemporaryDirectory(prefix="facerecon-")   # 0700: only this user
         self.clients = self._bind_clients()
+        self.outboxes = Outboxes(self.clients)
         self.link = self.context.socket(zmq.ROUTER)
         self.link.setsockopt(zmq.LINGER, 0)
         link_address = (f"ipc://{self._link_dir.name}/workers" if zmq.has("ipc") else "tcp://127.0.0.1:0")
@@ -109,8 +112,8 @@ class Server:
         socket = self.context.socket(zmq.ROUTER)
         socket.setsockopt(zmq.LINGER, 2000)                   # flush last answers on shutdown
         socket.setsockopt(zmq.MAXMSGSIZE, limits.MAX_PHOTO_BYTES + limits.MAX_HEADER_BYTES)
-        socket.setsockopt(zmq.SNDHWM, 100_000)
-        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)            # sending to a gone client raises
+        socket.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)          # per client; then outbox.Outboxes holds
+        socket.setsockopt(zmq.ROUTER_MANDATORY, 1)            # a gone client or a full pipe raises
         socket.setsockopt(zmq.RCVHWM, 10_000)
         if self.config.keys_dir is not None:
             from .auth import load_server_keys, start_authenticator
@@ -143,11 +146,13 @@ class Server:
         poller.register(self.link, zmq.POLLIN)
         try:
             while True:
-                events = dict(poller.poll(POLL_MS))
+                events = dict(poller.poll(HOLDING_POLL_MS if self.outboxes else POLL_MS))
                 if self.link in events:
                     self._drain_socket(self.link, self._on_worker_message)
                 if self.clients in events:
                     self._drain_socket(self.clients, self._on_client_message)
+                for client in self.outboxes.flush():
+                    self._forget_client(client)
                 self._watch_workers()
                 if self._stop_requested and self._stopping_since is None:
                     self._begin_shutdown()
@@ -180,24 +185,21 @@ class Server:
             handle(frames)
 
     # --- clients -------------------------------------------------------------------------------
-    def _reply(self, client: bytes, message: Message) -> None:
-        self._send_to_client(client, encode(message))
+    def _reply(self, client: bytes, message: Message, essential: bool = False) -> None:
+        """essential: an Accepted or a job's final answer, which is never dropped (see Outboxes)."""
+        self._send_to_client(client, encode(message), essential)
 
-    def _send_to_client(self, client: bytes, frames: list) -> bool:
-        """Send or learn that the client is gone (ROUTER_MANDATORY); a gone client's jobs are dropped."""
-        try:
-            self.clients.send_multipart([client, *frames], copy=False)
+    def _send_to_client(self, client: bytes, frames: list, essential: bool) -> bool:
+        """Send (or hold, for a client that is not reading), or learn that the client is gone
+        (ROUTER_MANDATORY): then its jobs are dropped and False returned. `essential`: see Outboxes."""
+        if self.outboxes.send(client, frames, essential):
             return True
-        except zmq.Again:
-            log.warning("client %s is not reading (send buffer full); message dropped", client.hex())
-        except zmq.ZMQError as exc:
-            if exc.errno != zmq.EHOSTUNREACH:
-                raise
-            self._forget_client(client)
+        self._forget_client(client)
         return False
 
     def _forget_client(self, client: bytes) -> None:
         """The client disconnected: its queued jobs are dropped, its running jobs cancelled."""
+        self.outboxes.forget(client)
         dropped = self.queue.remove_client(client)
         for job in dropped:
             self._finish(job, outcome=JobOutcome.DROPPED, why="client gone")
@@ -244,7 +246,7 @@ class Server:
             return
         job = Job(client, request)
         position = self.queue.push(job)
-        self._reply(client, Accepted(request.request_id, job.job_id, position))
+        self._reply(client, Accepted(request.request_id, job.job_id, position), essential=True)
         log.debug("job %s accepted: %s from %s, queue %d", job.job_id, request.photo_name, client.hex(),
                   len(self.queue))
 
@@ -272,7 +274,7 @@ class Server:
         """Account for a job's end and log it; sends `answer` (an Error) to its client when given.
         Without an outcome, the answer's code decides: CANCELLED for a cancel, FAILED otherwise."""
         if answer is not None:
-            self._reply(job.client, answer)
+            self._reply(job.client, answer, essential=True)
             why = why or answer.code.value
             if outcome is None:
                 outcome = JobOutcome.CANCELLED if answer.code == ErrorCode.CANCELLED else JobOutcome.FAILED
@@ -291,10 +293,12 @@ class Server:
                  job.client.hex(), job.worker or "-", wait_ms, run_ms)
 
     def _dispatch(self) -> None:
-        """Hand queued jobs to idle workers; a job whose client is gone is dropped, not run."""
+        """Hand queued jobs to idle workers; a job whose client is gone is dropped, not run, and the
+        jobs of a client that is not reading (its answers wait in the outbox) wait too."""
         for worker in self.workers:
-            while worker.state == WorkerState.IDLE and (job := self.queue.pop()) is not None:
-                if not self._send_to_client(job.client, encode(Progress(job.job_id, "queued", 0.0))):
+            while (worker.state == WorkerState.IDLE
+                   and (job := self.queue.pop(skip=self.outboxes.holding_back())) is not None):
+                if not self._send_to_client(job.client, encode(Progress(job.job_id, "queued", 0.0)), False):
                     self._finish(job, outcome=JobOutcome.DROPPED, why="client gone")
                     continue
                 job.started_at, job.worker = time.monotonic(), worker.name
@@ -320,8 +324,9 @@ class Server:
             log.warning("worker %s sent %s for job %s it does not run", worker.name, header.get("type"),
                         header.get("job_id"))
             return
-        self._send_to_client(job.client, frames[1:])
-        if header["type"] in ("result", "error"):
+        final = header["type"] in ("result", "error")
+        self._send_to_client(job.client, frames[1:], final)
+        if final:
             worker.gpu_memory_mb = header.get("summary", {}).get("gpu_memory_mb", worker.gpu_memory_mb)
             worker.job, worker.state = None, WorkerState.IDLE
             worker.jobs_done += 1

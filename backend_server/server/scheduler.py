@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from typing import Container
 
 from shared_protocol import ReconstructRequest
 
@@ -85,11 +86,12 @@ class FairQueue:
         others = sum(min(len(q), ahead_of_own + 1) for c, q in self._by_client.items() if c != job.client)
         return ahead_of_own + others
 
-    def pop(self) -> Job | None:
-        """The next job in round-robin order over clients, or None when empty."""
-        if not self._by_client:
+    def pop(self, skip: Container[bytes] = ()) -> Job | None:
+        """The next job in round-robin order over clients not in `skip`, or None when there is none."""
+        client = next((c for c in self._by_client if c not in skip), None)
+        if client is None:
             return None
-        client, own = next(iter(self._by_client.items()))
+        own = self._by_client[client]
         job = own.popleft()
         if own:
             self._by_client.move_to_end(client)
