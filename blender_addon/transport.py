@@ -126,11 +126,8 @@ class ReconstructJob(_Exchange):
         if not self.photo_path or not path.is_file():
             return self._fail(ErrorCode.BAD_IMAGE.value, f"photo {self.photo_path or '(none)'} does not exist; "
                               "pick a photo file")
-        size = path.stat().st_size
-        if size > limits.MAX_PHOTO_BYTES:
-            return self._fail(ErrorCode.IMAGE_TOO_LARGE.value, f"{path.name} is {size / 2**20:.0f} MB; "
-                              f"the limit is {limits.MAX_PHOTO_BYTES / 2**20:.0f} MB")
         try:
+            Client.check_photo_size(path.name, path.stat().st_size)     # before reading it into memory
             self.client = self.connection.open()
             self.request_id = self.client.submit(path.read_bytes(), path.name[:limits.MAX_NAME_CHARS],
                                                  self.options)

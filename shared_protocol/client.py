@@ -88,8 +88,20 @@ class Client:
         except ProtocolError as exc:
             return Error(exc.code, f"bad message from the backend: {exc.message}")
 
+    @staticmethod
+    def check_photo_size(photo_name: str, size: int) -> None:
+        """Raise PAYLOAD_TOO_LARGE for a photo the backend would refuse (or, over ZMQ_MAXMSGSIZE,
+        never even read): checked before sending, so the answer is at once and clear."""
+        if size > limits.MAX_PHOTO_BYTES:
+            raise ProtocolError(ErrorCode.PAYLOAD_TOO_LARGE,
+                                f"{photo_name} is {size:,} bytes, over the backend's limit of "
+                                f"{limits.MAX_PHOTO_BYTES:,} bytes ({limits.MAX_PHOTO_BYTES // limits.MIB} MiB) "
+                                "per photo; resize it or save it as JPEG")
+
     def submit(self, photo: bytes, photo_name: str, options: ReconstructOptions | None = None) -> str:
-        """Send a reconstruct request; returns its request_id (answers carry it, then the job_id)."""
+        """Send a reconstruct request; returns its request_id (answers carry it, then the job_id).
+        A photo over limits.MAX_PHOTO_BYTES raises ProtocolError PAYLOAD_TOO_LARGE, unsent."""
+        self.check_photo_size(photo_name, len(photo))
         request_id = uuid.uuid4().hex
         self.send(ReconstructRequest(request_id, photo_name, photo, options or ReconstructOptions()))
         return request_id

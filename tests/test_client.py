@@ -6,8 +6,8 @@ import threading
 import pytest
 import zmq
 
-from shared_protocol import (Accepted, Error, ErrorCode, Ping, Pong, Progress, ProtocolError,
-                             ReconstructRequest, Result, ResultFile, Status, StatusRequest, decode, encode)
+from shared_protocol import (Accepted, Error, ErrorCode, Ping, Pong, Progress, ProtocolError, ReconstructOptions,
+                             ReconstructRequest, Result, ResultFile, Status, StatusRequest, decode, encode, limits)
 from shared_protocol.client import Client
 
 
@@ -19,6 +19,7 @@ class TinyRouter:
         self.socket = self.context.socket(zmq.ROUTER)
         port = self.socket.bind_to_random_port("tcp://127.0.0.1")
         self.address = f"tcp://127.0.0.1:{port}"
+        self.received: list = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.serve, daemon=True)
         self.thread.start()
@@ -29,6 +30,7 @@ class TinyRouter:
                 continue
             identity, *frames = self.socket.recv_multipart()
             message = decode(frames)
+            self.received.append(message)
             replies = []
             if isinstance(message, Ping):
                 replies = [Pong(message.nonce)]
@@ -87,3 +89,28 @@ def test_non_blocking_poll_returns_none_then_messages(router):
             assert message is not None
             kinds.append(type(message).__name__)
         assert kinds == ["Accepted", "Progress", "Result"]
+
+
+@pytest.mark.parametrize("size", [limits.MAX_PHOTO_BYTES + 1, limits.MAX_PHOTO_BYTES + limits.MAX_HEADER_BYTES + 1],
+                         ids=["40MiB+1", "over-ZMQ_MAXMSGSIZE"])
+def test_a_photo_over_the_limit_is_refused_before_it_is_sent(router, size):
+    # Over ZMQ_MAXMSGSIZE the server drops the connection unread: the client used to wait 20 s and
+    # then ask whether the backend was running.
+    with Client(router.address) as client:
+        assert client.ping() < 1.0
+        with pytest.raises(ProtocolError) as info:
+            client.reconstruct(b"\0" * size, "huge.jpg", timeout_s=20)
+    assert info.value.code == ErrorCode.PAYLOAD_TOO_LARGE
+    assert "huge.jpg" in info.value.message and f"{limits.MAX_PHOTO_BYTES:,} bytes" in info.value.message
+    assert not any(isinstance(m, ReconstructRequest) for m in router.received)
+
+
+def test_the_addon_refuses_a_photo_over_the_limit_with_payload_too_large(tmp_path):
+    from blender_addon.transport import Connection, ReconstructJob
+    photo = tmp_path / "huge.jpg"
+    with open(photo, "wb") as file:
+        file.truncate(limits.MAX_PHOTO_BYTES + limits.MAX_HEADER_BYTES + 1)       # sparse: no disk used
+    job = ReconstructJob(Connection("tcp://127.0.0.1:1"), str(photo), ReconstructOptions())
+    job.start()
+    assert job.state == "failed" and job.error_code == ErrorCode.PAYLOAD_TOO_LARGE.value
+    assert "huge.jpg" in job.error and f"{limits.MAX_PHOTO_BYTES:,} bytes" in job.error
