@@ -4,6 +4,8 @@ No bpy here: Blender's timer calls `poll()` every ~0.1 s; each call reads whatev
 (non-blocking receives) and returns at once. Liveness follows the ZeroMQ guide's heartbeat:
 while waiting, a Ping goes out every second, and any message (Pong included) proves the backend
 alive; silence for `connect_timeout_s` means it is down, unreachable, or refused our CURVE key.
+A Pong from a server that does not have our job (it restarted) fails the job with `job_lost`
+(the Client turns it into an Error for our request).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .protocol import (Accepted, Cancel, Client, Error, ErrorCode, Ping, Progress, ProtocolError,
+from .protocol import (Accepted, Cancel, Client, Error, ErrorCode, Progress, ProtocolError,
                        ReconstructOptions, Result, Status, StatusRequest, limits, load_curve_keys,
                        read_server_public_key)
 
@@ -85,7 +87,7 @@ class _Exchange:
         elif now - self.last_heard > self.connection.connect_timeout_s:
             self._fail(ErrorCode.UNREACHABLE.value, self.connection.silence_message(now - self.last_heard))
         elif now - self._last_ping > HEARTBEAT_S:
-            self._send(Ping(int(now * 1000)))
+            self._ping()                 # the Pong also tells the client whether the server has our job
             self._last_ping = now
         return messages
 
@@ -95,6 +97,14 @@ class _Exchange:
             return
         try:
             self.client.send(message)
+        except ProtocolError as exc:
+            self._fail(exc.code.value, exc.message)
+
+    def _ping(self) -> None:
+        if self.client is None:
+            return
+        try:
+            self.client.send_ping()
         except ProtocolError as exc:
             self._fail(exc.code.value, exc.message)
 

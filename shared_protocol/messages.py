@@ -8,6 +8,10 @@ Framing (one ZeroMQ multipart message; a ROUTER socket sees the peer identity fr
 
 `encode(message) -> list[bytes]` and `decode(frames) -> Message` are exact inverses for valid
 messages. `decode` raises only `ProtocolError`, with a specific `ErrorCode`, for anything else.
+Fields a decoder does not know are ignored, so a minor version adds optional fields only:
+
+    1.1   `server_id` (one per server start) in accepted, pong and status: a client whose job the
+          answering server never accepted knows the job is lost (the backend restarted)
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from typing import Any, ClassVar, Sequence, Union
 from .errors import ErrorCode, ProtocolError
 from . import limits
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
+SERVER_ID_CHARS = 64
 PROTOCOL_MAJOR = 1
 
 STAGES = ("queued", "decode", "detect", "landmarks", "fit", "bake", "export")
@@ -155,23 +160,29 @@ class ReconstructRequest:
                    photo=photo, options=ReconstructOptions.from_json(f.obj("options")))
 
 
+def _with_server_id(header: dict[str, Any], server_id: str | None) -> dict[str, Any]:
+    return header if server_id is None else {**header, "server_id": server_id}
+
+
 @dataclass(frozen=True)
 class Accepted:
-    """Server -> client: the request is queued as job_id; queue_position 0 means running next."""
+    """Server -> client: the request is queued as job_id; queue_position 0 means running next.
+    server_id (1.1): the server instance that holds the job."""
 
     TYPE: ClassVar[str] = "accepted"
     request_id: str
     job_id: str
     queue_position: int
+    server_id: str | None = None
 
     def header(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "job_id": self.job_id,
-                "queue_position": self.queue_position}
+        return _with_server_id({"request_id": self.request_id, "job_id": self.job_id,
+                                "queue_position": self.queue_position}, self.server_id)
 
     @classmethod
     def parse(cls, f: _Fields, payloads: list) -> "Accepted":
         return cls(f.text("request_id", max_chars=128), f.text("job_id", max_chars=128),
-                   f.integer("queue_position", 0, 1 << 31))
+                   f.integer("queue_position", 0, 1 << 31), f.optional_text("server_id", SERVER_ID_CHARS))
 
 
 @dataclass(frozen=True)
@@ -286,15 +297,18 @@ class Ping:
 
 @dataclass(frozen=True)
 class Pong:
+    """The answer to a Ping. server_id (1.1, from a server): which server instance answered."""
+
     TYPE: ClassVar[str] = "pong"
     nonce: int
+    server_id: str | None = None
 
     def header(self) -> dict[str, Any]:
-        return {"nonce": self.nonce}
+        return _with_server_id({"nonce": self.nonce}, self.server_id)
 
     @classmethod
     def parse(cls, f: _Fields, payloads: list) -> "Pong":
-        return cls(f.integer("nonce", 0, (1 << 53) - 1))
+        return cls(f.integer("nonce", 0, (1 << 53) - 1), f.optional_text("server_id", SERVER_ID_CHARS))
 
 
 @dataclass(frozen=True)
@@ -325,12 +339,14 @@ class Status:
     jobs_failed: int
     uptime_s: float
     protocol_version: str = PROTOCOL_VERSION
+    server_id: str | None = None            # 1.1: this start of the server
 
     def header(self) -> dict[str, Any]:
-        return {"server_version": self.server_version, "server_protocol_version": self.protocol_version,
-                "devices": list(self.devices), "models": list(self.models),
-                "workers": list(self.workers), "queue_depth": self.queue_depth,
-                "jobs_done": self.jobs_done, "jobs_failed": self.jobs_failed, "uptime_s": self.uptime_s}
+        return _with_server_id({
+            "server_version": self.server_version, "server_protocol_version": self.protocol_version,
+            "devices": list(self.devices), "models": list(self.models), "workers": list(self.workers),
+            "queue_depth": self.queue_depth, "jobs_done": self.jobs_done, "jobs_failed": self.jobs_failed,
+            "uptime_s": self.uptime_s}, self.server_id)
 
     @classmethod
     def parse(cls, f: _Fields, payloads: list) -> "Status":
@@ -341,7 +357,7 @@ class Status:
                    tuple(f.text_list("models")), tuple(workers),
                    f.integer("queue_depth", 0, 1 << 31), f.integer("jobs_done", 0, 1 << 53),
                    f.integer("jobs_failed", 0, 1 << 53), f.number("uptime_s", 0.0, 1e12),
-                   f.text("server_protocol_version", max_chars=16))
+                   f.text("server_protocol_version", max_chars=16), f.optional_text("server_id", SERVER_ID_CHARS))
 
 
 Message = Union[ReconstructRequest, Accepted, Progress, Result, Error, Cancel, Ping, Pong,

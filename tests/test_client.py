@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import zmq
@@ -12,9 +13,13 @@ from shared_protocol.client import Client
 
 
 class TinyRouter:
-    """Answers like a backend would: Pong, Status, and accepted -> progress -> result."""
+    """Answers like a backend would: Pong, Status, and accepted -> progress -> result. Photos named
+    restart.jpg (accepted, then the "server" restarts: a new server_id), dropped.jpg (never answered)
+    and slow.jpg (result after 2.5 s) play the backend's faults."""
 
     def __init__(self) -> None:
+        self.server_id = "server-start-1"
+        self.later: list[tuple[float, bytes, object]] = []       # (when, identity, reply)
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
         port = self.socket.bind_to_random_port("tcp://127.0.0.1")
@@ -26,6 +31,9 @@ class TinyRouter:
 
     def serve(self) -> None:
         while not self.stop.is_set():
+            for when, identity, reply in [item for item in self.later if item[0] <= time.monotonic()]:
+                self.later.remove((when, identity, reply))
+                self.socket.send_multipart([identity, *encode(reply)])
             if not self.socket.poll(50):
                 continue
             identity, *frames = self.socket.recv_multipart()
@@ -33,7 +41,15 @@ class TinyRouter:
             self.received.append(message)
             replies = []
             if isinstance(message, Ping):
-                replies = [Pong(message.nonce)]
+                replies = [Pong(message.nonce, self.server_id)]
+            elif isinstance(message, ReconstructRequest) and message.photo_name == "dropped.jpg":
+                replies = []
+            elif isinstance(message, ReconstructRequest) and message.photo_name == "restart.jpg":
+                replies = [Accepted(message.request_id, "job-1", 0, self.server_id)]
+                self.server_id = "server-start-2"
+            elif isinstance(message, ReconstructRequest) and message.photo_name == "slow.jpg":
+                replies = [Accepted(message.request_id, "job-1", 0, self.server_id)]
+                self.later.append((time.monotonic() + 2.5, identity, Result("job-1", ())))
             elif isinstance(message, StatusRequest):
                 replies = [Status("test", ("cpu",), ("builtin",), (), 0, 0, 0, 1.0)]
             elif isinstance(message, ReconstructRequest) and message.photo_name == "bad.jpg":
@@ -114,3 +130,39 @@ def test_the_addon_refuses_a_photo_over_the_limit_with_payload_too_large(tmp_pat
     job.start()
     assert job.state == "failed" and job.error_code == ErrorCode.PAYLOAD_TOO_LARGE.value
     assert "huge.jpg" in job.error and f"{limits.MAX_PHOTO_BYTES:,} bytes" in job.error
+
+
+@pytest.mark.parametrize("photo_name, why", [("restart.jpg", "restarted"), ("dropped.jpg", "never received")])
+def test_a_job_the_backend_lost_is_reported_within_seconds_not_at_the_timeout(router, photo_name, why):
+    with Client(router.address) as client:
+        start = time.monotonic()
+        with pytest.raises(ProtocolError) as info:
+            client.reconstruct(b"photo", photo_name, timeout_s=60)
+        assert time.monotonic() - start < 10                     # a heartbeat or two, not 60 s
+    assert info.value.code == ErrorCode.JOB_LOST
+    assert why in info.value.message and "submit the photo again" in info.value.message
+
+
+def test_a_slow_job_on_the_same_server_is_not_taken_for_lost(router):
+    with Client(router.address) as client:
+        client.send_ping()                                        # its pong says nothing of the request
+        result = client.reconstruct(b"photo", "slow.jpg", timeout_s=20)
+        assert result.job_id == "job-1"
+        assert sum(isinstance(m, Ping) for m in router.received) >= 2    # heartbeats while it waited
+        assert client.server_id == "server-start-1"
+
+
+def test_the_non_blocking_client_reports_a_lost_job_as_an_error_for_that_request(router):
+    with Client(router.address) as client:
+        kept = client.submit(b"photo", "slow.jpg")
+        lost = client.submit(b"photo", "dropped.jpg")
+        client.send_ping()
+        seen = []
+        while len(seen) < 4:
+            message = client.poll(3000)
+            assert message is not None, seen
+            seen.append(message)
+        errors = [m for m in seen if isinstance(m, Error)]
+        assert [(e.code, e.request_id) for e in errors] == [(ErrorCode.JOB_LOST, lost)]
+        assert any(isinstance(m, Result) for m in seen) and any(isinstance(m, Accepted) and m.request_id == kept
+                                                               for m in seen)

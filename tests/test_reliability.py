@@ -2,14 +2,15 @@
 real ZeroMQ sockets on 127.0.0.1. Each test fails on the defect it names."""
 from __future__ import annotations
 
+import threading
 import time
 from collections import Counter
 
 import zmq
 
 from backend_process import BackendProcess
-from shared_protocol import (Accepted, Error, ErrorCode, ReconstructOptions, ReconstructRequest, Result, decode,
-                             encode)
+from shared_protocol import (Accepted, Error, ErrorCode, ProtocolError, ReconstructOptions, ReconstructRequest, Result,
+                             decode, encode)
 from shared_protocol.client import Client
 
 QUICK = ReconstructOptions(texture_size=256, subdivision=0, outputs=("json",))
@@ -134,4 +135,57 @@ def test_a_client_that_never_reads_holds_bounded_server_memory(tmp_path, grace_h
         assert len(answers) == jobs and set(answers.values()) == {1}
         assert "is not reading" in server.log()
     finally:
+        assert server.stop() == 0, server.log()
+
+
+def test_a_server_restarted_while_clients_wait_makes_them_report_job_lost(tmp_path, grace_hopper_bytes):
+    from blender_addon.transport import Connection, ReconstructJob
+    server = BackendProcess(tmp_path / "serve.log", workers=1).start()
+    photo = tmp_path / "slow.jpg"
+    photo.write_bytes(grace_hopper_bytes)
+    # The add-on's job runs (SLOW); a script's blocking reconstruct waits in the queue behind it.
+    addon = ReconstructJob(Connection(server.address, connect_timeout_s=60, job_timeout_s=300), str(photo), SLOW)
+    addon.start()
+    end = time.monotonic() + 30
+    while addon.state != "running" and time.monotonic() < end:
+        addon.poll()
+        time.sleep(0.05)
+    assert addon.state == "running", addon.error
+    outcome: dict = {}
+
+    def script() -> None:
+        with Client(server.address) as client:
+            try:
+                client.reconstruct(grace_hopper_bytes, "queued.jpg", QUICK, timeout_s=300)
+            except ProtocolError as exc:
+                outcome["script"], outcome["script_at"] = exc, time.monotonic()
+
+    def blender_timer(until: float) -> None:            # Blender polls the add-on's job every 0.1 s
+        while not addon.finished and time.monotonic() < until:
+            addon.poll()
+            time.sleep(0.1)
+        outcome["addon_at"] = time.monotonic()
+
+    waiting = threading.Thread(target=script, daemon=True)
+    waiting.start()
+    end = time.monotonic() + 10
+    while server.status().queue_depth == 0 and time.monotonic() < end:
+        time.sleep(0.05)
+    try:
+        server.kill()                                  # the backend crashes ...
+        killed = time.monotonic()
+        polling = threading.Thread(target=blender_timer, args=(killed + 30,), daemon=True)
+        polling.start()
+        server.start()                                 # ... and is started again on the same address
+        ready = time.monotonic()
+        polling.join(max(0.0, killed + 30 - time.monotonic()))
+        waiting.join(max(0.0, killed + 30 - time.monotonic()))
+        print(f"restarted {ready - killed:.1f} s after the kill; add-on: {addon.state} {addon.error_code} "
+              f"{outcome['addon_at'] - killed:.1f} s after the kill; script: {outcome.get('script')!r} "
+              f"{outcome.get('script_at', float('nan')) - killed:.1f} s after the kill")
+        assert addon.state == "failed" and addon.error_code == ErrorCode.JOB_LOST.value, addon.error
+        assert "restarted" in addon.error and "again" in addon.error
+        assert outcome["script"].code == ErrorCode.JOB_LOST and "restarted" in outcome["script"].message
+    finally:
+        addon.close()
         assert server.stop() == 0, server.log()

@@ -20,6 +20,7 @@ import json
 import logging
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -91,6 +92,7 @@ class Server:
         self.queue = FairQueue(config.max_queued_jobs, config.max_queued_bytes, config.client_share)
         self.counters = Counters()
         self.started = time.monotonic()
+        self.server_id = uuid.uuid4().hex       # this start: a client whose job it lacks knows it is lost
         self._stop_requested = False
         self._stopping_since: float | None = None
         self._authenticator: ThreadAuthenticator | None = None
@@ -139,8 +141,8 @@ class Server:
         for worker in self.workers:
             worker.start(self.worker_config)
             self._by_identity[worker.identity] = worker
-        log.info("serving on %s with %d worker(s): %s", self.address, len(self.workers),
-                 ", ".join(self.config.devices))
+        log.info("serving on %s with %d worker(s): %s (server id %s)", self.address, len(self.workers),
+                 ", ".join(self.config.devices), self.server_id)
         poller = zmq.Poller()
         poller.register(self.clients, zmq.POLLIN)
         poller.register(self.link, zmq.POLLIN)
@@ -223,7 +225,7 @@ class Server:
         elif isinstance(message, Cancel):
             self._on_cancel(client, message.job_id)
         elif isinstance(message, Ping):
-            self._reply(client, Pong(message.nonce))
+            self._reply(client, Pong(message.nonce, self.server_id))
         elif isinstance(message, StatusRequest):
             self._reply(client, self.status())
         elif not isinstance(message, (Error, Pong)):      # never answer an answer: no echo loops
@@ -246,7 +248,7 @@ class Server:
             return
         job = Job(client, request)
         position = self.queue.push(job)
-        self._reply(client, Accepted(request.request_id, job.job_id, position), essential=True)
+        self._reply(client, Accepted(request.request_id, job.job_id, position, self.server_id), essential=True)
         log.debug("job %s accepted: %s from %s, queue %d", job.job_id, request.photo_name, client.hex(),
                   len(self.queue))
 
@@ -266,7 +268,7 @@ class Server:
     def status(self) -> Status:
         return Status(__version__, tuple(dict.fromkeys(self.config.devices)), self.config.models,
                       tuple(w.describe() for w in self.workers), len(self.queue), self.counters.done,
-                      self.counters.failed, time.monotonic() - self.started)
+                      self.counters.failed, time.monotonic() - self.started, server_id=self.server_id)
 
     # --- jobs ----------------------------------------------------------------------------------
     def _finish(self, job: Job, answer: Error | None = None, outcome: JobOutcome | None = None,
