@@ -189,3 +189,54 @@ def test_a_server_restarted_while_clients_wait_makes_them_report_job_lost(tmp_pa
     finally:
         addon.close()
         assert server.stop() == 0, server.log()
+
+
+def test_secret_keys_are_private_from_creation_and_names_stay_in_the_keys_folder(tmp_path, monkeypatch, capsys):
+    import builtins
+    import os
+    import stat
+
+    import zmq.auth
+    from backend_server.cli.backend import main as backend_main
+    created: dict[str, int] = {}                  # secret key file -> its mode right after it was created
+
+    def note(path) -> None:
+        path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else ""
+        if path.endswith(".key_secret") and path not in created and os.path.exists(path):
+            created[path] = stat.S_IMODE(os.stat(path).st_mode)
+
+    real_open, real_os_open = builtins.open, os.open
+
+    def spy_open(file, *args, **kwargs):
+        handle = real_open(file, *args, **kwargs)
+        note(file)
+        return handle
+
+    def spy_os_open(path, *args, **kwargs):
+        fd = real_os_open(path, *args, **kwargs)
+        note(path)
+        return fd
+
+    monkeypatch.setattr(builtins, "open", spy_open)             # whichever way the key files are made
+    monkeypatch.setattr(os, "open", spy_os_open)
+    keys, umask = tmp_path / "keys", os.umask(0o022)
+    try:
+        assert backend_main(["keys", "generate", "--dir", str(keys)]) == 0
+        assert backend_main(["keys", "generate", "--dir", str(keys), "--client", "alice.smith"]) == 0
+    finally:
+        os.umask(umask)
+        monkeypatch.undo()
+    secrets = [keys / "server.key_secret", keys / "clients/alice.smith.key_secret"]
+    assert created == {str(path): 0o600 for path in secrets}
+    for path in secrets:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        public, secret = zmq.auth.load_certificate(path)       # zmq.auth's own format
+        assert secret and public == zmq.auth.load_certificate(path.with_suffix(".key"))[0]
+    assert (keys / "authorized_clients/alice.smith.key").read_bytes() == (keys / "clients/alice.smith.key").read_bytes()
+
+    before = sorted(tmp_path.rglob("*"))
+    capsys.readouterr()
+    for name in ("../../mallory", "a/b", "..", ".hidden", "", "x" * 65, "c:mallory", "new\nline"):
+        assert backend_main(["keys", "generate", "--dir", str(keys), "--client", name]) == 2, name
+        assert "a plain name" in capsys.readouterr().err
+    assert sorted(tmp_path.rglob("*")) == before                  # nothing written anywhere

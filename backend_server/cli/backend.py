@@ -86,8 +86,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_keys_generate(args: argparse.Namespace) -> int:
-    from backend_server.server.auth import AUTHORIZED_FOLDER, SERVER_NAME, generate_key_pair
+    from backend_server.server.auth import AUTHORIZED_FOLDER, SERVER_NAME, check_key_name, generate_key_pair
     folder = Path(args.dir)
+    if args.client is not None:
+        try:
+            check_key_name(args.client)
+        except ValueError as exc:
+            print(f"facerecon-backend: --client: {exc}", file=sys.stderr)
+            return 2
     try:
         if args.client is None:
             public, secret = generate_key_pair(folder, SERVER_NAME)

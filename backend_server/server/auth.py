@@ -10,6 +10,9 @@ Each artist keeps their own <name>.key_secret; the add-on's preferences point at
 """
 from __future__ import annotations
 
+import datetime
+import os
+import re
 from pathlib import Path
 
 import zmq
@@ -18,17 +21,43 @@ from zmq.auth.thread import ThreadAuthenticator
 
 SERVER_NAME = "server"
 AUTHORIZED_FOLDER = "authorized_clients"
+KEY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")     # a plain file name: no folders, no '..'
+
+
+def check_key_name(name: str) -> str:
+    """`name` if it is a plain name (letters, digits, '.', '_', '-'; 1 to 64; not starting with
+    '.' or '-'), else ValueError: a key pair is always written inside its keys folder."""
+    if not KEY_NAME.fullmatch(name) or ".." in name:
+        raise ValueError(f"{name!r} is not a plain name for a key pair: use 1 to 64 letters, digits, '.', "
+                         "'_' or '-', starting with a letter or digit (e.g. alice or alice.smith)")
+    return name
+
+
+def _write_certificate(path: Path, public: bytes, secret: bytes | None) -> None:
+    """A ZeroMQ certificate in zmq.auth's format (zmq.auth.load_certificate reads it). A secret one is
+    created with mode 0600 (O_EXCL: never over an existing file), so it is never readable by others."""
+    kind = "**Secret** Certificate" if secret else "Public Certificate"
+    lines = [f"#   ****  Generated on {datetime.datetime.now()} by facerecon-backend  ****",
+             f"#   ZeroMQ CURVE {kind}", "", "metadata", "curve", f'    public-key = "{public.decode()}"']
+    if secret:
+        lines.append(f'    secret-key = "{secret.decode()}"')
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600 if secret else 0o644)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write("\n".join(lines) + "\n")
 
 
 def generate_key_pair(folder: Path, name: str) -> tuple[Path, Path]:
-    """Write <name>.key and <name>.key_secret (Z85 certificates) into folder; refuse to overwrite."""
+    """Write <name>.key and <name>.key_secret (Z85 certificates) into folder; refuse to overwrite,
+    and refuse a name that is not plain (ValueError)."""
+    check_key_name(name)
     folder.mkdir(parents=True, exist_ok=True)
     public, secret = folder / f"{name}.key", folder / f"{name}.key_secret"
     for path in (public, secret):
         if path.exists():
             raise FileExistsError(f"{path} exists; delete it first to make a new key pair")
-    zmq.auth.create_certificates(str(folder), name)
-    secret.chmod(0o600)
+    public_key, secret_key = zmq.curve_keypair()
+    _write_certificate(secret, public_key, secret_key)
+    _write_certificate(public, public_key, None)
     return public, secret
 
 
