@@ -2,13 +2,16 @@
 real ZeroMQ sockets on 127.0.0.1. Each test fails on the defect it names."""
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections import Counter
 
+import pytest
 import zmq
 
-from backend_process import BackendProcess
+from backend_process import BackendProcess, accepted_job, wait_for
 from shared_protocol import (Accepted, Error, ErrorCode, ProtocolError, ReconstructOptions, ReconstructRequest, Result,
                              decode, encode)
 from shared_protocol.client import Client
@@ -193,7 +196,6 @@ def test_a_server_restarted_while_clients_wait_makes_them_report_job_lost(tmp_pa
 
 def test_secret_keys_are_private_from_creation_and_names_stay_in_the_keys_folder(tmp_path, monkeypatch, capsys):
     import builtins
-    import os
     import stat
 
     import zmq.auth
@@ -240,3 +242,75 @@ def test_secret_keys_are_private_from_creation_and_names_stay_in_the_keys_folder
         assert backend_main(["keys", "generate", "--dir", str(keys), "--client", name]) == 2, name
         assert "a plain name" in capsys.readouterr().err
     assert sorted(tmp_path.rglob("*")) == before                  # nothing written anywhere
+
+
+@pytest.fixture(scope="module")
+def one_worker(tmp_path_factory):
+    """One CPU worker, jobs killed after 4 s."""
+    server = BackendProcess(tmp_path_factory.mktemp("one_worker") / "serve.log", "--job-timeout", "4",
+                            workers=1).start()
+    yield server
+    assert server.stop() == 0, server.log()
+
+
+def wait_for_worker(server: BackendProcess, accept, timeout_s: float = 60.0) -> dict:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        worker = server.status().workers[0]
+        if accept(worker):
+            return worker
+        time.sleep(0.03)
+    raise AssertionError(f"worker never matched: {worker}")
+
+
+def test_status_shows_a_client_only_its_own_job_ids(one_worker, grace_hopper_bytes):
+    wait_for_worker(one_worker, lambda w: w["state"] == "idle")
+    with Client(one_worker.address) as owner, Client(one_worker.address) as other:
+        job = accepted_job(owner, owner.submit(grace_hopper_bytes, "mine.jpg", SLOW))
+        wait_for_worker(one_worker, lambda w: w["state"] == "busy")
+        seen_by_owner, seen_by_other = owner.status().workers[0], other.status().workers[0]
+        print(f"status of another client's running job: {seen_by_other}")
+        assert seen_by_owner["job_id"] == job
+        assert seen_by_other["state"] == "busy" and seen_by_other["job_id"] is None
+        owner.cancel(job)
+        wait_for(owner, lambda m: isinstance(m, (Error, Result)) and m.job_id == job, 30)
+
+
+def test_a_job_over_the_job_timeout_is_reported_as_such(one_worker, grace_hopper_bytes):
+    wait_for_worker(one_worker, lambda w: w["state"] == "idle")
+    with Client(one_worker.address) as client:
+        job = accepted_job(client, client.submit(grace_hopper_bytes, "endless.jpg", SLOW))
+        failure = wait_for(client, lambda m: isinstance(m, (Error, Result)) and m.job_id == job, 30)
+    print(f"job over --job-timeout: {failure}")
+    assert isinstance(failure, Error) and failure.code == ErrorCode.WORKER_FAILED
+    assert "--job-timeout" in failure.message and "4 s" in failure.message
+    assert "out of memory" not in failure.message and "signal" not in failure.message
+
+
+def test_a_worker_killed_again_and_again_restarts_at_once(one_worker):
+    """The restart back-off is for workers that die while starting; one that got ready restarts at once."""
+    for kill in range(3):
+        worker = wait_for_worker(one_worker, lambda w: w["state"] == "idle")
+        os.kill(worker["pid"], signal.SIGKILL)
+        states: list[str] = []
+
+        def replaced(w: dict, seen: list = states, old_pid: int = worker["pid"]) -> bool:
+            seen.append(w["state"])
+            return w["pid"] != old_pid
+
+        restarted = wait_for_worker(one_worker, replaced, timeout_s=5)
+        print(f"kill {kill + 1}: states seen {list(dict.fromkeys(states))}")
+        assert "waiting_to_restart" not in states, f"kill {kill + 1}: the worker waited to restart"
+        assert restarted["state"] in ("starting", "idle") and restarted["restarts"] == worker["restarts"] + 1
+
+
+def test_restart_back_off_grows_only_while_a_worker_dies_before_it_is_ready():
+    from backend_server.server.workers import WorkerHandle, WorkerState
+    slot = WorkerHandle("w0", "cpu")
+    delays = []
+    for state in [WorkerState.STARTING] * 3 + [WorkerState.IDLE, WorkerState.STARTING, WorkerState.BUSY]:
+        slot.state = state
+        slot.schedule_restart(now=100.0)
+        delays.append(slot.restart_at - 100.0)
+    assert delays == [0.5, 1.0, 2.0, 0.0, 0.5, 0.0]
+    assert slot.restarts == 6 and slot.state == WorkerState.WAITING_TO_RESTART

@@ -227,7 +227,7 @@ class Server:
         elif isinstance(message, Ping):
             self._reply(client, Pong(message.nonce, self.server_id))
         elif isinstance(message, StatusRequest):
-            self._reply(client, self.status())
+            self._reply(client, self.status(client))
         elif not isinstance(message, (Error, Pong)):      # never answer an answer: no echo loops
             self.counters.bad_messages += 1
             self._reply(client, Error(ErrorCode.UNKNOWN_TYPE,
@@ -265,9 +265,10 @@ class Server:
             return
         self.link.send_multipart([worker.identity, *encode(Cancel(job_id))])
 
-    def status(self) -> Status:
+    def status(self, viewer: bytes) -> Status:
+        """The server's Status as client `viewer` may see it: other clients' jobs without their ids."""
         return Status(__version__, tuple(dict.fromkeys(self.config.devices)), self.config.models,
-                      tuple(w.describe() for w in self.workers), len(self.queue), self.counters.done,
+                      tuple(w.describe(viewer) for w in self.workers), len(self.queue), self.counters.done,
                       self.counters.failed, time.monotonic() - self.started, server_id=self.server_id)
 
     # --- jobs ----------------------------------------------------------------------------------
@@ -344,13 +345,15 @@ class Server:
         for worker in self.workers:
             job = worker.job
             if job is not None and job.started_at and now - job.started_at > self.config.job_timeout_s:
-                log.error("job %s ran over %.0f s on worker %s: killing the worker", job.job_id,
+                log.error("job %s ran over %g s on worker %s: killing the worker", job.job_id,
                           self.config.job_timeout_s, worker.name)
+                worker.stop_reason = (f"the job ran over the server's job timeout ({self.config.job_timeout_s:g} s, "
+                                      "--job-timeout)")
                 worker.process.kill()
                 worker.process.join(5)
             if worker.died():
                 self._on_worker_death(worker, now)
-            elif worker.state == WorkerState.WAITING_TO_RESTART and now >= worker.restart_at:
+            if worker.state == WorkerState.WAITING_TO_RESTART and now >= worker.restart_at:
                 del self._by_identity[worker.identity]
                 worker.start(self.worker_config)
                 self._by_identity[worker.identity] = worker
@@ -358,14 +361,16 @@ class Server:
     def _on_worker_death(self, worker: WorkerHandle, now: float) -> None:
         code = worker.process.exitcode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        log.error("worker %s (%s, pid %s) %s", worker.name, worker.device, worker.process.pid, how)
+        log.error("worker %s (%s, pid %s) %s%s", worker.name, worker.device, worker.process.pid, how,
+                  f": {worker.stop_reason}" if worker.stop_reason else "")
         job = worker.job
         if job is not None:
             worker.job = None
-            self._finish(job, Error(ErrorCode.WORKER_FAILED,
-                                    f"the worker process running this job {how} (out of memory or a crash "
-                                    f"in native code?); it is being restarted; retry the photo",
-                                    job_id=job.job_id))
+            why = (f"{worker.stop_reason}: its worker was stopped and is being restarted; a smaller texture "
+                   "size may help, or a longer --job-timeout on the server" if worker.stop_reason else
+                   f"the worker process running this job {how} (out of memory or a crash in native code?); "
+                   "it is being restarted; retry the photo")
+            self._finish(job, Error(ErrorCode.WORKER_FAILED, why, job_id=job.job_id))
         if self._stopping_since is not None:
             worker.state = WorkerState.STOPPED
         else:
