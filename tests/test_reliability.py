@@ -314,3 +314,27 @@ def test_restart_back_off_grows_only_while_a_worker_dies_before_it_is_ready():
         delays.append(slot.restart_at - 100.0)
     assert delays == [0.5, 1.0, 2.0, 0.0, 0.5, 0.0]
     assert slot.restarts == 6 and slot.state == WorkerState.WAITING_TO_RESTART
+
+
+def test_a_server_killed_with_sigkill_leaves_no_folder_once_a_server_starts_again(tmp_path):
+    tmp = tmp_path / "tmp"                              # the servers' temporary folder (TMPDIR)
+    tmp.mkdir()
+    server = BackendProcess(tmp_path / "serve.log", workers=1, env={"TMPDIR": str(tmp)}).start()
+    [killed] = tmp.glob("facerecon-*")                  # its worker link's ipc socket is in there
+    server.kill()
+    assert killed.is_dir()
+    alive = tmp / "facerecon-server-alive"              # a folder of a process that still runs
+    alive.mkdir()
+    (alive / "server.pid").write_text(f"{os.getpid()}\n")
+    unknown = tmp / "facerecon-server-unknown"          # one that says nothing of its owner
+    unknown.mkdir()
+    server.start()
+    try:
+        left = sorted(p.name for p in tmp.iterdir())
+        print(f"after the restart: {left}")
+        assert not killed.exists(), "the killed server's folder is still there"
+        assert alive.is_dir() and unknown.is_dir() and len(left) == 3     # and the new server's own
+        assert "stale" in server.log()
+    finally:
+        assert server.stop() == 0, server.log()
+    assert sorted(p.name for p in tmp.iterdir()) == ["facerecon-server-alive", "facerecon-server-unknown"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
+import shutil
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -32,6 +32,7 @@ from shared_protocol import (Accepted, Cancel, Error, ErrorCode, Message, Ping, 
                              ReconstructRequest, Status, StatusRequest, decode, encode, limits)
 from .. import __version__
 from .outbox import CLIENT_SNDHWM, Outboxes
+from .rundir import make_run_dir
 from .scheduler import FairQueue, Job
 from .workers import READY, STOP, WorkerConfig, WorkerHandle, WorkerState
 
@@ -96,12 +97,12 @@ class Server:
         self._stop_requested = False
         self._stopping_since: float | None = None
         self._authenticator: ThreadAuthenticator | None = None
-        self._link_dir = tempfile.TemporaryDirectory(prefix="facerecon-")   # 0700: only this user
-        self.clients = self._bind_clients()
+        self.clients = self._bind_clients()             # first: a busy address leaves no folder behind
         self.outboxes = Outboxes(self.clients)
+        self._link_dir = make_run_dir()                 # 0700: only this user; stale ones removed
         self.link = self.context.socket(zmq.ROUTER)
         self.link.setsockopt(zmq.LINGER, 0)
-        link_address = (f"ipc://{self._link_dir.name}/workers" if zmq.has("ipc") else "tcp://127.0.0.1:0")
+        link_address = f"ipc://{self._link_dir}/workers" if zmq.has("ipc") else "tcp://127.0.0.1:0"
         self.link.bind(link_address)
         self.worker_config = WorkerConfig(self.link.getsockopt_string(zmq.LAST_ENDPOINT),
                                           config.warm_texture_size, config.warm_subdivision, config.models,
@@ -175,7 +176,7 @@ class Server:
         self.clients.close()
         self.link.close()
         self.context.term()
-        self._link_dir.cleanup()
+        shutil.rmtree(self._link_dir, ignore_errors=True)
 
     @staticmethod
     def _drain_socket(socket: zmq.Socket, handle: Any, at_most: int = 256) -> None:
