@@ -338,3 +338,48 @@ def test_a_server_killed_with_sigkill_leaves_no_folder_once_a_server_starts_agai
     finally:
         assert server.stop() == 0, server.log()
     assert sorted(p.name for p in tmp.iterdir()) == ["facerecon-server-alive", "facerecon-server-unknown"]
+
+
+def refusal_lines(server: BackendProcess) -> list[str]:
+    return [line for line in server.log().splitlines() if "WARNING" in line and "refused" in line]
+
+
+def test_refused_handshakes_are_logged_with_the_peer_address_and_rate_limited(tmp_path):
+    from backend_server.cli.backend import main as backend_main
+    from backend_server.server.handshakes import MAX_LINES
+    from shared_protocol.client import load_curve_keys, read_server_public_key
+    keys = tmp_path / "keys"
+    assert backend_main(["keys", "generate", "--dir", str(keys)]) == 0
+    assert backend_main(["keys", "generate", "--dir", str(keys), "--client", "alice"]) == 0
+    server_key = read_server_public_key(str(keys / "server.key"))
+    alice = {"server_public_key": server_key, "client_keys": load_curve_keys(keys / "clients/alice.key_secret")}
+    server = BackendProcess(tmp_path / "serve.log", "--keys", str(keys), workers=1).start(client_kwargs=alice)
+    try:
+        for stranger in ({"server_public_key": server_key}, {}):     # an unknown key; no CURVE at all
+            with Client(server.address, **stranger) as client:
+                client.send_ping()
+                end = time.monotonic() + 10
+                before = len(refusal_lines(server))
+                while len(refusal_lines(server)) == before and time.monotonic() < end:
+                    time.sleep(0.05)
+        lines = refusal_lines(server)
+        print("\n".join(lines))
+        assert len(lines) == 2, lines
+        assert "127.0.0.1" in lines[0] and "not authorised" in lines[0] and "authorized_clients" in lines[0]
+        assert "CURVE" in lines[1]
+        # A crowd of unknown keys: at most MAX_LINES lines a minute, the rest counted at shutdown.
+        crowd = []
+        for _ in range(2 * MAX_LINES):
+            socket = zmq.Context.instance().socket(zmq.DEALER)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.curve_serverkey = server_key
+            socket.curve_publickey, socket.curve_secretkey = zmq.curve_keypair()
+            socket.connect(server.address)
+            crowd.append(socket)
+        time.sleep(2)
+        for socket in crowd:
+            socket.close()
+    finally:
+        assert server.stop() == 0, server.log()
+    lines = refusal_lines(server)
+    assert len(lines) == MAX_LINES + 1 and f"{MAX_LINES + 2} more refused handshake" in lines[-1], lines

@@ -14,6 +14,7 @@ import datetime
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import zmq
 import zmq.auth
@@ -73,13 +74,38 @@ def load_server_keys(keys_dir: Path) -> tuple[bytes, bytes]:
     return public, secret
 
 
-def start_authenticator(context: zmq.Context, keys_dir: Path) -> tuple[ThreadAuthenticator, int]:
-    """Admit CURVE clients whose public key is in keys_dir/authorized_clients; returns (auth, count)."""
+class KeyAuthenticator(ThreadAuthenticator):
+    """ZAP handler (its own thread) admitting the CURVE public keys in `authorized` (Z85); each key it
+    refuses goes to on_refused(peer address, key) from that thread."""
+
+    def __init__(self, context: zmq.Context, authorized: set[bytes],
+                 on_refused: Callable[[str, str], None]) -> None:
+        super().__init__(context)
+        self.authorized = authorized
+        self.on_refused = on_refused
+        self._address = ""                     # of the ZAP request being handled (one at a time)
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        self._address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else ""
+        await super().handle_zap_message(msg)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """The credentials provider's check (pyzmq's configure_curve_callback)."""
+        if key in self.authorized:
+            return True
+        self.on_refused(self._address, key.decode("ascii", "replace"))
+        return False
+
+
+def start_authenticator(context: zmq.Context, keys_dir: Path,
+                        on_refused: Callable[[str, str], None]) -> tuple[ThreadAuthenticator, int]:
+    """Admit CURVE clients whose public key is in keys_dir/authorized_clients (read now: restart to
+    change); on_refused(address, key) hears of each other key. Returns (authenticator, key count)."""
     authorized = keys_dir / AUTHORIZED_FOLDER
     if not authorized.is_dir():
         raise FileNotFoundError(f"{authorized} is missing; put each artist's <name>.key there")
-    count = len(list(authorized.glob("*.key")))
-    authenticator = ThreadAuthenticator(context)
+    keys = set(zmq.auth.load_certificates(authorized))
+    authenticator = KeyAuthenticator(context, keys, on_refused)
     authenticator.start()
-    authenticator.configure_curve(domain="*", location=str(authorized))
-    return authenticator, count
+    authenticator.configure_curve_callback(domain="*", credentials_provider=authenticator)
+    return authenticator, len(keys)

@@ -31,6 +31,7 @@ import zmq
 from shared_protocol import (Accepted, Cancel, Error, ErrorCode, Message, Ping, Pong, Progress, ProtocolError,
                              ReconstructRequest, Status, StatusRequest, decode, encode, limits)
 from .. import __version__
+from .handshakes import RefusalLog
 from .outbox import CLIENT_SNDHWM, Outboxes
 from .rundir import make_run_dir
 from .scheduler import FairQueue, Job
@@ -118,9 +119,11 @@ class Server:
         socket.setsockopt(zmq.SNDHWM, CLIENT_SNDHWM)          # per client; then outbox.Outboxes holds
         socket.setsockopt(zmq.ROUTER_MANDATORY, 1)            # a gone client or a full pipe raises
         socket.setsockopt(zmq.RCVHWM, 10_000)
+        self.refusals = RefusalLog(socket)                    # logs refused handshakes
         if self.config.keys_dir is not None:
             from .auth import load_server_keys, start_authenticator
-            self._authenticator, count = start_authenticator(self.context, self.config.keys_dir)
+            self._authenticator, count = start_authenticator(self.context, self.config.keys_dir,
+                                                             self.refusals.refused_key)
             public, secret = load_server_keys(self.config.keys_dir)
             socket.curve_server = True
             socket.curve_publickey, socket.curve_secretkey = public, secret
@@ -147,6 +150,7 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.clients, zmq.POLLIN)
         poller.register(self.link, zmq.POLLIN)
+        poller.register(self.refusals.monitor, zmq.POLLIN)
         try:
             while True:
                 events = dict(poller.poll(HOLDING_POLL_MS if self.outboxes else POLL_MS))
@@ -156,6 +160,7 @@ class Server:
                     self._drain_socket(self.clients, self._on_client_message)
                 for client in self.outboxes.flush():
                     self._forget_client(client)
+                self.refusals.drain()
                 self._watch_workers()
                 if self._stop_requested and self._stopping_since is None:
                     self._begin_shutdown()
@@ -171,6 +176,7 @@ class Server:
         return 0
 
     def close(self) -> None:
+        self.refusals.close()
         if self._authenticator is not None:
             self._authenticator.stop()
         self.clients.close()
