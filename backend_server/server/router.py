@@ -12,7 +12,10 @@ DEALER workers, "load-balancing broker"):
 Worker output is forwarded to the job's client without decoding its payloads: only the JSON
 header frame is read to find the job. Status, pings and cancels are answered by this loop, so
 they are answered while every worker is busy. The client socket is ROUTER_MANDATORY: a send to
-a client that disconnected fails, and that client's queued jobs are dropped instead of run.
+a client that disconnected fails, and that client's queued jobs are dropped instead of run; a
+send to a client that does not read waits in outbox.Outboxes, and its queued jobs wait too.
+Accepted, Pong and Status carry `server_id` (one per start), so that a client whose job this
+start never accepted learns that the job is lost. Refused handshakes are logged (handshakes.py).
 """
 from __future__ import annotations
 
@@ -43,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("facerecon.server")
 POLL_MS = 100
 HOLDING_POLL_MS = 20            # while messages wait for a client that is not reading: retry soon
+EXIT_FLUSH_S = 2.0              # at exit, how long messages still waiting for clients may take
 LOOPBACK_PREFIXES = ("tcp://127.", "tcp://localhost:", "tcp://[::1]:", "ipc://", "inproc://")
 
 
@@ -169,6 +173,7 @@ class Server:
                     break
         finally:
             self._shutdown_workers()
+            self._flush_outboxes(EXIT_FLUSH_S)
             self.close()
         counters = self.counters
         log.info("stopped: %d done, %d failed, %d cancelled; %d requests refused, %d bad messages",
@@ -183,6 +188,14 @@ class Server:
         self.link.close()
         self.context.term()
         shutil.rmtree(self._link_dir, ignore_errors=True)
+
+    def _flush_outboxes(self, at_most_s: float) -> None:
+        """On the way out: send what still waits for clients that read, for at most at_most_s."""
+        end = time.monotonic() + at_most_s
+        while self.outboxes and time.monotonic() < end:
+            for client in self.outboxes.flush():
+                self.outboxes.forget(client)
+            time.sleep(0.01)
 
     @staticmethod
     def _drain_socket(socket: zmq.Socket, handle: Any, at_most: int = 256) -> None:
