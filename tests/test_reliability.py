@@ -356,17 +356,18 @@ def test_refused_handshakes_are_logged_with_the_peer_address_and_rate_limited(tm
     server = BackendProcess(tmp_path / "serve.log", "--keys", str(keys), workers=1).start(client_kwargs=alice)
     try:
         for stranger in ({"server_public_key": server_key}, {}):     # an unknown key; no CURVE at all
+            before = len(refusal_lines(server))
             with Client(server.address, **stranger) as client:
                 client.send_ping()
                 end = time.monotonic() + 10
-                before = len(refusal_lines(server))
                 while len(refusal_lines(server)) == before and time.monotonic() < end:
                     time.sleep(0.05)
         lines = refusal_lines(server)
         print("\n".join(lines))
-        assert len(lines) == 2, lines
+        # (a client without keys may retry once before it gives up: one line per refused connection)
+        assert 2 <= len(lines) <= 3, lines
         assert "127.0.0.1" in lines[0] and "not authorised" in lines[0] and "authorized_clients" in lines[0]
-        assert "CURVE" in lines[1]
+        assert "without CURVE keys" in lines[1]
         # A crowd of unknown keys: at most MAX_LINES lines a minute, the rest counted at shutdown.
         crowd = []
         for _ in range(2 * MAX_LINES):
@@ -379,7 +380,8 @@ def test_refused_handshakes_are_logged_with_the_peer_address_and_rate_limited(tm
         time.sleep(2)
         for socket in crowd:
             socket.close()
+        refused = len(lines) + len(crowd)
     finally:
         assert server.stop() == 0, server.log()
     lines = refusal_lines(server)
-    assert len(lines) == MAX_LINES + 1 and f"{MAX_LINES + 2} more refused handshake" in lines[-1], lines
+    assert len(lines) == MAX_LINES + 1 and f"{refused - MAX_LINES} more refused handshake" in lines[-1], lines

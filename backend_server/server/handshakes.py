@@ -80,8 +80,8 @@ class RefusalLog:
             elif kind == zmq.EVENT_DISCONNECTED:
                 peer = self._peers.pop(value, None)
                 if self._failed is not None:
-                    self._warn(f"refused a connection from {peer or 'an address that closed too soon to read'}: "
-                               f"{self._failed}")
+                    self._warn(f"refused a connection from {peer or 'an unknown address (closed before it was read)'}"
+                               f": {self._failed}")
                     self._failed = None
             else:                                          # a failed handshake; its DISCONNECTED follows
                 self._failed = _describe(kind, value)
