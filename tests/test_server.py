@@ -176,9 +176,10 @@ def wait_until_idle(backend, timeout_s: float = 60.0) -> None:
     raise AssertionError(f"backend still busy: {status}")
 
 
-def running_worker(backend, job_id: str) -> dict:
+def running_worker(client: Client, job_id: str) -> dict:
+    """The worker running job_id, as the job's own client sees it (others see no job ids)."""
     for _ in range(50):
-        for worker in backend.status().workers:
+        for worker in client.status().workers:
             if worker["job_id"] == job_id:
                 return worker
         time.sleep(0.02)
@@ -217,7 +218,7 @@ def test_a_killed_worker_fails_its_job_and_is_restarted(backend, grace_hopper_by
         job = accepted_job(client, client.submit(grace_hopper_bytes, "doomed.jpg",
                                                  ReconstructOptions(texture_size=4096)))
         wait_for(client, lambda m: isinstance(m, Progress) and m.job_id == job and m.stage == "bake")
-        worker = running_worker(backend, job)
+        worker = running_worker(client, job)
         os.kill(worker["pid"], signal.SIGKILL)
         failure = wait_for(client, lambda m: isinstance(m, (Error, Result)) and m.job_id == job, 10)
         assert isinstance(failure, Error) and failure.code == ErrorCode.WORKER_FAILED, failure
