@@ -4,6 +4,8 @@ No bpy here: Blender's timer calls `poll()` every ~0.1 s; each call reads whatev
 (non-blocking receives) and returns at once. Liveness follows the ZeroMQ guide's heartbeat:
 while waiting, a Ping goes out every second, and any message (Pong included) proves the backend
 alive; silence for `connect_timeout_s` means it is down, unreachable, or refused our CURVE key.
+A Pong from a server that does not have our job (it restarted) fails the job with `job_lost`
+(the Client turns it into an Error for our request).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .protocol import (Accepted, Cancel, Client, Error, ErrorCode, Ping, Progress, ProtocolError,
+from .protocol import (Accepted, Cancel, Client, Error, ErrorCode, Message, Progress, ProtocolError,
                        ReconstructOptions, Result, Status, StatusRequest, limits, load_curve_keys,
                        read_server_public_key)
 
@@ -34,17 +36,17 @@ class Connection:
         if bool(self.server_key_file) != bool(self.client_key_file):
             raise ProtocolError(ErrorCode.BAD_FIELD, "set both key files (server key and client key) "
                                 "in the add-on preferences, or neither")
-        keys = {}
-        if self.server_key_file:
-            for path in (self.server_key_file, self.client_key_file):
-                if not Path(path).is_file():
-                    raise ProtocolError(ErrorCode.BAD_FIELD, f"key file {path} does not exist")
-            try:
-                keys = {"server_public_key": read_server_public_key(self.server_key_file),
-                        "client_keys": load_curve_keys(self.client_key_file)}
-            except (OSError, ValueError) as exc:
-                raise ProtocolError(ErrorCode.BAD_FIELD, f"cannot read the key files: {exc}") from None
-        return Client(self.address, **keys)
+        if not self.server_key_file:
+            return Client(self.address)
+        for path in (self.server_key_file, self.client_key_file):
+            if not Path(path).is_file():
+                raise ProtocolError(ErrorCode.BAD_FIELD, f"key file {path} does not exist")
+        try:
+            server_key = read_server_public_key(self.server_key_file)
+            client_keys = load_curve_keys(self.client_key_file)
+        except (OSError, ValueError) as exc:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"cannot read the key files: {exc}") from None
+        return Client(self.address, server_public_key=server_key, client_keys=client_keys)
 
     def silence_message(self, seconds: float) -> str:
         keys = (" and that the server accepts your client key (keys/authorized_clients)"
@@ -75,7 +77,9 @@ class _Exchange:
     def _receive(self) -> list:
         """Everything that arrived, without waiting; heartbeats and timeouts handled here."""
         now = time.monotonic()
-        messages = []
+        messages: list = []
+        if self.client is None:
+            return messages
         while (message := self.client.poll(0)) is not None:
             messages.append(message)
         if messages:
@@ -83,14 +87,24 @@ class _Exchange:
         elif now - self.last_heard > self.connection.connect_timeout_s:
             self._fail(ErrorCode.UNREACHABLE.value, self.connection.silence_message(now - self.last_heard))
         elif now - self._last_ping > HEARTBEAT_S:
-            self._send(Ping(int(now * 1000)))
+            self._ping()                 # the Pong also tells the client whether the server has our job
             self._last_ping = now
         return messages
 
-    def _send(self, message: object) -> None:
+    def _send(self, message: Message) -> None:
         """Send without blocking; a connection that cannot take it fails the exchange."""
+        if self.client is None:
+            return
         try:
             self.client.send(message)
+        except ProtocolError as exc:
+            self._fail(exc.code.value, exc.message)
+
+    def _ping(self) -> None:
+        if self.client is None:
+            return
+        try:
+            self.client.send_ping()
         except ProtocolError as exc:
             self._fail(exc.code.value, exc.message)
 
@@ -122,11 +136,8 @@ class ReconstructJob(_Exchange):
         if not self.photo_path or not path.is_file():
             return self._fail(ErrorCode.BAD_IMAGE.value, f"photo {self.photo_path or '(none)'} does not exist; "
                               "pick a photo file")
-        size = path.stat().st_size
-        if size > limits.MAX_PHOTO_BYTES:
-            return self._fail(ErrorCode.IMAGE_TOO_LARGE.value, f"{path.name} is {size / 2**20:.0f} MB; "
-                              f"the limit is {limits.MAX_PHOTO_BYTES / 2**20:.0f} MB")
         try:
+            Client.check_photo_size(path.name, path.stat().st_size)     # before reading it into memory
             self.client = self.connection.open()
             self.request_id = self.client.submit(path.read_bytes(), path.name[:limits.MAX_NAME_CHARS],
                                                  self.options)

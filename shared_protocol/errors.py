@@ -25,6 +25,8 @@ class ErrorCode(str, Enum):
     WORKER_FAILED = "worker_failed"            # the worker process died while running the job
     TIMEOUT = "timeout"                        # no answer in time (client side)
     UNREACHABLE = "unreachable"                # backend could not be reached (client side)
+    JOB_LOST = "job_lost"                      # the backend restarted, or never got the request: no
+                                               # answer will come; submit again (client side)
     # Input photo.
     BAD_IMAGE = "bad_image"                    # not a decodable image
     IMAGE_TOO_SMALL = "image_too_small"        # below the minimum side length

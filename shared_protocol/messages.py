@@ -8,6 +8,10 @@ Framing (one ZeroMQ multipart message; a ROUTER socket sees the peer identity fr
 
 `encode(message) -> list[bytes]` and `decode(frames) -> Message` are exact inverses for valid
 messages. `decode` raises only `ProtocolError`, with a specific `ErrorCode`, for anything else.
+Fields a decoder does not know are ignored, so a minor version adds optional fields only:
+
+    1.1   `server_id` (one per server start) in accepted, pong and status: a client whose job the
+          answering server never accepted knows the job is lost (the backend restarted)
 """
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from typing import Any, ClassVar, Sequence, Union
 from .errors import ErrorCode, ProtocolError
 from . import limits
 
-PROTOCOL_VERSION = "1.0"
+PROTOCOL_VERSION = "1.1"
+SERVER_ID_CHARS = 64
 PROTOCOL_MAJOR = 1
 
 STAGES = ("queued", "decode", "detect", "landmarks", "fit", "bake", "export")
@@ -36,43 +41,43 @@ class _Fields:
         self.header = header
         self.type_name = type_name
 
-    def _get(self, name: str, required: bool) -> Any:
+    def _get(self, name: str) -> Any:
         if name not in self.header:
-            if required:
-                raise _fail(f"'{self.type_name}' needs field '{name}'")
-            return None
+            raise _fail(f"'{self.type_name}' needs field '{name}'")
         return self.header[name]
 
-    def text(self, name: str, required: bool = True, max_chars: int = 4096) -> str | None:
-        value = self._get(name, required)
-        if value is None and not required:
-            return None
+    def text(self, name: str, max_chars: int = 4096) -> str:
+        value = self._get(name)
         if not isinstance(value, str) or len(value) > max_chars:
             raise _fail(f"field '{name}' must be a string of at most {max_chars} characters")
         return value
 
-    def integer(self, name: str, low: int, high: int, required: bool = True) -> int | None:
-        value = self._get(name, required)
-        if value is None and not required:
+    def optional_text(self, name: str, max_chars: int = 4096) -> str | None:
+        """A string field that may be absent or null (fields added in a minor version are)."""
+        if self.header.get(name) is None:
             return None
+        return self.text(name, max_chars)
+
+    def integer(self, name: str, low: int, high: int) -> int:
+        value = self._get(name)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
             raise _fail(f"field '{name}' must be an integer in [{low}, {high}]")
         return value
 
     def number(self, name: str, low: float, high: float) -> float:
-        value = self._get(name, True)
+        value = self._get(name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
             raise _fail(f"field '{name}' must be a number in [{low}, {high}]")
         return float(value)
 
     def choice(self, name: str, allowed: Sequence[str]) -> str:
-        value = self._get(name, True)
+        value = self._get(name)
         if value not in allowed:
             raise _fail(f"field '{name}' must be one of {', '.join(allowed)}")
         return value
 
     def text_list(self, name: str, allowed: Sequence[str] | None = None) -> list[str]:
-        value = self._get(name, True)
+        value = self._get(name)
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise _fail(f"field '{name}' must be a list of strings")
         if allowed is not None and any(v not in allowed for v in value):
@@ -80,7 +85,7 @@ class _Fields:
         return value
 
     def obj(self, name: str) -> dict[str, Any]:
-        value = self._get(name, True)
+        value = self._get(name)
         if not isinstance(value, dict):
             raise _fail(f"field '{name}' must be a JSON object")
         return value
@@ -155,23 +160,29 @@ class ReconstructRequest:
                    photo=photo, options=ReconstructOptions.from_json(f.obj("options")))
 
 
+def _with_server_id(header: dict[str, Any], server_id: str | None) -> dict[str, Any]:
+    return header if server_id is None else {**header, "server_id": server_id}
+
+
 @dataclass(frozen=True)
 class Accepted:
-    """Server -> client: the request is queued as job_id; queue_position 0 means running next."""
+    """Server -> client: the request is queued as job_id; queue_position 0 means running next.
+    server_id (1.1): the server instance that holds the job."""
 
     TYPE: ClassVar[str] = "accepted"
     request_id: str
     job_id: str
     queue_position: int
+    server_id: str | None = None
 
     def header(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "job_id": self.job_id,
-                "queue_position": self.queue_position}
+        return _with_server_id({"request_id": self.request_id, "job_id": self.job_id,
+                                "queue_position": self.queue_position}, self.server_id)
 
     @classmethod
     def parse(cls, f: _Fields, payloads: list) -> "Accepted":
         return cls(f.text("request_id", max_chars=128), f.text("job_id", max_chars=128),
-                   f.integer("queue_position", 0, 1 << 31))
+                   f.integer("queue_position", 0, 1 << 31), f.optional_text("server_id", SERVER_ID_CHARS))
 
 
 @dataclass(frozen=True)
@@ -286,15 +297,18 @@ class Ping:
 
 @dataclass(frozen=True)
 class Pong:
+    """The answer to a Ping. server_id (1.1, from a server): which server instance answered."""
+
     TYPE: ClassVar[str] = "pong"
     nonce: int
+    server_id: str | None = None
 
     def header(self) -> dict[str, Any]:
-        return {"nonce": self.nonce}
+        return _with_server_id({"nonce": self.nonce}, self.server_id)
 
     @classmethod
     def parse(cls, f: _Fields, payloads: list) -> "Pong":
-        return cls(f.integer("nonce", 0, (1 << 53) - 1))
+        return cls(f.integer("nonce", 0, (1 << 53) - 1), f.optional_text("server_id", SERVER_ID_CHARS))
 
 
 @dataclass(frozen=True)
@@ -325,12 +339,14 @@ class Status:
     jobs_failed: int
     uptime_s: float
     protocol_version: str = PROTOCOL_VERSION
+    server_id: str | None = None            # 1.1: this start of the server
 
     def header(self) -> dict[str, Any]:
-        return {"server_version": self.server_version, "server_protocol_version": self.protocol_version,
-                "devices": list(self.devices), "models": list(self.models),
-                "workers": list(self.workers), "queue_depth": self.queue_depth,
-                "jobs_done": self.jobs_done, "jobs_failed": self.jobs_failed, "uptime_s": self.uptime_s}
+        return _with_server_id({
+            "server_version": self.server_version, "server_protocol_version": self.protocol_version,
+            "devices": list(self.devices), "models": list(self.models), "workers": list(self.workers),
+            "queue_depth": self.queue_depth, "jobs_done": self.jobs_done, "jobs_failed": self.jobs_failed,
+            "uptime_s": self.uptime_s}, self.server_id)
 
     @classmethod
     def parse(cls, f: _Fields, payloads: list) -> "Status":
@@ -341,12 +357,12 @@ class Status:
                    tuple(f.text_list("models")), tuple(workers),
                    f.integer("queue_depth", 0, 1 << 31), f.integer("jobs_done", 0, 1 << 53),
                    f.integer("jobs_failed", 0, 1 << 53), f.number("uptime_s", 0.0, 1e12),
-                   f.text("server_protocol_version", max_chars=16))
+                   f.text("server_protocol_version", max_chars=16), f.optional_text("server_id", SERVER_ID_CHARS))
 
 
 Message = Union[ReconstructRequest, Accepted, Progress, Result, Error, Cancel, Ping, Pong,
                 StatusRequest, Status]
-MESSAGE_TYPES: dict[str, type] = {cls.TYPE: cls for cls in (
+MESSAGE_TYPES: dict[str, type[Message]] = {cls.TYPE: cls for cls in (
     ReconstructRequest, Accepted, Progress, Result, Error, Cancel, Ping, Pong, StatusRequest, Status)}
 
 
@@ -370,7 +386,7 @@ def _check_version(header: dict[str, Any]) -> None:
                     "update the add-on or the backend so that both match", ErrorCode.PROTOCOL_MISMATCH)
 
 
-def _payload_table(header: dict[str, Any], frames: Sequence[bytes]) -> list[tuple[str, bytes]]:
+def _payload_table(header: dict[str, Any], frames: Sequence[bytes | bytearray | memoryview]) -> list[tuple[str, bytes]]:
     table = header.get("payloads")
     if not isinstance(table, list):
         raise _fail("header needs a 'payloads' list", ErrorCode.BAD_HEADER)
@@ -394,7 +410,7 @@ def _payload_table(header: dict[str, Any], frames: Sequence[bytes]) -> list[tupl
     return payloads
 
 
-def decode(frames: Sequence[bytes]) -> Message:
+def decode(frames: Sequence[bytes | bytearray | memoryview]) -> Message:
     """Multipart frames -> Message. Raises ProtocolError (never anything else) on any defect."""
     if not isinstance(frames, (list, tuple)) or not frames:
         raise _fail("a message needs at least a header frame", ErrorCode.BAD_FRAMES)
@@ -413,9 +429,9 @@ def decode(frames: Sequence[bytes]) -> Message:
         raise _fail("header must be a JSON object", ErrorCode.BAD_HEADER)
     _check_version(header)
     type_name = header.get("type")
-    cls = MESSAGE_TYPES.get(type_name) if isinstance(type_name, str) else None
-    if cls is None:
+    if not isinstance(type_name, str) or type_name not in MESSAGE_TYPES:
         raise _fail(f"unknown message type {str(type_name)[:40]!r}", ErrorCode.UNKNOWN_TYPE)
+    cls = MESSAGE_TYPES[type_name]
     payloads = _payload_table(header, frames)
     if cls not in (ReconstructRequest, Result) and payloads:
         raise _fail(f"'{type_name}' carries no payloads", ErrorCode.BAD_FRAMES)

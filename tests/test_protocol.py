@@ -9,13 +9,14 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from shared_protocol import (Accepted, Cancel, Error, ErrorCode, Ping, Pong, Progress, ProtocolError,
-                             ReconstructOptions, ReconstructRequest, Result, ResultFile, Status,
+                             PROTOCOL_VERSION, ReconstructOptions, ReconstructRequest, Result, ResultFile, Status,
                              StatusRequest, decode, encode, limits, MESSAGE_TYPES)
 from tests.conftest import ROOT
 
 EXAMPLES = [
     ReconstructRequest("r1", "me.jpg", b"\xff\xd8jpegbytes", ReconstructOptions(face=-1, texture_size=1024)),
     Accepted("r1", "j1", 3),
+    Accepted("r1", "j1", 3, server_id="5f1c0e"),
     Progress("j1", "bake", 0.5),
     Result("j1", (ResultFile("me.obj", "obj", b"v 0 0 0\n"), ResultFile("me.png", "png", b"\x89PNG")),
            {"faces": 1}),
@@ -24,8 +25,10 @@ EXAMPLES = [
     Cancel("j1"),
     Ping(7),
     Pong(7),
+    Pong(7, server_id="5f1c0e"),
     StatusRequest(),
     Status("0.1.0", ("cpu",), ("builtin",), ({"device": "cpu", "state": "idle"},), 2, 10, 1, 12.5),
+    Status("0.1.0", ("cpu",), ("builtin",), (), 0, 0, 0, 1.0, server_id="5f1c0e"),
 ]
 
 
@@ -70,6 +73,23 @@ def test_rejects_other_major_version_with_protocol_mismatch():
     assert rejected(frames_with(header_of(Ping(1)) | {"protocol_version": "x"})) == ErrorCode.BAD_HEADER
     # A newer minor version of the same major is accepted.
     assert decode(frames_with(header_of(Ping(1)) | {"protocol_version": "1.9"})) == Ping(1)
+
+
+def test_version_1_1_adds_only_optional_server_ids_and_unknown_fields_are_ignored():
+    assert PROTOCOL_VERSION == "1.1"
+    # A 1.0 peer's messages (no server_id) still decode; so do fields this side does not know.
+    old = header_of(Accepted("r", "j", 0)) | {"protocol_version": "1.0"}
+    assert decode(frames_with(old)) == Accepted("r", "j", 0, server_id=None)
+    assert decode(frames_with(header_of(Pong(3, "s")) | {"uptime_ms": 5, "server_id": None})) == Pong(3)
+    assert "server_id" not in header_of(Pong(3))                      # absent, not null, when unknown
+    for bad in (5, "x" * 65, ["s"]):
+        assert rejected(frames_with(header_of(Pong(3)) | {"server_id": bad})) == ErrorCode.BAD_FIELD
+        assert rejected(frames_with(header_of(Accepted("r", "j", 0)) | {"server_id": bad})) == ErrorCode.BAD_FIELD
+
+
+def test_job_lost_is_a_new_stable_code():
+    assert ErrorCode("job_lost") == ErrorCode.JOB_LOST
+    assert decode(encode(Error(ErrorCode.JOB_LOST, "the backend restarted"))).code == ErrorCode.JOB_LOST
 
 
 def test_rejects_unknown_type():
@@ -137,9 +157,10 @@ def test_truncated_or_mutated_frames_raise_only_protocol_errors(message, data):
 
 @settings(max_examples=200, deadline=None)
 @given(st.dictionaries(st.sampled_from(["type", "protocol_version", "payloads", "job_id", "nonce",
-                                        "options", "code", "message", "files", "kinds", "stage"]),
+                                        "options", "code", "message", "files", "kinds", "stage", "server_id"]),
                        st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
-                                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                                    lambda inner: (st.lists(inner, max_size=3)
+                                                   | st.dictionaries(st.text(max_size=5), inner, max_size=3)),
                                     max_leaves=8)))
 def test_random_json_headers_raise_only_protocol_errors(header):
     try:
@@ -167,7 +188,8 @@ def test_shape_keys_file_round_trips_and_refuses_damage():
     assert count == 10 and [k.name for k in decoded] == ["jawOpen", "eyeBlink_L"]
     assert decoded[0].value == 0.25 and list(decoded[0].vertex_ids) == [0, 5, 9]
     assert list(decoded[0].offsets) == pytest.approx([0.0, -0.01, 0.002] * 3)
-    for damaged in (data[:-4], data + b"x", b"FRSX" + data[4:], data.replace(b'"vertex_count": 10', b'"vertex_count": 5 ')):
+    for damaged in (data[:-4], data + b"x", b"FRSX" + data[4:],
+                    data.replace(b'"vertex_count": 10', b'"vertex_count": 5 ')):
         with pytest.raises(ValueError):
             decode_shape_keys(damaged)
     with pytest.raises(ValueError, match="offsets"):

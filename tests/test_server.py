@@ -11,7 +11,7 @@ from collections import Counter, defaultdict
 import pytest
 import zmq
 
-from backend_process import BackendProcess
+from backend_process import BackendProcess, accepted_job, wait_for
 from shared_protocol import (Accepted, Error, ErrorCode, PROTOCOL_VERSION, Progress, ProtocolError,
                              ReconstructOptions, ReconstructRequest, Result, decode, encode, limits)
 from shared_protocol.client import Client, load_curve_keys, read_server_public_key
@@ -24,21 +24,6 @@ def backend(tmp_path_factory):
     server = BackendProcess(tmp_path_factory.mktemp("backend") / "serve.log", workers=2).start()
     yield server
     assert server.stop() == 0, server.log()
-
-
-def wait_for(client: Client, accept, timeout_s: float = 60.0):
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        message = client.poll(100)
-        if message is not None and accept(message):
-            return message
-    raise AssertionError("no matching message in time")
-
-
-def accepted_job(client: Client, request_id: str) -> str:
-    message = wait_for(client, lambda m: isinstance(m, (Accepted, Error)) and m.request_id == request_id)
-    assert isinstance(message, Accepted), message
-    return message.job_id
 
 
 def test_round_trip_matches_batch_cli(backend, grace_hopper_bytes, tmp_path):
@@ -191,9 +176,10 @@ def wait_until_idle(backend, timeout_s: float = 60.0) -> None:
     raise AssertionError(f"backend still busy: {status}")
 
 
-def running_worker(backend, job_id: str) -> dict:
+def running_worker(client: Client, job_id: str) -> dict:
+    """The worker running job_id, as the job's own client sees it (others see no job ids)."""
     for _ in range(50):
-        for worker in backend.status().workers:
+        for worker in client.status().workers:
             if worker["job_id"] == job_id:
                 return worker
         time.sleep(0.02)
@@ -232,7 +218,7 @@ def test_a_killed_worker_fails_its_job_and_is_restarted(backend, grace_hopper_by
         job = accepted_job(client, client.submit(grace_hopper_bytes, "doomed.jpg",
                                                  ReconstructOptions(texture_size=4096)))
         wait_for(client, lambda m: isinstance(m, Progress) and m.job_id == job and m.stage == "bake")
-        worker = running_worker(backend, job)
+        worker = running_worker(client, job)
         os.kill(worker["pid"], signal.SIGKILL)
         failure = wait_for(client, lambda m: isinstance(m, (Error, Result)) and m.job_id == job, 10)
         assert isinstance(failure, Error) and failure.code == ErrorCode.WORKER_FAILED, failure

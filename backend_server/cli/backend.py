@@ -44,6 +44,10 @@ def run_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"facerecon-backend: {exc}", file=sys.stderr)
         return 2
+    if not 0.0 < args.client_share <= 1.0:
+        print(f"facerecon-backend: --client-share must be in (0, 1] (a part of the queue), not "
+              f"{args.client_share:g}", file=sys.stderr)
+        return 2
     use_models_dir(args.models_dir)
     models = ["builtin"]
     for name in store.installed_models():
@@ -64,7 +68,8 @@ def run_serve(args: argparse.Namespace) -> int:
             return 2
         logging.warning("!!! serving %s WITHOUT authentication or encryption (--insecure) !!!", args.bind)
     config = ServerConfig(bind=args.bind, devices=["cpu"] * args.workers if devices == ["cpu"] else devices,
-                          max_queued_jobs=args.queue_size, job_timeout_s=args.job_timeout,
+                          max_queued_jobs=args.queue_size, client_share=args.client_share,
+                          job_timeout_s=args.job_timeout,
                           drain_timeout_s=args.drain_timeout, keys_dir=args.keys, models=tuple(models),
                           warm_texture_size=args.warm_texture_size)
     try:
@@ -81,8 +86,14 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_keys_generate(args: argparse.Namespace) -> int:
-    from backend_server.server.auth import AUTHORIZED_FOLDER, SERVER_NAME, generate_key_pair
+    from backend_server.server.auth import AUTHORIZED_FOLDER, SERVER_NAME, check_key_name, generate_key_pair
     folder = Path(args.dir)
+    if args.client is not None:
+        try:
+            check_key_name(args.client)
+        except ValueError as exc:
+            print(f"facerecon-backend: --client: {exc}", file=sys.stderr)
+            return 2
     try:
         if args.client is None:
             public, secret = generate_key_pair(folder, SERVER_NAME)
@@ -155,6 +166,8 @@ def run_models_list(args: argparse.Namespace) -> int:
     print("  builtin       (always there: MediaPipe's 468-point mesh, no coefficients)")
     for name in store.installed_models():
         manifest = store.read_manifest(name)
+        if manifest is None:                   # removed or damaged since installed_models() looked
+            continue
         stale = store.is_stale(manifest)
         print(f"  {name:13s} {manifest['vertices']} vertices, {manifest['identity_components']} identity, "
               f"{len(manifest['expressions'])} expressions; from {next(iter(manifest['source'].values()))}"
@@ -172,8 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--devices", default="cpu",
                        help="cpu (default), or GPUs such as 0,1 or cuda:0,cuda:1: one worker process each")
     serve.add_argument("--workers", type=int, default=default_cpu_workers(),
-                       help=f"CPU worker processes with --devices cpu (default {default_cpu_workers()}: one per two cores)")
+                       help=f"CPU worker processes with --devices cpu (default {default_cpu_workers()}: "
+                       "one per two cores)")
     serve.add_argument("--queue-size", type=int, default=512, help="queued jobs before 'busy' (default 512)")
+    serve.add_argument("--client-share", type=float, default=0.25,
+                       help="the part of the queue (jobs and photo bytes) one client may fill, in (0, 1]; "
+                       "the rest stays open to other clients (default 0.25: 128 of 512 jobs)")
     serve.add_argument("--keys", type=Path, help="CURVE keys folder (facerecon-backend keys generate)")
     serve.add_argument("--insecure", action="store_true",
                        help="allow a non-loopback --bind without --keys (trusted networks only)")

@@ -19,6 +19,7 @@ import signal
 import time
 import traceback
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any
 
 import zmq
@@ -115,6 +116,19 @@ def gpu_memory_mb(device: str) -> float | None:
     return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
 
 
+class WorkerState(str, Enum):
+    """Where a worker slot is; Status messages carry the value."""
+
+    STARTING = "starting"                       # process spawned, loading models
+    IDLE = "idle"                               # READY, no job
+    BUSY = "busy"                               # running a job
+    WAITING_TO_RESTART = "waiting_to_restart"   # its process died; restarts at restart_at
+    STOPPED = "stopped"                         # the server is shutting down
+
+
+ALIVE_STATES = (WorkerState.STARTING, WorkerState.IDLE, WorkerState.BUSY)
+
+
 @dataclass
 class WorkerHandle:
     """The server's view of one worker slot; the process in it is replaced when it dies."""
@@ -123,11 +137,13 @@ class WorkerHandle:
     device: str                    # cpu, cuda:0, ...
     generation: int = 0
     process: Any = None            # multiprocessing.Process
-    state: str = "starting"        # starting, idle, busy, waiting_to_restart, stopped
+    state: WorkerState = WorkerState.STARTING
     job: Any = None                # the scheduler.Job it runs
     jobs_done: int = 0
     restarts: int = 0
     restart_at: float = 0.0        # monotonic seconds; when a waiting slot starts again
+    failed_starts: int = 0         # deaths in a row before READY: the restart back-off grows with them
+    stop_reason: str | None = None  # why the server killed this process, if it did
     gpu_memory_mb: float | None = None   # peak, as the worker last reported it
     started_at: float = field(default_factory=time.monotonic)
 
@@ -141,24 +157,32 @@ class WorkerHandle:
             target=worker_main, args=(config, self.identity, self.device), name=f"facerecon-{self.name}",
             daemon=True)
         self.process.start()
-        self.state = "starting"
+        self.state = WorkerState.STARTING
+        self.stop_reason = None
         self.started_at = time.monotonic()
 
     def died(self) -> bool:
         """True once when a running process has ended (then the slot waits to restart or stops)."""
-        return (self.process is not None and self.state in ("starting", "idle", "busy")
+        return (self.process is not None and self.state in ALIVE_STATES
                 and not self.process.is_alive())
 
     def schedule_restart(self, now: float) -> None:
-        """Back off exponentially when the worker keeps dying at start (e.g. a broken model)."""
-        quick_death = now - self.started_at < 10.0
-        delay = min(MAX_RESTART_DELAY_S, 0.5 * 2 ** min(self.restarts, 6)) if quick_death else 0.0
+        """Call when the process died. One that died before READY (e.g. a broken model) restarts after
+        0.5 s, 1 s, 2 s, ... (at most MAX_RESTART_DELAY_S) as such deaths repeat; one that got READY
+        (models loaded: it lived normally) restarts at once, and the back-off starts over."""
+        if self.state == WorkerState.STARTING:
+            self.failed_starts += 1
+            delay = min(MAX_RESTART_DELAY_S, 0.5 * 2 ** min(self.failed_starts - 1, 6))
+        else:
+            self.failed_starts, delay = 0, 0.0
         self.restarts += 1
-        self.state = "waiting_to_restart"
+        self.state = WorkerState.WAITING_TO_RESTART
         self.restart_at = now + delay
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "device": self.device, "state": self.state,
+    def describe(self, viewer: bytes) -> dict[str, Any]:
+        """This slot for a Status message to client `viewer`: the id of a job only if it is viewer's."""
+        own_job = self.job is not None and self.job.client == viewer
+        return {"name": self.name, "device": self.device, "state": self.state.value,
                 "pid": self.process.pid if self.process is not None else None,
-                "job_id": self.job.job_id if self.job is not None else None,
+                "job_id": self.job.job_id if own_job else None,
                 "jobs_done": self.jobs_done, "restarts": self.restarts, "gpu_memory_mb": self.gpu_memory_mb}
