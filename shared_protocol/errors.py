@@ -31,6 +31,7 @@ class ErrorCode(str, Enum):
     BAD_IMAGE = "bad_image"                    # not a decodable image
     IMAGE_TOO_SMALL = "image_too_small"        # below the minimum side length
     IMAGE_TOO_LARGE = "image_too_large"        # over the pixel or byte limit
+    OVER_MEMORY_BUDGET = "over_memory_budget"  # the job would need more memory than a worker has here
     NO_FACE = "no_face"                        # no face found in the photo
     FACE_INDEX_OUT_OF_RANGE = "face_index_out_of_range"  # asked for face N of fewer faces
     # Anything else: a bug; the message says what happened.

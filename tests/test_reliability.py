@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -385,3 +387,24 @@ def test_refused_handshakes_are_logged_with_the_peer_address_and_rate_limited(tm
         assert server.stop() == 0, server.log()
     lines = refusal_lines(server)
     assert len(lines) == MAX_LINES + 1 and f"{refused - MAX_LINES} more refused handshake" in lines[-1], lines
+
+
+def test_a_job_over_the_worker_memory_budget_is_refused_with_the_size_that_fits(tmp_path, grace_hopper_bytes):
+    """One 8192² job took 8.7 GB in a worker, with no cap: now a server option bounds what a job
+    may need (its texture size decides), and a job over it is refused at once, naming what fits."""
+    server = BackendProcess(tmp_path / "serve.log", "--worker-memory-gb", "2", workers=1).start()
+    try:
+        with Client(server.address) as client:
+            with pytest.raises(ProtocolError) as refused:
+                client.reconstruct(grace_hopper_bytes, "big.jpg", ReconstructOptions(texture_size=8192), timeout_s=20)
+            assert refused.value.code == ErrorCode.OVER_MEMORY_BUDGET
+            assert "8192² texture needs about 4.8 GB" in refused.value.message
+            assert "2.0 GB (--worker-memory-gb): ask for 2048² or less" in refused.value.message
+            result = client.reconstruct(grace_hopper_bytes, "small.jpg", ReconstructOptions(texture_size=2048),
+                                        timeout_s=120)
+            assert any(f.name == "small.png" for f in result.files)
+    finally:
+        assert server.stop() == 0, server.log()
+    done = subprocess.run([sys.executable, "-m", "backend_server.cli.backend", "serve", "--worker-memory-gb", "0"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "--worker-memory-gb must be positive" in done.stderr

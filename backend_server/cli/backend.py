@@ -48,6 +48,10 @@ def run_serve(args: argparse.Namespace) -> int:
         print(f"facerecon-backend: --client-share must be in (0, 1] (a part of the queue), not "
               f"{args.client_share:g}", file=sys.stderr)
         return 2
+    if args.worker_memory_gb is not None and args.worker_memory_gb <= 0:
+        print(f"facerecon-backend: --worker-memory-gb must be positive, not {args.worker_memory_gb:g}",
+              file=sys.stderr)
+        return 2
     use_models_dir(args.models_dir)
     models = ["builtin"]
     for name in store.installed_models():
@@ -69,6 +73,8 @@ def run_serve(args: argparse.Namespace) -> int:
         logging.warning("!!! serving %s WITHOUT authentication or encryption (--insecure) !!!", args.bind)
     config = ServerConfig(bind=args.bind, devices=["cpu"] * args.workers if devices == ["cpu"] else devices,
                           max_queued_jobs=args.queue_size, client_share=args.client_share,
+                          worker_memory_bytes=worker_memory_bytes(args, len(devices) if devices != ["cpu"]
+                                                                  else args.workers),
                           job_timeout_s=args.job_timeout,
                           drain_timeout_s=args.drain_timeout, keys_dir=args.keys, models=tuple(models),
                           warm_texture_size=args.warm_texture_size)
@@ -83,6 +89,13 @@ def run_serve(args: argparse.Namespace) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.request_stop())
     return server.run()
+
+
+def worker_memory_bytes(args: argparse.Namespace, workers: int) -> int:
+    """--worker-memory-gb, or this machine's physical memory divided among the workers."""
+    if args.worker_memory_gb is not None:
+        return int(args.worker_memory_gb * 1024 ** 3)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // max(1, workers)
 
 
 def run_keys_generate(args: argparse.Namespace) -> int:
@@ -191,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--client-share", type=float, default=0.25,
                        help="the part of the queue (jobs and photo bytes) one client may fill, in (0, 1]; "
                        "the rest stays open to other clients (default 0.25: 128 of 512 jobs)")
+    serve.add_argument("--worker-memory-gb", type=float,
+                       help="memory one worker may use; a job estimated over it (its texture size decides: "
+                       "about 2 GB at 4096², 5 GB at 8192²) is refused with over_memory_budget (default: this "
+                       "machine's memory shared among the workers)")
     serve.add_argument("--keys", type=Path, help="CURVE keys folder (facerecon-backend keys generate)")
     serve.add_argument("--insecure", action="store_true",
                        help="allow a non-loopback --bind without --keys (trusted networks only)")

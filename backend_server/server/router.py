@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Any
 import zmq
 
 from shared_protocol import (Accepted, Cancel, Error, ErrorCode, Message, Ping, Pong, Progress, ProtocolError,
-                             ReconstructRequest, Status, StatusRequest, decode, encode, limits)
+                             ReconstructOptions, ReconstructRequest, Status, StatusRequest, decode, encode, limits)
 from .. import __version__
+from ..pipeline.memory import GIB, largest_texture_within, worker_peak_bytes
 from .handshakes import RefusalLog
 from .outbox import CLIENT_SNDHWM, Outboxes
 from .rundir import make_run_dir
@@ -64,6 +65,7 @@ class ServerConfig:
     max_queued_jobs: int = 512
     max_queued_bytes: int = 2 * 1024 ** 3                           # encoded photo bytes in the queue
     client_share: float = 0.25                                      # of both bounds, for any one client
+    worker_memory_bytes: int | None = None                          # a job estimated over it is refused
     job_timeout_s: float = 600.0                                    # a job running longer kills its worker
     drain_timeout_s: float = 60.0                                   # how long SIGTERM waits for running jobs
     keys_dir: Path | None = None                                    # CURVE keys; None = no authentication
@@ -260,6 +262,8 @@ class Server:
         elif request.options.model not in self.config.models:
             refusal = (ErrorCode.UNKNOWN_MODEL, f"model {request.options.model!r} is not installed on "
                        f"this server; installed: {', '.join(self.config.models)}")
+        elif (why := self._over_memory(request.options)) is not None:
+            refusal = (ErrorCode.OVER_MEMORY_BUDGET, why)
         elif (why := self.queue.refusal(client, len(request.photo))) is not None:
             refusal = (ErrorCode.BUSY, f"{why} (queue depth {len(self.queue)})")
         if refusal is not None:
@@ -271,6 +275,19 @@ class Server:
         self._reply(client, Accepted(request.request_id, job.job_id, position, self.server_id), essential=True)
         log.debug("job %s accepted: %s from %s, queue %d", job.job_id, request.photo_name, client.hex(),
                   len(self.queue))
+
+    def _over_memory(self, options: ReconstructOptions) -> str | None:
+        """Why a job with these options would not fit a worker's memory budget, or None."""
+        budget = self.config.worker_memory_bytes
+        if budget is None:
+            return None
+        need = worker_peak_bytes(options)
+        if need <= budget:
+            return None
+        largest = largest_texture_within(budget)
+        return (f"a {options.texture_size}² texture needs about {need / GIB:.1f} GB in a worker; this server gives "
+                f"a worker {budget / GIB:.1f} GB (--worker-memory-gb)"
+                + (f": ask for {largest}² or less" if largest else ""))
 
     def _on_cancel(self, client: bytes, job_id: str) -> None:
         queued = self.queue.remove(job_id, client)
