@@ -56,6 +56,7 @@ class ModelFit(FaceFit):
     identity: np.ndarray            # (K_id,)
     expression: np.ndarray          # (K_exp,) in [0, 1]
     reprojection_rms_px: float      # over the landmarks used
+    gaze_deg: tuple[float, float] = (0.0, 0.0)   # eyeballs' (yaw, pitch), head frame (models/eyes.py)
 
 
 def ideal_landmarks(model: MorphableModel, vertices: np.ndarray, camera: Camera) -> np.ndarray:
@@ -111,22 +112,26 @@ class ModelFitter:
         self.candidate_bases = as_tensor(bases[:, region])                                      # (1+K, C, 3)
         self.candidate_normals = as_tensor(vertex_normals(model.mean.astype(np.float64), model.triangles)[region])
         self.jaw_side = as_tensor(np.sign(at_points[0, self.jaw, 0]))
-        self._bases_at: tuple[np.ndarray, torch.Tensor] | None = None
+        self._bases_at: dict[int, tuple[np.ndarray, torch.Tensor]] = {}     # by id of a vertex-id array
         self.parameter_mask = torch.cat([torch.ones(6 + self.k_identity, device=self.device), self.expression_mask])
 
     def camera_points(self, fits: list[ModelFit], vertex_ids: np.ndarray) -> list[np.ndarray]:
         """Each fit's model vertices `vertex_ids` in the camera frame, (n, 3) metres, computed on
-        this fitter's device (the bases at those vertices stay there for the next call)."""
-        if self._bases_at is None or self._bases_at[0] is not vertex_ids:
+        this fitter's device (the bases at those vertices stay there for later calls with the same
+        array)."""
+        if id(vertex_ids) not in self._bases_at:
             model = self.model
-            bases = np.concatenate([model.mean[None], model.identity_basis, model.expression_basis])[:, vertex_ids]
-            self._bases_at = (vertex_ids, torch.as_tensor(bases, dtype=torch.float32, device=self.device))
+            bases = np.concatenate([model.mean[None, vertex_ids], model.identity_basis[:, vertex_ids],
+                                    model.expression_basis[:, vertex_ids]])
+            self._bases_at[id(vertex_ids)] = (vertex_ids, torch.as_tensor(bases, dtype=torch.float32,
+                                                                          device=self.device))
+        bases_at = self._bases_at[id(vertex_ids)][1]
         coefficients = torch.as_tensor(np.array([np.concatenate([[1.0], f.identity, f.expression]) for f in fits]),
                                        dtype=torch.float32, device=self.device)
         rotation = torch.as_tensor(np.array([f.pose.rotation for f in fits]), dtype=torch.float32, device=self.device)
         translation = torch.as_tensor(np.array([f.pose.translation for f in fits]), dtype=torch.float32,
                                       device=self.device)
-        points = torch.einsum("bk,knc->bnc", coefficients, self._bases_at[1]) @ rotation.transpose(1, 2)
+        points = torch.einsum("bk,knc->bnc", coefficients, bases_at) @ rotation.transpose(1, 2)
         return list((points + translation[:, None, :]).double().cpu().numpy())
 
     def fit(self, landmarks: list[np.ndarray], cameras: list[Camera], reference: np.ndarray) -> list[ModelFit]:

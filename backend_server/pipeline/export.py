@@ -5,8 +5,10 @@ Every model's head goes out the same way, from its `HeadMesh` (models/face_model
   removed; the JSON's pose puts it back into the camera frame), per-vertex normals, UVs per
   corner (origin bottom-left; seams stay), triangles and quads, one material per part;
 - `NAME_neutral.obj`: the same with every expression weight 0 (models with a neutral shape);
-- `NAME.mtl`: the textured parts use `NAME.png`, the others a plain or the skin colour;
-- `NAME.png`: the UV texture; `NAME_shape_keys.bin`: per expression its offsets from the neutral
+- `NAME.mtl`: the textured parts use `NAME.png`, a part with a texture of its own (an eye) uses
+  `NAME_<suffix>.png`, the others a plain or the skin colour;
+- `NAME.png`: the UV texture; `NAME_eye_left.png` and `NAME_eye_right.png` for models with eyes;
+  `NAME_shape_keys.bin`: per expression its offsets from the neutral
   mesh and its fitted weight (shared_protocol/shape_keys.py);
 - `NAME.json`: the facts (`face_facts`).
 """
@@ -149,8 +151,11 @@ def layout_text(layout: MeshLayout) -> LayoutText:
     return LayoutText(uv_lines(layout.uvs), part_faces, shape_keys)
 
 
-def face_files(name: str, mesh: HeadMesh, texture: np.ndarray, outputs: Sequence[str]) -> list[ResultFile]:
-    """The mesh, material, texture and shape-keys files of one face (those of `outputs` that apply)."""
+def face_files(name: str, mesh: HeadMesh, texture: np.ndarray, outputs: Sequence[str],
+               part_textures: dict[int, tuple[str, np.ndarray]] | None = None) -> list[ResultFile]:
+    """The mesh, material, texture and shape-keys files of one face (those of `outputs` that apply).
+    part_textures: per part index, a texture of its own: (file-name suffix, image)."""
+    part_textures = part_textures or {}
     layout = mesh.layout
     text = layout_text(layout)
     materials = [name if part.textured else f"{name}_{part.name}" for part in layout.parts]
@@ -167,11 +172,16 @@ def face_files(name: str, mesh: HeadMesh, texture: np.ndarray, outputs: Sequence
         files.append(ResultFile(f"{name}{NEUTRAL_SUFFIX}", "neutral_obj", obj(mesh.neutral)))
     if "mtl" in outputs:
         skin = skin_colour(texture) if any(part.skin for part in layout.parts) else (1.0, 1.0, 1.0)
+        images = [f"{name}.png" if part.textured else
+                  f"{name}_{part_textures[k][0]}.png" if k in part_textures else None
+                  for k, part in enumerate(layout.parts)]
         files.append(ResultFile(f"{name}.mtl", "mtl", mtl_bytes([
-            (material, f"{name}.png" if part.textured else None, skin if part.skin else part.colour)
-            for material, part in zip(materials, layout.parts)])))
+            (material, image, skin if part.skin else part.colour)
+            for material, image, part in zip(materials, images, layout.parts)])))
     if "png" in outputs:
         files.append(ResultFile(f"{name}.png", "png", png_bytes(texture)))
+        for suffix, image in part_textures.values():
+            files.append(ResultFile(f"{name}_{suffix}.png", "png", png_bytes(image)))
     if "shape_keys" in outputs and text.shape_keys:
         keys = [ShapeKey(key_name, float(value), array("I", ids), array("f", offsets))
                 for (key_name, ids, offsets), value in zip(text.shape_keys, mesh.expression)]
@@ -230,7 +240,8 @@ def export_photo(photo: PhotoInfo, faces: Sequence[LocatedFace], names: Sequence
     JSONs, which carry every stage's time (this one's included)."""
     clock.enter("export", 0.9)
     meshes = [model.head_mesh(fit) for fit in fits]
-    files = [face_files(name, mesh, bake.texture, options.outputs) for name, mesh, bake in zip(names, meshes, bakes)]
+    files = [face_files(name, mesh, bake.texture, options.outputs, model.part_textures(face.iris_srgb))
+             for name, mesh, bake, face in zip(names, meshes, bakes, faces)]
     clock.stop()
     exports = []
     for name, face, fit, mesh, bake, face_files_ in zip(names, faces, fits, meshes, bakes, files):
