@@ -169,9 +169,24 @@ class RenderMesh:
     colours: np.ndarray
     textured: np.ndarray
     vertex_triangles: np.ndarray = field(init=False)   # (F, 3) the triangles over vertices
+    _on_device: dict = field(init=False, default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vertex_triangles", self.vertex_of[self.triangles])
+
+    def tensors(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The arrays as tensors on `device`, made once per device: triangles, vertex_of,
+        vertex_triangles, textured, and `attributes` (R, 5) = UV and colour per render vertex."""
+        key = str(device)
+        if key not in self._on_device:
+            attributes = np.concatenate([self.uvs, self.colours], axis=1)
+            self._on_device[key] = {
+                "triangles": torch.as_tensor(self.triangles, dtype=torch.int64, device=device),
+                "vertex_of": torch.as_tensor(self.vertex_of, dtype=torch.int64, device=device),
+                "vertex_triangles": torch.as_tensor(self.vertex_triangles, dtype=torch.int64, device=device),
+                "textured": torch.as_tensor(self.textured, dtype=torch.bool, device=device),
+                "attributes": torch.as_tensor(attributes, dtype=torch.float32, device=device)}
+        return self._on_device[key]
 
     @classmethod
     def textured_only(cls, triangles: np.ndarray, uvs: np.ndarray, vertex_of: np.ndarray | None = None) -> RenderMesh:
@@ -231,19 +246,28 @@ def shade_pixels(mesh: RenderMesh, triangle: torch.Tensor, bary: torch.Tensor, v
     (None: unlit, the albedo itself), suns per image -> (linear RGB (B, H, W, 3), coverage (B, H, W)).
     Only covered pixels are computed."""
     device = vertices.device
+    arrays = mesh.tensors(device)
     batch, height, width = triangle.shape
     pixel = torch.nonzero(triangle.reshape(-1) >= 0).squeeze(1)
     image = torch.div(pixel, height * width, rounding_mode="floor")
-    corners = torch.as_tensor(mesh.triangles, device=device)[triangle.reshape(-1)[pixel]]       # (N, 3)
-    weights = bary.reshape(-1, 3)[pixel][..., None]                                           # (N, 3, 1)
-    uv = (torch.as_tensor(mesh.uvs, dtype=torch.float32, device=device)[corners] * weights).sum(1)
-    flat = (torch.as_tensor(mesh.colours, dtype=torch.float32, device=device)[corners] * weights).sum(1)
-    textured = torch.as_tensor(mesh.textured, device=device)[triangle.reshape(-1)[pixel]]
-    colour = srgb_to_linear_torch(torch.where(textured[:, None], sample_texture(albedo, image, uv), flat))
+    face = triangle.reshape(-1)[pixel]
+    corners = arrays["triangles"][face]                                                          # (N, 3)
+    weights = bary.reshape(-1, 3)[pixel]                                                         # (N, 3)
+
+    def interpolate(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return (values[ids[:, 0]] * weights[:, :1] + values[ids[:, 1]] * weights[:, 1:2]
+                + values[ids[:, 2]] * weights[:, 2:])
+
+    attributes = interpolate(arrays["attributes"], corners)                                     # (N, 5)
+    textured = arrays["textured"][face]
+    colour = attributes[:, 2:]
+    if bool(textured.any()):
+        colour = torch.where(textured[:, None], sample_texture(albedo, image, attributes[:, :2]), colour)
+    colour = srgb_to_linear_torch(colour)
     if sh is not None:
-        normals = vertex_normals_torch(vertices, torch.as_tensor(mesh.vertex_triangles, device=device))
-        vertex = torch.as_tensor(mesh.vertex_of, device=device)[corners] + image[:, None] * vertices.shape[1]
-        normal = (normals.reshape(-1, 3)[vertex] * weights).sum(1)
+        normals = vertex_normals_torch(vertices, arrays["vertex_triangles"])
+        vertex = arrays["vertex_of"][corners] + image[:, None] * vertices.shape[1]
+        normal = interpolate(normals.reshape(-1, 3), vertex)
         normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         shading = (sh_basis_torch(normal)[:, None, :] * sh[image]).sum(-1)                       # (N, 3)
         for b, image_suns in enumerate(suns):
@@ -301,7 +325,7 @@ def render_batch(mesh: RenderMesh, vertices: np.ndarray | torch.Tensor, cameras:
     width, height = big[0].width, big[0].height
     points = torch.as_tensor(np.asarray(vertices) if not isinstance(vertices, torch.Tensor) else vertices,
                              dtype=torch.float32).to(target)
-    positions = points[:, torch.as_tensor(mesh.vertex_of, device=target)]                  # (B, R, 3)
+    positions = points[:, mesh.tensors(target)["vertex_of"]]                                  # (B, R, 3)
     intrinsics = torch.tensor([[c.focal_px, c.cx, c.cy] for c in big], dtype=torch.float32, device=target)
     depth = -positions[..., 2]
     xy = torch.stack([intrinsics[:, 1, None] + intrinsics[:, 0, None] * positions[..., 0] / depth,
@@ -310,10 +334,9 @@ def render_batch(mesh: RenderMesh, vertices: np.ndarray | torch.Tensor, cameras:
         triangle, bary = _rasterize_cpu(xy.numpy().astype(np.float64), depth.numpy(), mesh.triangles, width, height)
     else:
         from .rasterize_cuda import rasterize_batch
-        raster = rasterize_batch(xy, depth, torch.as_tensor(mesh.triangles, dtype=torch.int32, device=target),
-                                 width, height)
+        raster = rasterize_batch(xy, depth, mesh.tensors(target)["triangles"].to(torch.int32), width, height)
         triangle, bary = raster.triangle, raster.bary
-    albedo = torch.as_tensor(np.asarray(albedos) if not isinstance(albedos, torch.Tensor) else albedos).to(target)
+    albedo = torch.as_tensor(np.array(albedos) if not isinstance(albedos, torch.Tensor) else albedos).to(target)
     albedo = (albedo.float() / 255.0) if albedo.dtype == torch.uint8 else albedo.float()
     if albedo.dim() == 3:
         albedo = albedo[None].expand(batch, -1, -1, -1)

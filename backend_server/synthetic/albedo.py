@@ -148,7 +148,8 @@ def frontal_mask(layout: FaceLayout, loops: tuple[tuple[int, ...], ...], points:
     row = height - 1 - (points[:, 1] - corner[1]) / GRID_M
     inside = (col >= 0) & (col <= width - 1) & (row >= 0) & (row <= height - 1)
     sampled = np.zeros(len(points), np.float32)
-    sampled[inside] = sample_bilinear(canvas, np.stack([col[inside], row[inside]], axis=1) + 0.5)[:, 0]
+    if inside.any():
+        sampled[inside] = sample_bilinear(canvas, np.stack([col[inside], row[inside]], axis=1) + 0.5)[:, 0]
     depth_ok = smoothstep(-0.03, -0.02, points[:, 2] - layout.points[ids, 2].min())
     return sampled * smoothstep(min_facing, min_facing + 0.35, normals[:, 2]) * depth_ok
 
