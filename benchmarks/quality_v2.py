@@ -75,6 +75,19 @@ def fast_renderer_speed(folder: Path, device: str) -> str:
             f"1024² albedo, SH + sun), one thread")
 
 
+def head_figure(folder: Path, path: Path) -> None:
+    """One synthetic head for the docs: its seven renders in a row, then its truth albedo (face tile)."""
+    import numpy as np
+    from PIL import Image
+    from backend_server.synthetic.dataset import RenderedHead
+    head = RenderedHead.load(folder)
+    order = sorted(range(len(head.images)), key=lambda k: head.sample.views[k].yaw_deg)
+    size = 192
+    cells = [Image.fromarray(head.images[k]).resize((size, size), Image.LANCZOS) for k in order]
+    cells.append(Image.fromarray(head.texture).resize((size, size), Image.LANCZOS))
+    Image.fromarray(np.concatenate([np.asarray(c) for c in cells], axis=1)).save(path, quality=90)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=ROOT / ".cache" / "quality-v2", help="synthetic set folder")
@@ -90,6 +103,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N (bake, fast renderer)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
     parser.add_argument("--json", type=Path, help="write every record here")
+    parser.add_argument("--figure", type=Path, help="write the first head's renders and albedo here (an image)")
     args = parser.parse_args()
     started = time.perf_counter()
 
@@ -106,6 +120,8 @@ def main() -> None:
         peer = None
 
     folders = generate(args)
+    if args.figure:
+        head_figure(folders[0], args.figure)
     synthetic = synthetic_v2.run(folders, args.models, peer, args.device, args.texture_size)
     photo_records: list[dict] = []
     if not args.no_photos:

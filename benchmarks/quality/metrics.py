@@ -320,15 +320,16 @@ def texture(recon: Reconstruction, truth: HeadTruth, k: int) -> dict:
             "seen_fraction": float(seen.sum() / max(valid.sum(), 1))}
 
 
-def novel_view(recon: Reconstruction, truth: HeadTruth, source: int, target: int) -> dict:
-    """The reconstruction of view `source`, aligned, rendered unlit into view `target`."""
+def novel_view(recon: Reconstruction, truth: HeadTruth, source: int, target: int, device: str = "cpu") -> dict:
+    """The reconstruction of view `source`, aligned, rendered unlit into view `target` (the fast
+    renderer on `device`)."""
     views = truth.head.sample.views
     valid = recon.points468_valid & truth.model.mediapipe.valid
     rigid = aligned(recon.points468[valid], truth.points468(truth.in_view(source))[valid], False)
     head = views[source].pose.head_frame(apply(rigid, recon.vertices))
     vertices = views[target].pose.apply(head)
     mesh = RenderMesh.textured_only(recon.uv_triangles, recon.uvs, recon.uv_vertex)
-    rendering = render(mesh, vertices, views[target].camera, recon.texture, None)
+    rendering = render(mesh, vertices, views[target].camera, recon.texture, None, device=device)
     face = truth.face_pixels(target)
     band = cv2.erode(face.astype(np.uint8), np.ones((3, 3), np.uint8), iterations=SILHOUETTE_BAND_PX).astype(bool)
     both = band & cv2.erode(rendering.mask.astype(np.uint8), np.ones((3, 3), np.uint8),

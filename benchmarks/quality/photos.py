@@ -54,10 +54,10 @@ def read_pts(path: Path) -> np.ndarray:
     return np.array([[float(v) for v in line.split()] for line in lines[lines.index("{") + 1:lines.index("}")]])
 
 
-def rerender(recon: Reconstruction, photo: np.ndarray) -> dict:
+def rerender(recon: Reconstruction, photo: np.ndarray, device: str = "cpu") -> dict:
     vertices = recon.photo_vertices if recon.photo_vertices is not None else recon.vertices
     mesh = RenderMesh.textured_only(recon.uv_triangles, recon.uvs, recon.uv_vertex)
-    rendering = render(mesh, vertices, recon.camera, recon.texture, None)
+    rendering = render(mesh, vertices, recon.camera, recon.texture, None, device=device)
     face = cv2.erode(rendering.mask.astype(np.uint8), np.ones((3, 3), np.uint8),
                      iterations=SILHOUETTE_BAND_PX).astype(bool)
     composite = np.where(rendering.mask[..., None], rendering.rgb, photo)
@@ -96,7 +96,7 @@ def run(photos: list[tuple[str, bytes]], models: list[str], pts_folder: Path | N
             made.append(peer.fit(rgb, landmarks, texture_size))
         for recon in made:
             kind = "peer" if recon.method.startswith("eos") else "baseline" if "mean" in recon.method else "fit"
-            row = {"photo": name, "method": recon.method, "kind": kind, "ok": True, **rerender(recon, rgb)}
+            row = {"photo": name, "method": recon.method, "kind": kind, "ok": True, **rerender(recon, rgb, device)}
             if truth68 is not None and rgb is not None:
                 row.update(landmark_error(recon, truth68 * (rgb.shape[1] / original_width)))
             records.append(row)

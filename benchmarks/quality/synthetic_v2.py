@@ -36,14 +36,14 @@ def novel_targets(views: tuple, source: int) -> dict[str, list[int]]:
 
 
 def measure(recon: Reconstruction, truth: metrics.HeadTruth, k: int, kind: str,
-            model: MorphableModel | None, with_texture: bool) -> dict:
+            model: MorphableModel | None, with_texture: bool, device: str = "cpu") -> dict:
     """Every measure of one reconstruction of view k."""
     row: dict = {"method": recon.method, "kind": kind, "ok": True}
     row.update(metrics.geometry(recon, truth, k, model))
     if with_texture:
         row.update(metrics.texture(recon, truth, k))
     for name, targets in novel_targets(truth.head.sample.views, k).items():
-        results = [metrics.novel_view(recon, truth, k, t) for t in targets]
+        results = [metrics.novel_view(recon, truth, k, t, device) for t in targets]
         for key in ("psnr", "ssim", "coverage"):
             values = [r[key] for r in results if np.isfinite(r[key])]
             row[f"novel_{name}_{key}"] = float(np.mean(values)) if values else float("nan")
@@ -83,9 +83,9 @@ def run(folders: list[Path], models: list[str], peer_folder: Path | None, device
                 seconds.setdefault(name, []).append(time.perf_counter() - start)
                 landmarks = recon.landmarks
                 model = morphable.get(name)
-                records.append({**base, **measure(recon, truth, k, "fit", model, True)})
+                records.append({**base, **measure(recon, truth, k, "fit", model, True, device)})
                 for baseline in baselines(recon, model):
-                    records.append({**base, **measure(baseline, truth, k, "baseline", model, False)})
+                    records.append({**base, **measure(baseline, truth, k, "baseline", model, False, device)})
             if peer is not None:
                 if landmarks is None or photo is None:
                     records.append({**base, "method": PEER, "kind": "peer", "ok": False, "error": "no landmarks"})
@@ -93,7 +93,7 @@ def run(folders: list[Path], models: list[str], peer_folder: Path | None, device
                     start = time.perf_counter()
                     recon = peer.fit(photo, landmarks, texture_size)
                     seconds.setdefault(PEER, []).append(time.perf_counter() - start)
-                    records.append({**base, **measure(recon, truth, k, "peer", peer.sfm, True)})
+                    records.append({**base, **measure(recon, truth, k, "peer", peer.sfm, True, device)})
         log(f"{folder.name}: {len(head.sample.views)} views measured ({time.perf_counter() - started:.0f} s)")
     pipeline.close()
     for name, values in seconds.items():
