@@ -218,31 +218,34 @@ def vertex_normals_torch(vertices: torch.Tensor, triangles: torch.Tensor) -> tor
 
 
 def sample_texture(albedo: torch.Tensor, image: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
-    """Bilinear lookups (N, 3) in textures (B, S, S, 3) at UVs (N, 2) of images (N,) (texel centres
-    at +0.5, the nearest border texel outside: `geometry.sample_bilinear`'s rule)."""
+    """Bilinear lookups (N, 3) in textures (B, S, S, 3) (float 0..1, or uint8 0..255: only the
+    texels looked up are converted) at UVs (N, 2) of images (N,) (texel centres at +0.5, the nearest
+    border texel outside: `geometry.sample_bilinear`'s rule)."""
     size = albedo.shape[1]
     x = uv[:, 0] * size - 0.5
     y = (1 - uv[:, 1]) * size - 0.5
     x0, y0 = torch.floor(x), torch.floor(y)
     fx, fy = (x - x0)[:, None], (y - y0)[:, None]
     flat = albedo.reshape(-1, 3)
-    base = image * size * size
+    col0, col1 = x0.long().clamp(0, size - 1), (x0.long() + 1).clamp(0, size - 1)
+    row0 = image * size * size + y0.long().clamp(0, size - 1) * size
+    row1 = image * size * size + (y0.long() + 1).clamp(0, size - 1) * size
 
-    def at(col: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
-        col = col.clamp(0, size - 1).long()
-        row = row.clamp(0, size - 1).long()
-        return flat[base + row * size + col]
+    scale = 1 / 255.0 if albedo.dtype == torch.uint8 else 1.0
 
-    top = at(x0, y0) * (1 - fx) + at(x0 + 1, y0) * fx
-    bottom = at(x0, y0 + 1) * (1 - fx) + at(x0 + 1, y0 + 1) * fx
-    return top * (1 - fy) + bottom * fy
+    def at(index: torch.Tensor) -> torch.Tensor:
+        return flat.index_select(0, index).float() * scale
+
+    top = torch.lerp(at(row0 + col0), at(row0 + col1), fx)
+    bottom = torch.lerp(at(row1 + col0), at(row1 + col1), fx)
+    return torch.lerp(top, bottom, fy)
 
 
 def shade_pixels(mesh: RenderMesh, triangle: torch.Tensor, bary: torch.Tensor, vertices: torch.Tensor,
                  albedo: torch.Tensor, sh: torch.Tensor | None, suns: list[list[Sun]],
                  background: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The device-independent half: per pixel (B, H, W) triangle ids (-1 none) and barycentrics
-    (B, H, W, 3), camera-frame vertices (B, V, 3), albedo (B, S, S, 3) float sRGB 0..1, SH (B, 3, 9)
+    (B, H, W, 3), camera-frame vertices (B, V, 3), albedo (B, S, S, 3) sRGB (float 0..1 or uint8), SH (B, 3, 9)
     (None: unlit, the albedo itself), suns per image -> (linear RGB (B, H, W, 3), coverage (B, H, W)).
     Only covered pixels are computed."""
     device = vertices.device
@@ -250,32 +253,36 @@ def shade_pixels(mesh: RenderMesh, triangle: torch.Tensor, bary: torch.Tensor, v
     batch, height, width = triangle.shape
     pixel = torch.nonzero(triangle.reshape(-1) >= 0).squeeze(1)
     image = torch.div(pixel, height * width, rounding_mode="floor")
-    face = triangle.reshape(-1)[pixel]
-    corners = arrays["triangles"][face]                                                          # (N, 3)
-    weights = bary.reshape(-1, 3)[pixel]                                                         # (N, 3)
+    face = triangle.reshape(-1).index_select(0, pixel)
+    corners = arrays["triangles"].index_select(0, face)                                          # (N, 3)
+    weights = bary.reshape(-1, 3).index_select(0, pixel)                                         # (N, 3)
 
     def interpolate(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return (values[ids[:, 0]] * weights[:, :1] + values[ids[:, 1]] * weights[:, 1:2]
-                + values[ids[:, 2]] * weights[:, 2:])
+        out = values.index_select(0, ids[:, 0]) * weights[:, :1]
+        out.addcmul_(values.index_select(0, ids[:, 1]), weights[:, 1:2])
+        return out.addcmul_(values.index_select(0, ids[:, 2]), weights[:, 2:])
 
     attributes = interpolate(arrays["attributes"], corners)                                     # (N, 5)
-    textured = arrays["textured"][face]
+    textured = arrays["textured"].index_select(0, face)
     colour = attributes[:, 2:]
     if bool(textured.any()):
         colour = torch.where(textured[:, None], sample_texture(albedo, image, attributes[:, :2]), colour)
     colour = srgb_to_linear_torch(colour)
     if sh is not None:
         normals = vertex_normals_torch(vertices, arrays["vertex_triangles"])
-        vertex = arrays["vertex_of"][corners] + image[:, None] * vertices.shape[1]
+        vertex = (arrays["vertex_of"].index_select(0, corners.reshape(-1)).reshape(-1, 3)
+                  + image[:, None] * vertices.shape[1])
         normal = interpolate(normals.reshape(-1, 3), vertex)
         normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        shading = (sh_basis_torch(normal)[:, None, :] * sh[image]).sum(-1)                       # (N, 3)
-        for b, image_suns in enumerate(suns):
-            mine = image == b
+        basis = sh_basis_torch(normal)                                                           # (N, 9)
+        counts = torch.bincount(image, minlength=batch).tolist()          # pixels are in image order
+        shading = torch.cat([chunk @ sh[b].T for b, chunk in enumerate(basis.split(counts))])    # (N, 3)
+        for b, (chunk, image_suns) in enumerate(zip(normal.split(counts), suns)):
+            part = shading[sum(counts[:b]):sum(counts[:b + 1])]
             for sun in image_suns:
                 direction = torch.as_tensor(sun.direction, dtype=torch.float32, device=device)
-                lambert = (normal @ direction).clamp_min(0) * mine
-                shading = shading + lambert[:, None] * torch.as_tensor(sun.colour, dtype=torch.float32, device=device)
+                tint = torch.as_tensor(sun.colour, dtype=torch.float32, device=device)
+                part.add_((chunk @ direction).clamp_min(0)[:, None] * tint)
         colour = colour * shading
     linear = background.expand(batch * height * width, 3).clone()
     linear[pixel] = colour
@@ -337,7 +344,7 @@ def render_batch(mesh: RenderMesh, vertices: np.ndarray | torch.Tensor, cameras:
         raster = rasterize_batch(xy, depth, mesh.tensors(target)["triangles"].to(torch.int32), width, height)
         triangle, bary = raster.triangle, raster.bary
     albedo = torch.as_tensor(np.array(albedos) if not isinstance(albedos, torch.Tensor) else albedos).to(target)
-    albedo = (albedo.float() / 255.0) if albedo.dtype == torch.uint8 else albedo.float()
+    albedo = albedo if albedo.dtype == torch.uint8 else albedo.float()
     if albedo.dim() == 3:
         albedo = albedo[None].expand(batch, -1, -1, -1)
     lit = [light is not None for light in lights]
