@@ -2,9 +2,10 @@
 
     .venv/bin/python benchmarks/picture_sheets.py [--models builtin ict-facekit sfm] [--out docs/images]
 
-One sheet per model (docs/images/quality_sheet_<model>.jpg): per photo (the package photos and
+One sheet per model (docs/images/quality_sheet_<model>.png): per photo (the package photos and
 ../shared/photos) the photo cropped to the face, then the result imported by the add-on's own
-importer and rendered by Cycles from the front, at 45° and at 90°. About 4 minutes on 2 CPU cores.
+importer and rendered by Cycles from the front, at 45° and at 90°. About 4 minutes on 2 CPU cores
+(renders already in --work are reused; delete it to render again).
 """
 from __future__ import annotations
 

@@ -85,7 +85,7 @@ def head_figure(folder: Path, path: Path) -> None:
     size = 192
     cells = [Image.fromarray(head.images[k]).resize((size, size), Image.LANCZOS) for k in order]
     cells.append(Image.fromarray(head.texture).resize((size, size), Image.LANCZOS))
-    Image.fromarray(np.concatenate([np.asarray(c) for c in cells], axis=1)).save(path, quality=90)
+    Image.fromarray(np.concatenate([np.asarray(c) for c in cells], axis=1)).save(path)
 
 
 def main() -> None:

@@ -32,6 +32,8 @@ SKIN_TONES_SRGB = np.array([[236, 202, 186], [226, 180, 156], [204, 154, 122], [
                             [142, 96, 66], [104, 68, 48], [70, 45, 33], [46, 31, 25]]) / 255.0
 IRIS_SRGB = np.array([[70, 42, 24], [110, 72, 40], [92, 110, 70], [80, 110, 140], [40, 28, 20]]) / 255.0
 SCLERA_SRGB = (0.70, 0.66, 0.62)
+IRIS_HALF_ANGLE_DEG = 32.0           # an iris of ~12 mm on an eyeball of ~24 mm
+PUPIL_HALF_ANGLE_DEG = 12.0
 # MediaPipe face-mesh landmark ids (loops) of the features.
 LIPS_OUTER = (61, 185, 40, 39, 37, 0, 267, 269, 270, 409, 291, 375, 321, 405, 314, 17, 84, 181, 91, 146)
 BROWS = ((70, 63, 105, 66, 107, 55, 65, 52, 53, 46), (300, 293, 334, 296, 336, 285, 295, 282, 283, 276))
@@ -243,9 +245,26 @@ def albedo_texture(model: MorphableModel, params: AlbedoParams, size: int = 1024
     return np.clip(np.rint(padded * 255), 0, 255).astype(np.uint8)
 
 
+def eyeball_colours(points: np.ndarray, params: AlbedoParams) -> np.ndarray:
+    """(N, 3) sRGB for the points of one eyeball looking along +Z: the sclera, an iris cap of
+    IRIS_HALF_ANGLE_DEG around the gaze (darker at its rim) and a pupil of PUPIL_HALF_ANGLE_DEG.
+    (Some models, ICT-FaceKit among them, keep the iris as a sphere just inside the sclera, which a
+    renderer never shows; the sclera carries it here.)"""
+    centre = points.mean(axis=0)
+    direction = points - centre
+    cos = direction[:, 2] / np.maximum(np.linalg.norm(direction, axis=1), 1e-12)
+    angle = np.degrees(np.arccos(np.clip(cos, -1, 1)))
+    iris = smoothstep(IRIS_HALF_ANGLE_DEG + 2, IRIS_HALF_ANGLE_DEG - 2, angle)
+    pupil = smoothstep(PUPIL_HALF_ANGLE_DEG + 2, PUPIL_HALF_ANGLE_DEG - 2, angle)
+    rim = smoothstep(IRIS_HALF_ANGLE_DEG - 8, IRIS_HALF_ANGLE_DEG, angle) * iris
+    colour = np.tile(np.asarray(SCLERA_SRGB), (len(points), 1))
+    colour = colour * (1 - iris[:, None]) + np.asarray(params.iris_srgb) * (1 - 0.4 * rim)[:, None] * iris[:, None]
+    return colour * (1 - pupil[:, None]) + 0.03 * pupil[:, None]
+
+
 def vertex_albedo(model: MorphableModel, params: AlbedoParams) -> np.ndarray:
     """(V, 3) sRGB 0..1 per vertex: the skin albedo on skin and textured parts, the iris colour on
-    parts named iris*, SCLERA_SRGB on eye_white*, each other part's plain colour (its linear
+    parts named iris*, `eyeball_colours` on eye_white*, each other part's plain colour (its linear
     `colour`, encoded)."""
     mean = model.mean.astype(np.float64)
     skin = albedo_at(params, FaceLayout.of(model), mean, vertex_normals(mean, model.triangles))
@@ -258,7 +277,7 @@ def vertex_albedo(model: MorphableModel, params: AlbedoParams) -> np.ndarray:
         if part.name.startswith("iris"):
             out[ids] = params.iris_srgb
         elif part.name.startswith("eye_white"):
-            out[ids] = SCLERA_SRGB
+            out[ids] = eyeball_colours(mean[ids], params)
         else:
             out[ids] = linear_to_srgb(np.array(part.colour))
     return out

@@ -32,7 +32,7 @@ from .albedo import AlbedoParams
 from .sampling import DEFAULT_YAWS_DEG, LIGHT_KINDS, HeadSample, View, sample_head
 from .scene import SyntheticScene
 
-DATASET_FORMAT = 1
+DATASET_FORMAT = 2                  # bumped whenever what a recipe renders changes (2: irises)
 GOLDEN = 0.6180339887
 
 

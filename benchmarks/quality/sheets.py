@@ -1,5 +1,5 @@
 """Picture sheets: photo | the result as the add-on imports it, rendered front, 45° and 90° (Cycles);
-one row per photo, one sheet per model, written to docs/images/quality_sheet_<model>.jpg."""
+one row per photo, one sheet per model, written to docs/images/quality_sheet_<model>.png."""
 from __future__ import annotations
 
 import io
@@ -49,7 +49,8 @@ def make_sheets(models: list[str], shared_photos: Path | None, work: Path, out_d
     job_file = work / "jobs.json"
     job_file.write_text(json.dumps(jobs))
     script = Path(__file__).with_name("sheet_render.py")
-    subprocess.run([sys.executable, str(script), str(job_file)], check=True, stdout=subprocess.DEVNULL)
+    if not all(Path(out).is_file() for job in jobs for out in job["out"]):       # renders kept in `work`
+        subprocess.run([sys.executable, str(script), str(job_file)], check=True, stdout=subprocess.DEVNULL)
     written = []
     for model in models:
         sheet = Image.new("RGB", (4 * CELL_PX, 24 + CELL_PX * len(rows[model])), (255, 255, 255))
@@ -62,7 +63,7 @@ def make_sheets(models: list[str], shared_photos: Path | None, work: Path, out_d
             for k, path in enumerate(renders):
                 sheet.paste(Image.open(path).convert("RGB").resize((CELL_PX, CELL_PX)), ((k + 1) * CELL_PX, y))
             draw.text((4, y + 4), name, fill=(255, 255, 0))
-        target = out_dir / f"quality_sheet_{model}.jpg"
-        sheet.save(target, quality=88)
+        target = out_dir / f"quality_sheet_{model}.png"
+        sheet.save(target, optimize=True)
         written.append(target)
     return written
