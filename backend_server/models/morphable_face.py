@@ -15,16 +15,19 @@ from . import eyes as eye_model
 from .builtin import load_builtin
 from .face_model import FaceModel, HeadMesh, MeshLayout, ModelFacts
 from .morphable import MorphableModel, texture_topology
-from .morphable_fit import ModelFit, ModelFitter
+from .morphable_fit import ModelFit, ModelFitter, Weighting
+from .calibration import Calibration
 
 MESH_MEMO_SIZE = 32        # head meshes kept per model: a CPU job asks for each face's mesh 2-3 times
 
 
 class MorphableFaceModel(FaceModel[ModelFit]):
-    def __init__(self, model: MorphableModel) -> None:
+    def __init__(self, model: MorphableModel, calibration: Calibration | None = None) -> None:
         from .registry import model_topology
         self.name = model.name
         self.model = model
+        self.weighting = (Weighting.uncalibrated(model) if calibration is None else
+                          Weighting.calibrated(model, calibration, calibration.facts.get("noise_scale", 1.0)))
         self.topology = texture_topology(model, (model_topology, (model.name,)))
         self.texture_vertex_ids = self.topology.refine.selected_columns()     # texture vertex -> model vertex
         self.layout = MeshLayout(model.polygons, model.polygon_uvs, model.uvs, model.polygon_part, model.parts,
@@ -35,7 +38,7 @@ class MorphableFaceModel(FaceModel[ModelFit]):
 
     def fitter(self, device: str) -> ModelFitter:
         if device not in self._fitters:
-            self._fitters[device] = ModelFitter(self.model, device)
+            self._fitters[device] = ModelFitter(self.model, device, self.weighting)
         return self._fitters[device]
 
     def warm_up(self, device: str = "cpu") -> None:
