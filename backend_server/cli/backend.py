@@ -169,6 +169,48 @@ def run_models_install(args: argparse.Namespace) -> int:
           f"{manifest['mediapipe_points_on_surface']}/468 MediaPipe points on its surface (median "
           f"{manifest['mediapipe_to_surface_median_mm']} mm off) "
           f"({manifest['seconds']} s). Use it with --model {manifest['name']} (restart a running server).")
+    if args.calibration_renders <= 0:
+        print(f"not calibrated (--calibration-renders 0): run `facerecon-backend models calibrate {manifest['name']}`")
+        return 0
+    return calibrate_installed(manifest["name"], args.calibration_renders, args.seed, args.device, args.workers)
+
+
+def run_models_calibrate(args: argparse.Namespace) -> int:
+    from backend_server.models import store
+    use_models_dir(args.models_dir)
+    if store.read_manifest(args.name) is None:
+        installed = ", ".join(store.installed_models()) or "none"
+        print(f"facerecon-backend: no installed model {args.name!r} (installed: {installed}); "
+              "install it first with `facerecon-backend models install`", file=sys.stderr)
+        return 1
+    return calibrate_installed(args.name, args.renders, args.seed, args.device, args.workers)
+
+
+def calibrate_installed(name: str, renders: int, seed: int, device: str, workers: int) -> int:
+    """Calibrate installed model `name` to MediaPipe (backend_server/calibration.py) with a progress
+    bar, store the result in its cache and print what it gained on held-out renders."""
+    from tqdm import tqdm
+    from backend_server.calibration import calibrate
+    from backend_server.devices import parse_devices
+    from backend_server.models import store
+    try:
+        torch_device = parse_devices(device)[0]
+    except ValueError as exc:
+        print(f"facerecon-backend: {exc}", file=sys.stderr)
+        return 2
+    print(f"calibrating {name} to MediaPipe: {renders} synthetic renders on {torch_device}, "
+          f"{workers} detection processes ...", flush=True)
+    with tqdm(total=renders, unit="render", desc=f"calibrate {name}") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+        calibration = calibrate(store.load_model(name), renders, seed, torch_device, workers, progress)
+    path = store.save_calibration(name, calibration)
+    facts = calibration.facts
+    errors = facts["held_out_vertex_error_mm"]
+    print(f"calibrated {name} in {facts['seconds']} s: landmarks placed on {facts['detected_renders']} of "
+          f"{facts['renders']} renders; on {facts['held_out_renders']} held-out renders the face-area vertex "
+          f"error is {errors['calibrated']} mm (uncalibrated fit {errors['uncalibrated']} mm, mean face "
+          f"{errors['mean_face']} mm). Saved {path}; restart a running server to use it.")
     return 0
 
 
@@ -186,6 +228,19 @@ def run_models_list(args: argparse.Namespace) -> int:
               f"{len(manifest['expressions'])} expressions; from {next(iter(manifest['source'].values()))}"
               + (f" (cache to be rebuilt: {stale})" if stale else ""))
     return 0
+
+
+def add_calibration_options(parser: argparse.ArgumentParser, renders_flag: str) -> None:
+    from backend_server.models.calibration import DEFAULT_RENDERS
+    parser.add_argument(renders_flag, dest="calibration_renders" if "calibration" in renders_flag else "renders",
+                        type=int, default=DEFAULT_RENDERS,
+                        help=f"synthetic renders to calibrate on (default {DEFAULT_RENDERS}: minutes on a CPU, "
+                        "seconds on a GPU; more renders, a better fit)"
+                        + ("; 0 skips the calibration" if "calibration" in renders_flag else ""))
+    parser.add_argument("--seed", type=int, default=0, help="calibration seed (same seed and count, same result)")
+    parser.add_argument("--device", default="cpu", help="renders on cpu (default) or a GPU such as 0 or cuda:0")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes running the detector and MediaPipe on the renders (default: one per core)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,7 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--blendshapes", type=Path, help="eos: expression blendshapes .bin")
     install.add_argument("--landmarks", type=Path, help="eos: ibug_to_*.txt landmark mapping")
     install.add_argument("--models-dir", type=Path, help="default $FACERECON_MODELS or ~/.cache/facerecon/models")
+    add_calibration_options(install, "--calibration-renders")
     install.set_defaults(run=run_models_install)
+    calibrate = models.add_parser("calibrate", help="learn how MediaPipe's points sit on a model from synthetic "
+                                  "renders of it (install does it too); makes its fit better")
+    calibrate.add_argument("name", help="an installed model (facerecon-backend models list)")
+    calibrate.add_argument("--models-dir", type=Path, help="default $FACERECON_MODELS or ~/.cache/facerecon/models")
+    add_calibration_options(calibrate, "--renders")
+    calibrate.set_defaults(run=run_models_calibrate)
     listing = models.add_parser("list", help="the models requests may name")
     listing.add_argument("--models-dir", type=Path)
     listing.set_defaults(run=run_models_list)

@@ -11,16 +11,19 @@ Fixed data lives in `data/builtin_topology.json` (made by `python -m backend_ser
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from ..geometry import Camera, Pose, similarity_fit
 from .face_model import FaceFit, FaceModel, HeadMesh, MeshLayout, ModelFacts, Part
 from .topology import MeshTopology, SparseRows
+
+if TYPE_CHECKING:
+    from .calibration import ShapeCorrection
 
 DATA_FILE = Path(__file__).parent / "data" / "builtin_topology.json"
 NAME = "builtin"
@@ -158,9 +161,10 @@ def fit_landmarks(landmarks: np.ndarray, reference: np.ndarray, camera: Camera) 
 class BuiltinFaceModel(FaceModel[LandmarkFit]):
     """The built-in model as a FaceModel: no coefficients, one textured part, no expressions."""
 
-    def __init__(self, subdivision: int) -> None:
+    def __init__(self, subdivision: int, correction: ShapeCorrection | None = None) -> None:
         self.name = NAME
         self.subdivision = subdivision
+        self.correction = correction
         self.data = load_builtin()
         self.topology = builtin_topology(subdivision)
         triangles = np.concatenate([self.topology.triangles, np.full((len(self.topology.triangles), 1), -1)],
@@ -170,8 +174,14 @@ class BuiltinFaceModel(FaceModel[LandmarkFit]):
 
     def fit(self, landmarks: Sequence[np.ndarray], cameras: Sequence[Camera], device: str = "cpu"
             ) -> list[LandmarkFit]:
-        """Closed form, numpy, a face at a time (about 0.5 ms each): `device` is not needed."""
-        return [fit_landmarks(marks, self.data.reference_vertices, camera) for marks, camera in zip(landmarks, cameras)]
+        """Closed form, numpy, a face at a time (about 0.5 ms each): `device` is not needed. With a
+        `correction` (models/calibration.py) the mesh is its prediction, placed by the same pose."""
+        reference = self.data.reference_vertices
+        fits = [fit_landmarks(marks, reference, camera) for marks, camera in zip(landmarks, cameras)]
+        if self.correction is None:
+            return fits
+        return [replace(fit, landmark_points=fit.pose.apply(self.correction.predict(marks, reference, camera)))
+                for fit, marks, camera in zip(fits, landmarks, cameras)]
 
     def texture_vertices(self, fits: Sequence[LandmarkFit], device: str = "cpu") -> list[np.ndarray]:
         return [self.topology.refine @ fit.landmark_points for fit in fits]

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import eos_format, ict_facekit
 from .builtin import NAME as BUILTIN_NAME
-from .calibration import Calibration
+from .calibration import Calibration, ShapeCorrection
 from .morphable import CACHE_FORMAT, MorphableModel
 
 MODELS_ENV = "FACERECON_MODELS"
@@ -165,20 +165,43 @@ def load_model(name: str, directory: Path | None = None) -> MorphableModel:
 
 # --- calibration (made by backend_server/calibration.py; see models/calibration.py) -----------------
 CALIBRATION_FILE = "calibration.npz"
+BUILTIN_FOLDER = "builtin"          # the built-in model's correction (no model files there)
 
 
 def model_stamp(name: str, directory: Path | None = None) -> str:
-    """Changes whenever the model's cache is written again (a calibration belongs to one cache)."""
-    stat = (models_dir(directory) / name / "model.npz").stat()
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
+    """Changes whenever the model is installed again (a calibration belongs to one install): the
+    digest of its manifest, which records the install; a copied models folder keeps it."""
+    manifest = (models_dir(directory) / name / "manifest.json").read_bytes()
+    return hashlib.sha256(manifest).hexdigest()[:16]
 
 
 def save_calibration(name: str, calibration: Calibration, directory: Path | None = None) -> Path:
+    """Store a model's calibration in its cache, and its correction of the built-in model (if it
+    has one) as the built-in model's (the last model calibrated provides it)."""
     path = models_dir(directory) / name / CALIBRATION_FILE
     calibration.facts["model_stamp"] = model_stamp(name, directory)
     calibration.save(path)
+    if calibration.shape_correction is not None:
+        builtin = models_dir(directory) / BUILTIN_FOLDER
+        builtin.mkdir(parents=True, exist_ok=True)
+        calibration.shape_correction.save(builtin / CALIBRATION_FILE)
     load_calibration.cache_clear()
+    load_shape_correction.cache_clear()
     return path
+
+
+@lru_cache(maxsize=4)
+def load_shape_correction(directory: Path | None = None) -> ShapeCorrection | None:
+    """The built-in model's geometry correction, learnt when a morphable model was calibrated;
+    None (MediaPipe's geometry as it is) if no model was."""
+    path = models_dir(directory) / BUILTIN_FOLDER / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    try:
+        return ShapeCorrection.load(path)
+    except ValueError as exc:
+        log.warning("built-in model: %s; its geometry stays MediaPipe's until a model is calibrated again", exc)
+        return None
 
 
 @lru_cache(maxsize=8)
