@@ -2,6 +2,7 @@
 
     facerecon reconstruct PHOTO_OR_DIR... -o OUT [--face N|all] [--texture-size 2048] ...
     facerecon reconstruct --demo -o OUT        # matplotlib's sample portrait
+    facerecon reconstruct PHOTOS... --format obj,glb,usdc  # also glTF 2.0 and USD
     facerecon reconstruct PHOTOS... --model ict-facekit   # an installed morphable model
     facerecon evaluate PHOTO_OR_DIR... [--model NAME] [--json FILE]
 """
@@ -15,9 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from backend_server.pipeline.batch import OutcomeStatus, PhotoOutcome
-from shared_protocol import OUTPUT_KINDS, ProtocolError, ReconstructOptions, limits
+from shared_protocol import DEFAULT_OUTPUTS, OUTPUT_KINDS, ProtocolError, ReconstructOptions, limits
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+FORMATS = {                         # --format name -> the output kinds it writes (the JSON always comes too)
+    "obj": tuple(kind for kind in DEFAULT_OUTPUTS if kind != "json"),   # .obj .mtl .png (+ neutral, shape keys)
+    "glb": ("glb",),                # glTF 2.0 binary, texture inside
+    "usdc": ("usdc", "png"),        # USD crate file and the texture it refers to
+}
+UV_ONLY_OUTPUTS = ("png", "json")
 
 
 def demo_photo() -> Path:
@@ -79,7 +86,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     photos = gather_photos(args.inputs)
     out_dir = Path(args.output)
     options = ReconstructOptions(face=args.face, texture_size=args.texture_size, model=args.model,
-                                 outputs=("png", "json") if args.uv_only else OUTPUT_KINDS,
+                                 outputs=UV_ONLY_OUTPUTS if args.uv_only else outputs_of(args.format),
                                  subdivision=args.subdivision)
     stems = output_stems(photos)
     outcomes: list[PhotoOutcome] = []
@@ -184,6 +191,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def format_list(value: str) -> list[str]:
+    """--format: comma-separated names of FORMATS, in any order."""
+    names = [name.strip().lower() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FORMATS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or 'nothing'}: formats are {', '.join(FORMATS)} "
+                                         "(comma-separated, e.g. obj,glb)")
+    return list(dict.fromkeys(names))
+
+
+def outputs_of(formats: list[str]) -> tuple[str, ...]:
+    """The output kinds the formats write and the JSON, in the protocol's order (obj alone:
+    DEFAULT_OUTPUTS)."""
+    wanted = {kind for name in formats for kind in FORMATS[name]} | {"json"}
+    return tuple(kind for kind in OUTPUT_KINDS if kind in wanted)
+
+
 def face_choice(value: str) -> int:
     if value == "all":
         return -1
@@ -210,7 +234,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facerecon", description="Single-photo 3D face reconstruction.")
     commands = parser.add_subparsers(dest="command", required=True)
-    rec = commands.add_parser("reconstruct", help="photos -> .obj/.mtl/.png/.json per face")
+    rec = commands.add_parser("reconstruct", help="photos -> .obj/.mtl/.png/.json per face (also .glb, .usdc)")
     rec.add_argument("inputs", nargs="*", help="photos or folders (searched recursively)")
     rec.add_argument("-o", "--output", default="out", help="output folder (default: out)")
     rec.add_argument("--demo", action="store_true", help="also reconstruct matplotlib's sample portrait")
@@ -218,7 +242,15 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--texture-size", type=texture_size, default=limits.DEFAULT_TEXTURE_SIZE)
     rec.add_argument("--subdivision", type=int, choices=(0, 1, 2), default=1,
                      help="Loop subdivision levels of the mesh (default 1)")
-    rec.add_argument("--uv-only", action="store_true", help="write only the texture and the JSON")
+    written = rec.add_mutually_exclusive_group()
+    written.add_argument("--format", type=format_list, default=["obj"], metavar="obj,glb,usdc",
+                         help="mesh formats, comma-separated (default obj): obj = .obj + .mtl + .png (and "
+                         "_neutral.obj + _shape_keys.bin for models with expressions: what the Blender add-on "
+                         "imports); glb = glTF 2.0 binary, texture and expressions (morph targets) inside; "
+                         "usdc = USD with UsdPreviewSurface and UsdSkel blend shapes, beside the .png it uses. "
+                         "The .json comes with every format. Not with --uv-only")
+    written.add_argument("--uv-only", action="store_true",
+                         help="write only the texture (.png) and the JSON, no mesh (not with --format)")
     rec.add_argument("--device", type=parse_device, default=["cpu"],
                      help="cpu (default), or GPUs: 0,1 or cuda:0,cuda:1 (one GPU process each)")
     rec.add_argument("--workers", type=int, default=1,
