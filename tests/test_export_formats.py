@@ -296,3 +296,23 @@ def test_usdskel_poses_the_neutral_mesh_with_the_fitted_blend_shapes(results, mo
     baked = np.array(geometry.GetPointsAttr().Get(Usd.TimeCode.Default()))
     assert np.abs(baked - mesh.posed).max() < 2e-5                    # = the fitted face
     assert np.abs(mesh.posed - mesh.neutral).max() > 1e-3
+
+
+def test_command_line_writes_the_formats_asked_for_and_skips_them_when_done(tmp_path, grace_hopper_bytes):
+    photo = tmp_path / "hopper.jpg"
+    photo.write_bytes(grace_hopper_bytes)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "backend_server.cli.facerecon", "reconstruct", str(photo), "-o", str(out),
+               "--texture-size", "256", "--format", "glb,usdc", "-q"]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert {p.name for p in out.iterdir()} == {"hopper.glb", "hopper.usdc", "hopper.png", "hopper.json"}
+    assert (out / "hopper.glb").read_bytes()[:4] == b"glTF"
+    assert (out / "hopper.usdc").read_bytes()[:8] == b"PXR-USDC"
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "0 done, 0 failed, 1 skipped" in again.stdout
+    (out / "hopper.glb").unlink()                                       # a missing format is redone
+    third = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0 and "1 done" in third.stdout and (out / "hopper.glb").is_file()
+    refused = subprocess.run(command[:-3] + ["--format", "fbx"], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "formats are obj, glb, usdc" in refused.stderr
