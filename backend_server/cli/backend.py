@@ -78,17 +78,19 @@ def run_serve(args: argparse.Namespace) -> int:
                           job_timeout_s=args.job_timeout,
                           drain_timeout_s=args.drain_timeout, keys_dir=args.keys, models=tuple(models),
                           warm_texture_size=args.warm_texture_size)
-    try:
-        server = Server(config)
-    except (OSError, ValueError) as exc:
-        print(f"facerecon-backend: cannot start: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:                         # zmq.ZMQError: address in use, bad endpoint
-        print(f"facerecon-backend: cannot serve {args.bind}: {exc}", file=sys.stderr)
-        return 2
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: server.request_stop())
-    return server.run()
+    from backend_server.cli.quiet import quiet_native_logs
+    with quiet_native_logs(enabled=not args.verbose):        # the workers' MediaPipe log lines
+        try:
+            server = Server(config)
+        except (OSError, ValueError) as exc:
+            print(f"facerecon-backend: cannot start: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:                         # zmq.ZMQError: address in use, bad endpoint
+            print(f"facerecon-backend: cannot serve {args.bind}: {exc}", file=sys.stderr)
+            return 2
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: server.request_stop())
+        return server.run()
 
 
 def worker_memory_bytes(args: argparse.Namespace, workers: int) -> int:
@@ -218,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="texture size prepared before the first job (default 2048)")
     serve.add_argument("--models-dir", type=Path, help="installed models (default $FACERECON_MODELS or "
                        "~/.cache/facerecon/models)")
+    serve.add_argument("-v", "--verbose", action="store_true",
+                       help="also show the workers' MediaPipe and TensorFlow Lite log lines (hidden by default)")
     serve.set_defaults(run=run_serve)
     keys = commands.add_parser("keys", help="CURVE key pairs").add_subparsers(dest="keys_command", required=True)
     generate = keys.add_parser("generate", help="make the server's key pair, or an artist's with --client")

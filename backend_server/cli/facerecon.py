@@ -231,6 +231,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "~/.cache/facerecon/models)")
 
 
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show MediaPipe's and TensorFlow Lite's own log lines (hidden by default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facerecon", description="Single-photo 3D face reconstruction.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -259,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="faces baked at once on each GPU (default 16)")
     rec.add_argument("--overwrite", action="store_true", help="redo photos whose results exist")
     rec.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_verbose_argument(rec)
     add_model_arguments(rec)
     rec.set_defaults(run=run_reconstruct)
     ev = commands.add_parser("evaluate", help="re-render into each photo: PSNR, SSIM, landmark error")
@@ -270,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", type=parse_device, default=["cpu"],
                     help="cpu (default) or one GPU (0 or cuda:0): bake and re-render there")
     add_model_arguments(ev)
+    add_verbose_argument(ev)
     ev.set_defaults(run=run_evaluate)
     return parser
 
@@ -278,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GLOG_minloglevel", "2")        # MediaPipe's native logging
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    from backend_server.cli.quiet import quiet_native_logs
+    with quiet_native_logs(enabled=not args.verbose):
+        return args.run(args)
 
 
 if __name__ == "__main__":
