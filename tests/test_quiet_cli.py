@@ -42,13 +42,14 @@ def test_evaluate_prints_its_table_without_native_log_lines():
     assert re.search(r"^grace_hopper\.jpg +\d+\.\d+ +0\.\d+", done.stdout, re.MULTILINE), done.stdout
 
 
-def test_server_workers_log_their_jobs_but_no_native_lines(tmp_path, grace_hopper_bytes):
+def test_server_workers_log_their_jobs_but_no_native_lines_and_serve_a_glb(tmp_path, grace_hopper_bytes):
     server = BackendProcess(tmp_path / "serve.log", workers=1).start()
     try:
         with Client(server.address) as client:
             result = client.reconstruct(grace_hopper_bytes, "g.jpg", ReconstructOptions(texture_size=256,
-                                                                                         outputs=("json",)))
-        assert [f.name for f in result.files] == ["g.json"]
+                                                                                         outputs=("json", "glb")))
+        assert [(f.name, f.kind) for f in result.files] == [("g.glb", "glb"), ("g.json", "json")]  # a .glb served too
+        assert result.files[0].data[:4] == b"glTF"
     finally:
         assert server.stop() == 0
     log = server.log()
