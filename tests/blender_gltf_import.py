@@ -6,7 +6,8 @@ made of it.
 
 The last stdout line is `RESULT <json>` (objects, vertices, materials, images, shape keys);
 OUT.npz holds the mesh's vertex positions (Blender's frame: +Z up) as the Basis shape key has them
-and as shown, with every shape key at the value Blender set.
+and as shown, with every shape key at the value Blender set, and each image's pixels as Blender
+holds them (`image:<name>`: (H, W, 4) float32 0..1, bottom row first).
 """
 from __future__ import annotations
 
@@ -31,7 +32,13 @@ def main(glb: str, arrays: str) -> dict:
     shown = np.empty(len(evaluated.vertices) * 3, np.float32)
     evaluated.vertices.foreach_get("co", shown)
     obj.evaluated_get(bpy.context.evaluated_depsgraph_get()).to_mesh_clear()
-    np.savez(arrays, basis=basis.reshape(-1, 3), shown=shown.reshape(-1, 3))
+    images = [i for i in bpy.data.images if i.type == "IMAGE"]
+    pixels = {}
+    for image in images:
+        flat = np.empty(image.size[0] * image.size[1] * image.channels, np.float32)
+        image.pixels.foreach_get(flat)
+        pixels[f"image:{image.name}"] = flat.reshape(image.size[1], image.size[0], image.channels)
+    np.savez(arrays, basis=basis.reshape(-1, 3), shown=shown.reshape(-1, 3), **pixels)
     materials = []
     for material in mesh.materials:
         nodes = material.node_tree.nodes
@@ -46,8 +53,8 @@ def main(glb: str, arrays: str) -> dict:
             "name": obj.name, "vertices": len(mesh.vertices), "polygons": len(mesh.polygons),
             "uv_layers": [layer.name for layer in mesh.uv_layers], "materials": materials,
             "material_use": sorted({p.material_index for p in mesh.polygons}),
-            "images": [{"name": i.name, "size": list(i.size), "packed": i.packed_file is not None}
-                       for i in bpy.data.images if i.type == "IMAGE"],
+            "images": [{"name": i.name, "size": list(i.size), "packed": i.packed_file is not None,
+                        "colour_space": i.colorspace_settings.name} for i in images],
             "keys": [{"name": k.name, "value": k.value, "relative_to": k.relative_key.name} for k in keys]}
 
 

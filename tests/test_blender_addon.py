@@ -132,7 +132,8 @@ def test_a_model_with_expressions_imports_with_arkit_shape_keys(addon_zip, insta
     assert np.abs(basis - obj_positions_blender(folder / "deca_exp1_neutral.obj")).max() < 1e-5   # Basis = neutral
     assert np.abs(shown - obj_positions_blender(folder / "deca_exp1.obj")).max() < 1e-4            # values = posed
     materials = facts["materials"]
-    assert len(materials) == 8 and materials[0]["textured"] and not any(m["textured"] for m in materials[1:])
+    textured = [m["name"] for m in materials if m["textured"]]             # the face's and each eye's texture
+    assert len(materials) == 8 and textured == ["deca_exp1", "deca_exp1_eye_white_left", "deca_exp1_eye_white_right"]
     assert facts["material_use"] == list(range(8))
     skin = materials[1]["colour"]                             # the head takes the face's skin colour
     assert skin[0] > skin[2] and 0.05 < skin[0] < 0.9

@@ -3,6 +3,7 @@ the Khronos glTF validator (npm gltf-validator), Blender 5.0.1's own glTF import
 usd-core (its UsdValidation validators, UsdShade, and UsdSkel evaluating the blend shapes)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -53,6 +54,24 @@ def result_for(results, model: str):
     if model not in results:
         pytest.skip(f"{model} is not installed here (needs ../shared/models)")
     return results[model]
+
+
+def part_images(folder: Path, model, layout) -> dict[int, Path]:
+    """Per part index the PNG (written beside the mesh for the OBJ/MTL) it must show in every
+    format, said here independently of the exporter: the textured parts the baked texture, each
+    eye's visible part (models/eyes.py) its eye's texture. ICT-FaceKit has both eyes."""
+    images = {k: folder / "grace_hopper.png" for k, part in enumerate(layout.parts) if part.textured}
+    eyes = getattr(model, "eyes", ())
+    for eye in eyes:
+        images[eye.part] = folder / f"grace_hopper_eye_{eye.side}.png"
+    if model.name == "ict-facekit":
+        assert sorted(eye.side for eye in eyes) == ["left", "right"]
+    return images
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    from PIL import Image
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
 def split_vertex_count(layout) -> int:
@@ -111,11 +130,29 @@ def test_builtin_files_per_format(results):
     assert [f.name for f in face_files("g", mesh, texture, ("usdc",))] == ["g.png", "g.usdc"]
 
 
+def test_part_textures_go_to_every_format(results):
+    """A model's part textures (ICT-FaceKit's eyes) are written for the MTL, embedded in the .glb
+    and brought along for the .usdc, each PNG once."""
+    from backend_server.pipeline.export import face_files
+    _, model, mesh = result_for(results, "ict-facekit")
+    texture = np.zeros((64, 64, 3), np.uint8)
+    eyes = model.part_textures((40, 90, 160))
+    assert sorted(key for key, _ in eyes.values()) == ["eye_left", "eye_right"]
+    assert [f.name for f in face_files("g", mesh, texture, ("usdc",), eyes)] == [
+        "g.png", "g_eye_left.png", "g_eye_right.png", "g.usdc"]
+    assert [f.name for f in face_files("g", mesh, texture, ("glb",), eyes)] == ["g.glb"]
+    assert [f.name for f in face_files("g", mesh, texture, ("mtl", "png"), eyes)] == [
+        "g.mtl", "g.png", "g_eye_left.png", "g_eye_right.png"]
+    without = [f for f in face_files("g", mesh, texture, ("glb",)) if f.kind == "glb"][0]
+    with_eyes = [f for f in face_files("g", mesh, texture, ("glb",), eyes) if f.kind == "glb"][0]
+    assert len(with_eyes.data) > len(without.data) + 2 * 1000          # two eye PNGs inside
+
+
 # -- glTF -----------------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("model", ["builtin", "ict-facekit"])
 def test_glb_passes_the_khronos_validator(results, model):
-    folder, _, mesh = result_for(results, model)
+    folder, model_of, mesh = result_for(results, model)
     report = validate_gltf(folder / "grace_hopper.glb")
     print(f"{model}: gltf-validator {report['validatorVersion']}: {report['issues']['numErrors']} errors, "
           f"{report['issues']['numWarnings']} warnings, {report['issues']['numInfos']} infos, "
@@ -128,9 +165,45 @@ def test_glb_passes_the_khronos_validator(results, model):
     assert info["totalTriangleCount"] == len(layout.triangles)
     assert info["materialCount"] == len(layout.parts) and info["drawCallCount"] == len(layout.parts)
     assert info["hasMorphTargets"] is (len(layout.expression_names) > 0)
-    [image] = [r["image"] for r in info["resources"] if r["pointer"].startswith("/images/")]
-    assert (image["width"], image["height"], image["format"], image["transfer"]) == (TEXTURE_SIZE, TEXTURE_SIZE,
-                                                                                      "rgb", "srgb")
+    folder_images = sorted(set(part_images(folder, model_of, layout).values()))
+    found = [r["image"] for r in info["resources"] if r["pointer"].startswith("/images/")]
+    assert sorted((i["width"], i["height"], i["format"], i["transfer"]) for i in found) == sorted(
+        (*png_pixels(path.read_bytes()).shape[1::-1], "rgb", "srgb") for path in folder_images)
+    assert len(found) == (3 if model == "ict-facekit" else 1)          # the face's texture and each eye's
+
+
+@pytest.mark.parametrize("model", ["builtin", "ict-facekit"])
+def test_glb_materials_embed_the_image_each_part_takes(results, model):
+    """Each material's baseColorTexture is the PNG embedded in the .glb, pixel for pixel the file
+    the OBJ's MTL names for that part: the baked texture, and each eye's painted texture (iris,
+    pupil, sclera) on its eye material; plain parts have none."""
+    import pygltflib
+    folder, model_of, mesh = result_for(results, model)
+    gltf = pygltflib.GLTF2.load_from_bytes((folder / "grace_hopper.glb").read_bytes())
+    blob = gltf.binary_blob()
+    expected = part_images(folder, model_of, mesh.layout)
+    mtl = (folder / "grace_hopper.mtl").read_text()
+    assert len(gltf.materials) == len(mesh.layout.parts)
+    for k, material in enumerate(gltf.materials):
+        texture = material.pbrMetallicRoughness.baseColorTexture
+        if k not in expected:
+            assert texture is None, material.name
+            continue
+        image = gltf.images[gltf.textures[texture.index].source]
+        assert image.mimeType == "image/png" and image.uri is None                 # embedded, not beside it
+        view = gltf.bufferViews[image.bufferView]
+        embedded = png_pixels(blob[view.byteOffset:view.byteOffset + view.byteLength])
+        assert np.array_equal(embedded, png_pixels(expected[k].read_bytes())), (material.name, expected[k].name)
+        assert f"newmtl {material.name}\n" in mtl                                # OBJ/MTL: the same file
+        assert mtl.split(f"newmtl {material.name}\n")[1].split("newmtl")[0].count(f"map_Kd {expected[k].name}\n") == 1
+    eye_materials = [gltf.materials[eye.part] for eye in getattr(model_of, "eyes", ())]
+    for material in eye_materials:                                                  # a painted eye, not a flat colour
+        image = gltf.images[gltf.textures[material.pbrMetallicRoughness.baseColorTexture.index].source]
+        assert image.name.startswith("grace_hopper_eye_")
+        view = gltf.bufferViews[image.bufferView]
+        pixels = png_pixels(blob[view.byteOffset:view.byteOffset + view.byteLength])
+        assert pixels.min(axis=2).max() > 190 and pixels.max(axis=2).min() < 40      # white sclera, dark pupil
+    assert len(eye_materials) == (2 if model == "ict-facekit" else 0)
 
 
 def test_the_validator_finds_a_broken_glb(results, tmp_path):
@@ -166,7 +239,7 @@ def from_blender(points: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("model", ["builtin", "ict-facekit"])
 def test_blender_imports_the_glb_with_texture_and_shape_keys(results, model, tmp_path):
     from backend_server.pipeline.export_gltf import gltf_layout
-    folder, _, mesh = result_for(results, model)
+    folder, model_of, mesh = result_for(results, model)
     facts, arrays = blender_import(folder / "grace_hopper.glb", tmp_path)
     layout = mesh.layout
     assert facts["operator"] == ["FINISHED"] and facts["objects_added"] == 1 and facts["meshes"] == 1
@@ -177,11 +250,18 @@ def test_blender_imports_the_glb_with_texture_and_shape_keys(results, model, tmp
     assert [m["name"] for m in facts["materials"]] == [f"grace_hopper{'' if p.textured else '_' + p.name}"
                                                        for p in layout.parts]
     assert facts["material_use"] == list(range(len(layout.parts)))
-    [image] = facts["images"]
-    assert image["size"] == [TEXTURE_SIZE, TEXTURE_SIZE] and image["packed"]
-    for material, part in zip(facts["materials"], layout.parts):
-        if part.textured:
-            assert material["base_color_from"] == ["TEX_IMAGE"] and material["image"] == image["name"]
+    expected = part_images(folder, model_of, layout)
+    images = {image["name"]: image for image in facts["images"]}
+    assert len(images) == len(set(expected.values())) == (3 if model == "ict-facekit" else 1)
+    for k, (material, part) in enumerate(zip(facts["materials"], layout.parts)):
+        if k in expected:                  # the face's texture; an eye's material: its eye's texture
+            assert material["base_color_from"] == ["TEX_IMAGE"], material
+            image = images[material["image"]]
+            assert image["packed"] and image["colour_space"] == "sRGB"
+            truth = png_pixels(expected[k].read_bytes())
+            assert image["size"] == [truth.shape[1], truth.shape[0]]
+            shown = np.round(arrays[f"image:{image['name']}"][::-1, :, :3] * 255.0)   # Blender: bottom row first
+            assert np.abs(shown - truth).max() <= 1, (material["name"], expected[k].name)
         else:
             assert material["base_color_from"] == [] and material["image"] is None
             if not part.skin:
@@ -223,7 +303,7 @@ def usd_validation_errors(stage) -> list[str]:
 @pytest.mark.parametrize("model", ["builtin", "ict-facekit"])
 def test_usdc_passes_usd_validation_and_holds_mesh_uvs_and_materials(results, model):
     from pxr import Sdf, UsdGeom, UsdShade
-    folder, _, mesh = result_for(results, model)
+    folder, model_of, mesh = result_for(results, model)
     stage = open_usd(folder / "grace_hopper.usdc")
     assert usd_validation_errors(stage) == []
     assert UsdGeom.GetStageUpAxis(stage) == "Y" and UsdGeom.GetStageMetersPerUnit(stage) == 1.0
@@ -242,21 +322,28 @@ def test_usdc_passes_usd_validation_and_holds_mesh_uvs_and_materials(results, mo
                        atol=1e-6)
     subsets = UsdShade.MaterialBindingAPI(geometry).GetMaterialBindSubsets()
     assert len(subsets) == len(layout.parts)
-    for subset, part in zip(subsets, layout.parts):
+    expected = part_images(folder, model_of, layout)
+    eye_files = set()
+    for k, (subset, part) in enumerate(zip(subsets, layout.parts)):
+        assert np.array_equal(np.array(subset.GetIndicesAttr().Get()), np.flatnonzero(layout.polygon_part == k))
         material, _ = UsdShade.MaterialBindingAPI(subset).ComputeBoundMaterial()
         surface = material.ComputeSurfaceSource()[0]
         assert surface.GetIdAttr().Get() == "UsdPreviewSurface"
         diffuse = surface.GetInput("diffuseColor")
-        if part.textured:
+        if k in expected:                  # the face's texture; an eye's material: its eye's texture
             texture = UsdShade.Shader(diffuse.GetConnectedSources()[0][0].source.GetPrim())
             assert texture.GetIdAttr().Get() == "UsdUVTexture"
             assert texture.GetInput("sourceColorSpace").Get() == "sRGB"
             file = texture.GetInput("file").Get()
-            assert Path(file.resolvedPath) == folder / "grace_hopper.png" and Path(file.resolvedPath).is_file()
+            assert Path(file.resolvedPath) == expected[k] and Path(file.resolvedPath).is_file()
+            if expected[k].name.startswith("grace_hopper_eye_"):
+                eye_files.add(expected[k].name)
         else:
             assert not diffuse.HasConnectedSource()
             if not part.skin:
                 assert tuple(diffuse.Get()) == pytest.approx(part.colour, abs=1e-6)
+    assert eye_files == ({"grace_hopper_eye_left.png", "grace_hopper_eye_right.png"} if model == "ict-facekit"
+                         else set())
 
 
 def test_usd_validation_finds_a_broken_stage():

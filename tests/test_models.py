@@ -161,6 +161,10 @@ def test_reconstruct_in_ict_topology_gives_meshes_texture_shape_keys_and_named_c
     assert np.abs(rebuilt - posed).max() < 1e-4                      # neutral + weights x keys = posed
     mtl = files["mtl"].data.decode()
     assert mtl.count("newmtl") == 8 and "map_Kd deca_exp1.png" in mtl
+    names = {f.name for f in result.files}                              # each eye has its own texture
+    assert {"deca_exp1_eye_left.png", "deca_exp1_eye_right.png"} <= names
+    assert "map_Kd deca_exp1_eye_left.png" in mtl and "map_Kd deca_exp1_eye_right.png" in mtl
+    assert set(facts["coefficients"]["gaze_deg"]) == {"yaw", "pitch", "note"}
     face = result.faces[0]
     metrics = photo_metrics(result.photo.rgb, face.texture_vertices, result.model.topology, face.bake.texture,
                             face.fit.camera)

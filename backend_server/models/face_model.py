@@ -32,12 +32,15 @@ from .topology import MeshTopology
 @dataclass(frozen=True)
 class Part:
     """A material group of a mesh: `textured` parts take the baked photo texture; the others a
-    plain colour (linear 0..1 RGB), or the face's skin colour where `skin` is set."""
+    plain colour (linear 0..1 RGB), or the face's skin colour where `skin` is set. `eye` ("left",
+    "right") marks the parts of that eyeball (models/eyes.py): they turn to the gaze, and the
+    visible one takes that eye's texture."""
 
     name: str
     colour: tuple[float, float, float] = (0.6, 0.6, 0.6)
     textured: bool = False
     skin: bool = False
+    eye: str = ""
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,11 @@ class FaceModel(ABC, Generic[FitT]):
     def ibug68(self, fit: FitT, landmarks: np.ndarray) -> np.ndarray:
         """(68, 2) photo pixels of the iBUG-68 points (NaN rows where the model has no point);
         landmarks: the fit's (478, 3) input."""
+
+    def part_textures(self, iris_srgb: tuple[int, int, int] | None) -> dict[int, tuple[str, np.ndarray]]:
+        """Textures of parts other than the face's, by part index: (file-name suffix, (S, S, 3)
+        uint8 sRGB image in that part's UV layout). iris_srgb: the photo's iris colour, if measured."""
+        return {}
 
     def warm_up(self, device: str = "cpu") -> None:
         """Build whatever the first fit on `device` would otherwise build."""

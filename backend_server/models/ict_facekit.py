@@ -30,10 +30,10 @@ PARTS = {                            # OBJ material -> Part (colours: linear RGB
     "M_BackHead": Part("head", skin=True),
     "M_GumsTongue": Part("gums_tongue", (0.35, 0.08, 0.08)),
     "M_Teeth": Part("teeth", (0.75, 0.72, 0.62)),
-    "M_ScleraLeft": Part("eye_white_left", (0.75, 0.72, 0.68)),
-    "M_IrisLeft": Part("iris_left", (0.06, 0.03, 0.015)),
-    "M_ScleraRight": Part("eye_white_right", (0.75, 0.72, 0.68)),
-    "M_IrisRight": Part("iris_right", (0.06, 0.03, 0.015)),
+    "M_ScleraLeft": Part("eye_white_left", (0.75, 0.72, 0.68), eye="left"),     # the visible eyeball
+    "M_IrisLeft": Part("iris_left", (0.06, 0.03, 0.015), eye="left"),           # a shell inside it
+    "M_ScleraRight": Part("eye_white_right", (0.75, 0.72, 0.68), eye="right"),
+    "M_IrisRight": Part("iris_right", (0.06, 0.03, 0.015), eye="right"),
     "M_LacrimalFluid": None, "M_EyeBlend": None, "M_EyeOcclusion": None, "M_EyeLashes": None,
 }
 

@@ -19,7 +19,7 @@ import numpy as np
 from .face_model import Part, triangulate
 from .topology import MeshTopology, SparseRows
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2          # 2: parts name their eye
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,8 @@ class MorphableModel:
             correspondence = Correspondence(*(arrays.pop(f"mediapipe_{k}")
                                               for k in ("corners", "bary", "valid", "residual_m")))
         return cls(facts["name"], expression_names=tuple(facts["expression_names"]),
-                   parts=tuple(Part(p["name"], tuple(p["colour"]), p["textured"], p["skin"]) for p in facts["parts"]),
+                   parts=tuple(Part(p["name"], tuple(p["colour"]), p["textured"], p["skin"], p["eye"])
+                               for p in facts["parts"]),
                    info=facts["info"], mediapipe=correspondence, **arrays)
 
 

@@ -29,6 +29,7 @@ import torch
 
 from ..geometry import Camera, Pose, rigid_fit, vertex_normals
 from .builtin import fit_landmarks
+from .calibration import Calibration
 from .face_model import FaceFit
 from .morphable import MorphableModel
 
@@ -56,6 +57,7 @@ class ModelFit(FaceFit):
     identity: np.ndarray            # (K_id,)
     expression: np.ndarray          # (K_exp,) in [0, 1]
     reprojection_rms_px: float      # over the landmarks used
+    gaze_deg: tuple[float, float] = (0.0, 0.0)   # eyeballs' (yaw, pitch), head frame (models/eyes.py)
 
 
 def ideal_landmarks(model: MorphableModel, vertices: np.ndarray, camera: Camera) -> np.ndarray:
@@ -82,27 +84,65 @@ def rodrigues(axis_angle: torch.Tensor) -> torch.Tensor:
     return eye + s * cross + (1 - c) * cross @ cross
 
 
+@dataclass(frozen=True)
+class Weighting:
+    """How the fit reads MediaPipe: `sigma` (468, 3) each point's expected error in x, y and z over
+    the face's size; `prior_weight` (K_id + K_exp,) the prior's strength per coefficient (one over
+    its standard deviation); `calibration` (optional) moves the points (its correspondence) and
+    predicts the prior's mean from the landmarks; `noise_scale` multiplies every sigma (MediaPipe's
+    errors are correlated, so the points carry less than their count suggests)."""
+
+    sigma: np.ndarray
+    prior_weight: np.ndarray
+    calibration: Calibration | None = None
+    noise_scale: float = 1.0
+
+    @classmethod
+    def uncalibrated(cls, model: MorphableModel) -> Weighting:
+        """The same error for every point (LANDMARK_NOISE; depth DEPTH_WEIGHT as strong), the
+        prior N(0, 1) on identity and EXPRESSION_PRIOR on expressions."""
+        sigma = np.tile([LANDMARK_NOISE, LANDMARK_NOISE, LANDMARK_NOISE / DEPTH_WEIGHT ** 0.5], (468, 1))
+        prior = np.concatenate([np.ones(len(model.identity_basis)),
+                                np.full(len(model.expression_basis), EXPRESSION_PRIOR ** 0.5)])
+        return cls(sigma, prior)
+
+    @classmethod
+    def calibrated(cls, model: MorphableModel, calibration: Calibration, noise_scale: float) -> Weighting:
+        """The calibration's correspondence, per-point noise and prior; an expression's prior is never
+        stronger than the uncalibrated one (real photos show expressions the renders rarely do)."""
+        k_identity = len(model.identity_basis)
+        prior = 1.0 / calibration.prior_sigma
+        prior[k_identity:] = np.minimum(prior[k_identity:], EXPRESSION_PRIOR ** 0.5)
+        return cls(calibration.noise, prior, calibration, noise_scale)
+
+
 class ModelFitter:
     """Holds one model's fitting data on one device; `fit` takes any number of faces."""
 
-    def __init__(self, model: MorphableModel, device: str = "cpu") -> None:
-        correspondence = model.correspondence()
+    def __init__(self, model: MorphableModel, device: str = "cpu", weighting: Weighting | None = None) -> None:
+        self.weighting = weighting or Weighting.uncalibrated(model)
+        geometric = model.correspondence()
+        calibration = self.weighting.calibration
+        correspondence = calibration.correspondence if calibration is not None else geometric
         self.model = model
         self.device = torch.device(device)
         self.valid = np.flatnonzero(correspondence.valid)
-        jaw = np.array(JAW_CONTOUR)
+        jaw = np.array(JAW_CONTOUR, np.int64)
         self.fixed = np.setdiff1d(self.valid, jaw)                 # landmarks with fixed model points
         self.jaw = jaw[correspondence.valid[jaw]]
         bases = np.concatenate([model.mean[None], model.identity_basis, model.expression_basis])  # (1+K, V, 3)
-        corners, bary = correspondence.corners, correspondence.bary
-        at_points = np.einsum("nk,bnkc->bnc", bary, bases[:, corners])                          # (1+K, 468, 3)
+        at_points = np.einsum("nk,bnkc->bnc", correspondence.bary, bases[:, correspondence.corners])  # (1+K, 468, 3)
+        at_anatomy = np.einsum("nk,bnkc->bnc", geometric.bary, bases[:, geometric.corners])
         self.k_identity, self.k_expression = len(model.identity_basis), len(model.expression_basis)
         fitted = [not name.startswith(UNFITTED_EXPRESSIONS) for name in model.expression_names]
 
         def as_tensor(a: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(np.ascontiguousarray(a), dtype=torch.float32, device=self.device)
 
-        self.point_bases = as_tensor(at_points)
+        self.point_bases = as_tensor(at_points)              # where the fit expects MediaPipe's points
+        self.anatomy_bases = as_tensor(at_anatomy)           # the model's own points (landmark_points)
+        self.sigma = as_tensor(self.weighting.sigma * self.weighting.noise_scale)
+        self.prior_weight = as_tensor(self.weighting.prior_weight)
         self.expression_mask = as_tensor(np.array(fitted, np.float32))
         # Silhouette candidates: face-region vertices below the nose tip (MediaPipe point 1).
         nose_y = at_points[0, 1, 1]
@@ -111,22 +151,26 @@ class ModelFitter:
         self.candidate_bases = as_tensor(bases[:, region])                                      # (1+K, C, 3)
         self.candidate_normals = as_tensor(vertex_normals(model.mean.astype(np.float64), model.triangles)[region])
         self.jaw_side = as_tensor(np.sign(at_points[0, self.jaw, 0]))
-        self._bases_at: tuple[np.ndarray, torch.Tensor] | None = None
+        self._bases_at: dict[int, tuple[np.ndarray, torch.Tensor]] = {}     # by id of a vertex-id array
         self.parameter_mask = torch.cat([torch.ones(6 + self.k_identity, device=self.device), self.expression_mask])
 
     def camera_points(self, fits: list[ModelFit], vertex_ids: np.ndarray) -> list[np.ndarray]:
         """Each fit's model vertices `vertex_ids` in the camera frame, (n, 3) metres, computed on
-        this fitter's device (the bases at those vertices stay there for the next call)."""
-        if self._bases_at is None or self._bases_at[0] is not vertex_ids:
+        this fitter's device (the bases at those vertices stay there for later calls with the same
+        array)."""
+        if id(vertex_ids) not in self._bases_at:
             model = self.model
-            bases = np.concatenate([model.mean[None], model.identity_basis, model.expression_basis])[:, vertex_ids]
-            self._bases_at = (vertex_ids, torch.as_tensor(bases, dtype=torch.float32, device=self.device))
+            bases = np.concatenate([model.mean[None, vertex_ids], model.identity_basis[:, vertex_ids],
+                                    model.expression_basis[:, vertex_ids]])
+            self._bases_at[id(vertex_ids)] = (vertex_ids, torch.as_tensor(bases, dtype=torch.float32,
+                                                                          device=self.device))
+        bases_at = self._bases_at[id(vertex_ids)][1]
         coefficients = torch.as_tensor(np.array([np.concatenate([[1.0], f.identity, f.expression]) for f in fits]),
                                        dtype=torch.float32, device=self.device)
         rotation = torch.as_tensor(np.array([f.pose.rotation for f in fits]), dtype=torch.float32, device=self.device)
         translation = torch.as_tensor(np.array([f.pose.translation for f in fits]), dtype=torch.float32,
                                       device=self.device)
-        points = torch.einsum("bk,knc->bnc", coefficients, self._bases_at[1]) @ rotation.transpose(1, 2)
+        points = torch.einsum("bk,knc->bnc", coefficients, bases_at) @ rotation.transpose(1, 2)
         return list((points + translation[:, None, :]).double().cpu().numpy())
 
     def fit(self, landmarks: list[np.ndarray], cameras: list[Camera], reference: np.ndarray) -> list[ModelFit]:
@@ -137,12 +181,19 @@ class ModelFitter:
         mean_points = self.point_bases[0].cpu().numpy().astype(np.float64)[self.valid]
         starts = [rigid_fit(mean_points, fit_landmarks(marks, reference, camera).landmark_points[self.valid])
                   for marks, camera in zip(landmarks, cameras)]
+        calibration = self.weighting.calibration
+        prior_mean = np.zeros((count, self.k_identity + self.k_expression))
+        if calibration is not None:
+            prior_mean = np.array([calibration.predict(marks, reference, camera)
+                                   for marks, camera in zip(landmarks, cameras)])
+            prior_mean[:, self.k_identity:] = np.clip(prior_mean[:, self.k_identity:], 0, 1) * \
+                self.expression_mask.cpu().numpy()
         marks = torch.as_tensor(np.array([m[:468] for m in landmarks]), dtype=f32, device=dev)
-        problem = _Problem(self, marks, cameras)
+        problem = _Problem(self, marks, cameras, torch.as_tensor(prior_mean, dtype=f32, device=dev))
         start = torch.as_tensor(np.array([s.translation for s in starts]), dtype=f32, device=dev)
         state = _State(torch.as_tensor(np.array([s.rotation for s in starts]), dtype=f32, device=dev),
                        start[:, :2] / -start[:, 2:], torch.log(-start[:, 2]),
-                       torch.zeros((count, self.k_identity + self.k_expression), dtype=f32, device=dev))
+                       problem.prior_mean.clone())
         damping = torch.full((count,), START_DAMPING, dtype=f32, device=dev)
         jaw_choice = None
         for iteration in range(ITERATIONS):
@@ -163,7 +214,7 @@ class ModelFitter:
             state = state.where(better, trial)
             damping = torch.where(better, damping / 3, damping * 4).clamp(1e-7, 1e7)
 
-        points = problem.points(self.point_bases.permute(1, 0, 2).expand(count, -1, -1, -1), state)   # (B, 468, 3)
+        points = problem.points(self.anatomy_bases.permute(1, 0, 2).expand(count, -1, -1, -1), state)  # (B, 468, 3)
         fixed = torch.as_tensor(self.fixed, device=dev)
         error = ((problem.project(points[:, fixed]) - marks[:, fixed, :2]) ** 2).sum(2).mean(1).sqrt().cpu().numpy()
         rotation = state.rotation.cpu().double().numpy()
@@ -222,19 +273,24 @@ class _State:
 class _Problem:
     """The landmarks and cameras of a batch, and the residuals and Jacobian of the objective."""
 
-    def __init__(self, fitter: ModelFitter, marks: torch.Tensor, cameras: list[Camera]) -> None:
+    def __init__(self, fitter: ModelFitter, marks: torch.Tensor, cameras: list[Camera],
+                 prior_mean: torch.Tensor) -> None:
         dev, f32 = fitter.device, torch.float32
         self.fitter = fitter
         self.marks = marks                                                                # (B, 468, 3)
         self.focal = torch.as_tensor([c.focal_px for c in cameras], dtype=f32, device=dev)[:, None]
         self.centre = torch.as_tensor([[c.cx, c.cy] for c in cameras], dtype=f32, device=dev)[:, None, :]
         extent = marks[..., :2].amax(1) - marks[..., :2].amin(1)
-        self.scale = (extent[:, 0] * extent[:, 1]).sqrt()[:, None] * LANDMARK_NOISE       # σ s, pixels
+        self.size = (extent[:, 0] * extent[:, 1]).sqrt()[:, None]                           # s, pixels
+        self.scale = self.size * LANDMARK_NOISE                                            # the contour's unit
         self.used = torch.as_tensor(np.concatenate([fitter.fixed, fitter.jaw]), device=dev)
         self.fixed_count = len(fitter.fixed)
         self.targets = marks[:, self.used]                                               # (B, n, 3)
-        self.prior = torch.cat([torch.ones(fitter.k_identity, device=dev),
-                                torch.full((fitter.k_expression,), EXPRESSION_PRIOR ** 0.5, device=dev)])
+        sigma = fitter.sigma[self.used]                                                  # (n, 3) over s
+        self.sigma_xy = self.size[..., None] * sigma[None, :, :2]                         # (B, n, 2) pixels
+        self.sigma_z = self.size * sigma[None, :self.fixed_count, 2]                      # (B, nf) pixels
+        self.prior = fitter.prior_weight
+        self.prior_mean = prior_mean
 
     def landmark_bases(self, jaw_choice: torch.Tensor | None) -> torch.Tensor:
         """(B, n, 1+K, 3): the model's mean and bases at each used landmark (fixed points, then the
@@ -274,16 +330,14 @@ class _Problem:
     def _evaluate(self, bases: torch.Tensor, state: _State, with_jacobian: bool
                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
         points = self.points(bases, state)                                               # (B, n, 3)
-        scale = self.scale[..., None]
-        reprojection = (self.project(points) - self.targets[..., :2]) / scale               # (B, n, 2)
+        reprojection = (self.project(points) - self.targets[..., :2]) / self.sigma_xy        # (B, n, 2)
         nf = self.fixed_count
         distance = -points[:, :nf, 2]
         mean_distance = distance.mean(1, keepdim=True)
         depth_px = (distance - mean_distance) * self.focal / mean_distance
         observed = self.targets[:, :nf, 2] - self.targets[:, :nf, 2].mean(1, keepdim=True)
-        weight = DEPTH_WEIGHT ** 0.5
-        depth = weight * (depth_px - observed) / self.scale
-        prior = state.coefficients * self.prior
+        depth = (depth_px - observed) / self.sigma_z
+        prior = (state.coefficients - self.prior_mean) * self.prior
         residual = torch.cat([reprojection.flatten(1), depth, prior], dim=1)
         if not with_jacobian:
             return residual, None
@@ -306,10 +360,10 @@ class _Problem:
         f = self.focal
         d_screen = torch.stack([f / depth_to, zero, f * px / depth_to ** 2,
                                 zero, -f / depth_to, -f * py / depth_to ** 2], dim=-1).reshape(count, n, 2, 3)
-        j_reprojection = (d_screen @ d_points / scale[..., None]).flatten(1, 2)           # (B, 2n, P)
+        j_reprojection = (d_screen @ d_points / self.sigma_xy[..., None]).flatten(1, 2)    # (B, 2n, P)
         d_distance = -d_points[:, :nf, 2, :]                                            # (B, nf, P)
-        j_depth = weight * (d_distance - d_distance.mean(1, keepdim=True)) * (f / mean_distance)[..., None] \
-            / self.scale[..., None]
+        j_depth = (d_distance - d_distance.mean(1, keepdim=True)) * (f / mean_distance)[..., None] \
+            / self.sigma_z[..., None]
         parameters = d_points.shape[-1]
         j_prior = torch.zeros((count, len(self.prior), parameters), dtype=points.dtype, device=points.device)
         j_prior[:, :, 6:] = torch.diag(self.prior)

@@ -9,6 +9,7 @@ from functools import lru_cache
 
 from . import store
 from .builtin import NAME as BUILTIN_NAME, BuiltinFaceModel
+from .calibration import Calibration
 from .face_model import FaceModel
 from .morphable import MorphableModel
 from .morphable_face import MorphableFaceModel
@@ -21,7 +22,7 @@ def face_model(name: str, subdivision: int = 1) -> FaceModel:
     damaged."""
     if name == BUILTIN_NAME:
         return _builtin(subdivision)
-    return _morphable(store.load_model(name))
+    return _morphable(store.load_model(name), store.load_calibration(name))
 
 
 def model_topology(name: str) -> MeshTopology:
@@ -40,6 +41,7 @@ def _builtin(subdivision: int) -> BuiltinFaceModel:
 
 
 @lru_cache(maxsize=8)
-def _morphable(model: MorphableModel) -> MorphableFaceModel:
-    """Per loaded model object (a reinstalled model is a new object, so a new FaceModel)."""
-    return MorphableFaceModel(model)
+def _morphable(model: MorphableModel, calibration: Calibration | None) -> MorphableFaceModel:
+    """Per loaded model and calibration (a reinstalled or recalibrated model is a new object, so a
+    new FaceModel)."""
+    return MorphableFaceModel(model, calibration)

@@ -30,6 +30,7 @@ import numpy as np
 from .. import download as downloads
 from . import eos_format, ict_facekit
 from .builtin import NAME as BUILTIN_NAME
+from .calibration import Calibration
 from .morphable import CACHE_FORMAT, MorphableModel
 
 MODELS_ENV = "FACERECON_MODELS"
@@ -239,3 +240,41 @@ def load_model(name: str, directory: Path | None = None) -> MorphableModel:
         else:
             install(manifest["kind"], manifest["source"], directory)
     return MorphableModel.load(models_dir(directory) / name / "model.npz")
+
+
+# --- calibration (made by backend_server/calibration.py; see models/calibration.py) -----------------
+CALIBRATION_FILE = "calibration.npz"
+
+
+def model_stamp(name: str, directory: Path | None = None) -> str:
+    """Changes whenever the model's cache is written again (a calibration belongs to one cache)."""
+    stat = (models_dir(directory) / name / "model.npz").stat()
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def save_calibration(name: str, calibration: Calibration, directory: Path | None = None) -> Path:
+    path = models_dir(directory) / name / CALIBRATION_FILE
+    calibration.facts["model_stamp"] = model_stamp(name, directory)
+    calibration.save(path)
+    load_calibration.cache_clear()
+    return path
+
+
+@lru_cache(maxsize=8)
+def load_calibration(name: str, directory: Path | None = None) -> Calibration | None:
+    """The model's calibration, or None (with a warning that says how to make one) if it has none,
+    or one made for another cache of the model, or a damaged one."""
+    path = models_dir(directory) / name / CALIBRATION_FILE
+    how = f"run `facerecon-backend models calibrate {name}` (a few minutes on a CPU) for a better fit"
+    if not path.is_file():
+        log.warning("model %s is not calibrated; %s", name, how)
+        return None
+    try:
+        calibration = Calibration.load(path)
+    except ValueError as exc:
+        log.warning("model %s: %s; %s", name, exc, how)
+        return None
+    if calibration.facts.get("model_stamp") != model_stamp(name, directory):
+        log.warning("model %s: its calibration was made for an earlier install; %s", name, how)
+        return None
+    return calibration

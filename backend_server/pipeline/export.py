@@ -5,14 +5,18 @@ Every model's head goes out the same way, from its `HeadMesh` (models/face_model
   removed; the JSON's pose puts it back into the camera frame), per-vertex normals, UVs per
   corner (origin bottom-left; seams stay), triangles and quads, one material per part;
 - `NAME_neutral.obj`: the same with every expression weight 0 (models with a neutral shape);
-- `NAME.mtl`: the textured parts use `NAME.png`, the others a plain or the skin colour;
-- `NAME.png`: the UV texture; `NAME_shape_keys.bin`: per expression its offsets from the neutral
+- `NAME.mtl`: the textured parts use `NAME.png`, a part with a texture of its own (an eye:
+  `FaceModel.part_textures`) uses `NAME_<key>.png`, the others a plain or the skin colour;
+- `NAME.png`: the UV texture; `NAME_eye_left.png` and `NAME_eye_right.png` for models with eyes;
+  `NAME_shape_keys.bin`: per expression its offsets from the neutral
   mesh and its fitted weight (shared_protocol/shape_keys.py);
-- `NAME.glb` (export_gltf.py) and `NAME.usdc` (export_usd.py, beside `NAME.png`): the same head,
-  materials and expressions for other tools; asked for only (not in DEFAULT_OUTPUTS);
+- `NAME.glb` (export_gltf.py; its images embedded) and `NAME.usdc` (export_usd.py, beside the
+  PNGs it names): the same head, materials (eye textures included) and expressions for other
+  tools; asked for only (not in DEFAULT_OUTPUTS);
 - `NAME.json`: the facts (`face_facts`).
 
-Which image and colour each part takes is said once, in `part_looks`, for every format.
+Which image and colour each part takes is said once, in `part_looks` (the images' pixels in
+`face_images`, their files from `image_file`), for every format.
 """
 from __future__ import annotations
 
@@ -145,23 +149,37 @@ class PartLook:
     colour: tuple[float, float, float]
 
 
-def part_looks(name: str, layout: MeshLayout, texture: np.ndarray) -> list[PartLook]:
+PartTextures = dict[int, tuple[str, np.ndarray]]   # FaceModel.part_textures: part index -> (key, image)
+
+
+def part_looks(name: str, layout: MeshLayout, texture: np.ndarray,
+               part_textures: PartTextures | None = None) -> list[PartLook]:
     """The look of each part of `layout` for a face exported under the stem `name`: textured parts
-    take the baked texture, skin parts the texture's skin colour, the others their own colour.
-    The one place that says which image a part uses (a part with its own texture adds its key
-    here, its pixels in `face_images` and its file name in `image_file`)."""
+    take the baked texture, a part with a texture of its own (`part_textures`, e.g. an eye) that
+    texture (its key, e.g. "eye_left"), skin parts the texture's skin colour, the others their own
+    colour. The one place that says which image a part uses (its pixels are in `face_images`, its
+    file name from `image_file`)."""
+    part_textures = part_textures or {}
     skin = skin_colour(texture) if any(part.skin for part in layout.parts) else (1.0, 1.0, 1.0)
-    return [PartLook(name if part.textured else f"{name}_{part.name}", FACE_TEXTURE if part.textured else None,
-                     skin if part.skin else part.colour) for part in layout.parts]
+    return [PartLook(name if part.textured else f"{name}_{part.name}",
+                     FACE_TEXTURE if part.textured else part_textures[k][0] if k in part_textures else None,
+                     skin if part.skin else part.colour) for k, part in enumerate(layout.parts)]
 
 
-def face_images(texture: np.ndarray) -> dict[str, np.ndarray]:
-    """The images a face's looks may name: key -> (H, W, 3) uint8 sRGB."""
-    return {FACE_TEXTURE: texture}
+def face_images(texture: np.ndarray, part_textures: PartTextures | None = None) -> dict[str, np.ndarray]:
+    """The images a face's looks may name: key -> (H, W, 3) uint8 sRGB: the baked texture
+    (FACE_TEXTURE) and each part's own texture under its key."""
+    images = {FACE_TEXTURE: texture}
+    for key, image in (part_textures or {}).values():
+        if key in images:
+            raise ValueError(f"part texture key {key!r} is used twice (or is the face texture's)")
+        images[key] = image
+    return images
 
 
 def image_file(name: str, key: str) -> str:
-    """The file an image of the face exported under `name` goes to (beside the mesh)."""
+    """The file an image of the face exported under `name` goes to (beside the mesh): NAME.png for
+    the baked texture, NAME_<key>.png for the others (e.g. NAME_eye_left.png)."""
     return f"{name}.png" if key == FACE_TEXTURE else f"{name}_{key}.png"
 
 
@@ -187,12 +205,14 @@ def layout_text(layout: MeshLayout) -> LayoutText:
     return LayoutText(uv_lines(layout.uvs), part_faces, shape_keys)
 
 
-def face_files(name: str, mesh: HeadMesh, texture: np.ndarray, outputs: Sequence[str]) -> list[ResultFile]:
+def face_files(name: str, mesh: HeadMesh, texture: np.ndarray, outputs: Sequence[str],
+               part_textures: PartTextures | None = None) -> list[ResultFile]:
     """The mesh, material, texture and shape-keys files of one face (those of `outputs` that apply;
-    a `usdc` brings the PNG it refers to along)."""
+    a `usdc` brings the PNGs it refers to along). part_textures: per part index, a texture of its
+    own (`FaceModel.part_textures`: file-name key, image), in every format."""
     layout = mesh.layout
     text = layout_text(layout)
-    looks = part_looks(name, layout, texture)
+    looks = part_looks(name, layout, texture, part_textures)
     materials = [look.material for look in looks]
     blocks = [(material, faces) for material, faces in zip(materials, text.part_faces) if faces]
     pngs: dict[str, bytes] = {}
@@ -203,7 +223,7 @@ def face_files(name: str, mesh: HeadMesh, texture: np.ndarray, outputs: Sequence
 
     def images() -> dict[str, bytes]:          # each used image encoded once, for every format
         used = {look.image for look in looks if look.image is not None} | {FACE_TEXTURE}
-        for key, pixels in face_images(texture).items():
+        for key, pixels in face_images(texture, part_textures).items():
             if key in used and key not in pngs:
                 pngs[key] = png_bytes(pixels)
         return pngs
@@ -283,7 +303,8 @@ def export_photo(photo: PhotoInfo, faces: Sequence[LocatedFace], names: Sequence
     JSONs, which carry every stage's time (this one's included)."""
     clock.enter("export", 0.9)
     meshes = [model.head_mesh(fit) for fit in fits]
-    files = [face_files(name, mesh, bake.texture, options.outputs) for name, mesh, bake in zip(names, meshes, bakes)]
+    files = [face_files(name, mesh, bake.texture, options.outputs, model.part_textures(face.iris_srgb))
+             for name, mesh, bake, face in zip(names, meshes, bakes, faces)]
     clock.stop()
     exports = []
     for name, face, fit, mesh, bake, face_files_ in zip(names, faces, fits, meshes, bakes, files):

@@ -20,14 +20,55 @@ CROP_MARGIN = 1.9          # crop side = this x the larger box side
 MIN_CROP_SIDE = 256        # small faces are upscaled to at least this many pixels
 
 
+IRIS_CENTRES = (468, 473)          # with their four rim points after each: 469-472, 474-477
+EYE_CONTOURS = ((33, 7, 163, 144, 145, 153, 154, 155, 133, 173, 157, 158, 159, 160, 161, 246),
+                (263, 249, 390, 373, 374, 380, 381, 382, 362, 398, 384, 385, 386, 387, 388, 466))
+MIN_IRIS_PIXELS = 12
+
+
 @dataclass(frozen=True)
 class LocatedFace:
-    """A face found in a photo: `index` among the photo's faces (largest first), its detector box
-    and its (478, 3) landmarks (photo pixels; see the module docstring)."""
+    """A face found in a photo: `index` among the photo's faces (largest first), its detector box,
+    its (478, 3) landmarks (photo pixels; see the module docstring) and the colour of its irises
+    (sRGB 0-255; None where the eyes are too small, closed or covered to measure)."""
 
     index: int
     box: FaceBox
     landmarks: np.ndarray
+    iris_srgb: tuple[int, int, int] | None = None
+
+
+def iris_colour(rgb: np.ndarray, landmarks: np.ndarray) -> tuple[int, int, int] | None:
+    """The irises' colour: the photo's pixels inside each eye's opening (its eyelid contour) and
+    between the pupil (0.45 of the iris radius) and the rim (0.9), less the brightest fifth
+    (highlights) and the darkest tenth (lashes, shadow); their median in linear light, as sRGB."""
+    height, width = rgb.shape[:2]
+    found = []
+    for centre_id in IRIS_CENTRES:
+        centre = landmarks[centre_id, :2]
+        radius = float(np.linalg.norm(landmarks[centre_id + 1:centre_id + 5, :2] - centre, axis=1).mean())
+        contour = min(EYE_CONTOURS, key=lambda ids: float(np.linalg.norm(landmarks[list(ids), :2].mean(0) - centre)))
+        x0, y0 = (max(0, int(v - radius) - 1) for v in centre)
+        x1, y1 = min(width, int(centre[0] + radius) + 2), min(height, int(centre[1] + radius) + 2)
+        if x1 <= x0 or y1 <= y0:
+            continue
+        opening = np.zeros((y1 - y0, x1 - x0), np.uint8)                 # the window around this iris
+        cv2.fillPoly(opening, [np.rint(landmarks[list(contour), :2] - (x0, y0)).astype(np.int32)], (1,))
+        yy, xx = np.mgrid[y0:y1, x0:x1]
+        distance = np.hypot(xx - centre[0], yy - centre[1])
+        ring = opening.astype(bool) & (distance >= 0.45 * radius) & (distance <= 0.9 * radius)
+        found.append(rgb[y0:y1, x0:x1][ring])
+    pixels = np.concatenate(found).astype(np.float64) / 255.0 if found else np.zeros((0, 3))
+    if len(pixels) < MIN_IRIS_PIXELS:
+        return None
+    linear = np.where(pixels <= 0.04045, pixels / 12.92, ((pixels + 0.055) / 1.055) ** 2.4)
+    luminance = linear @ np.array([0.2126, 0.7152, 0.0722])
+    low, high = np.quantile(luminance, [0.1, 0.8])
+    kept = linear[(luminance >= low) & (luminance <= high)]
+    median = np.median(kept if len(kept) >= MIN_IRIS_PIXELS // 2 else linear, axis=0)
+    srgb = np.where(median <= 0.0031308, median * 12.92, 1.055 * median ** (1 / 2.4) - 0.055)
+    r, g, b = (int(round(float(c) * 255)) for c in np.clip(srgb, 0, 1))
+    return (r, g, b)
 
 
 class LandmarkDetector:

@@ -22,7 +22,7 @@ from .decode import Photo, PhotoInfo, decode_photo
 from .detect import FaceBox, FaceDetector, select_faces
 from .export import export_photo, safe_stem
 from .fit import fit_faces
-from .landmarks import LandmarkDetector, LocatedFace
+from .landmarks import LandmarkDetector, LocatedFace, iris_colour
 from .progress import StageCallback, StageClock
 
 FIT_DEVICE = "cpu"      # a single job's faces fit on the CPU (launch-bound on a GPU); batches fit on their GPU
@@ -118,7 +118,9 @@ class Reconstructor:
         clock.enter("detect", 0.1)
         chosen = select_faces(self.detector(photo.rgb), options.face, photo_name)
         clock.enter("landmarks", 0.2)
-        faces = tuple(LocatedFace(index, box, self.landmarker(photo.rgb, box, photo_name)) for index, box in chosen)
+        marks = [self.landmarker(photo.rgb, box, photo_name) for _, box in chosen]
+        faces = tuple(LocatedFace(index, box, points, iris_colour(photo.rgb, points))
+                      for (index, box), points in zip(chosen, marks))
         clock.stop()
         stem = safe_stem(photo_name)
         names = tuple(stem if options.face != -1 else f"{stem}_face{face.index}" for face in faces)

@@ -1,0 +1,241 @@
+"""Calibrating a morphable model to MediaPipe: render random heads of it, run the real detector
+and MediaPipe on them, learn from the pairs (models/calibration.py), store the result beside the
+model's cache (models/store.py). Run by `facerecon-backend models install` and `models calibrate`.
+
+    calibrate(model, renders=600, seed=0, device="cpu", workers=2, progress=callback) -> Calibration
+
+Per head (`synthetic.sampling.sample_head`, one seed each): a random identity (N(0, 1)), up to
+three expressions, a light, an albedo from a small pool (albedo textures are the slow part of a
+scene and their variety matters less than the geometry's), and VIEWS_PER_HEAD views at random
+yaws up to ±MAX_YAW_DEG. Rendering is the fast renderer (CPU, or batched on a CUDA device);
+detection runs on the CPU, in `workers` processes. Deterministic for a seed and a count.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .geometry import Camera, rigid_fit
+from .models.builtin import load_builtin
+from .models.calibration import Calibration, CalibrationSample, learn
+from .models.morphable import MorphableModel
+from .models.morphable_fit import ModelFitter, Weighting
+from .render.rasterize import rasterize
+
+VIEWS_PER_HEAD = 2
+MAX_YAW_DEG = 70.0
+RENDER_SIZE_PX = 320
+ALBEDO_POOL = 12
+ALBEDO_SIZE_PX = 512
+CHUNK_HEADS = 8                      # heads rendered per batch (a GPU renders them in one call)
+HOLD_OUT_EVERY = 5                   # every 5th render with landmarks judges the noise scale
+NOISE_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)
+Progress = Callable[[int, int], None]  # (renders done, renders in all)
+
+
+@dataclass(frozen=True)
+class _Render:
+    """What detection needs of one render, and its truth."""
+
+    rgb: np.ndarray
+    identity: np.ndarray
+    expression: np.ndarray
+    pose: object
+    camera: object
+    yaw_deg: float
+    posed_camera: np.ndarray          # (V, 3) the true head in the camera frame
+
+
+def calibrate(model: MorphableModel, renders: int = 600, seed: int = 0, device: str = "cpu", workers: int = 2,
+              progress: Progress | None = None) -> Calibration:
+    """Render `renders` views of random heads of `model`, detect, learn. See the module docstring."""
+    started = time.perf_counter()
+    samples = render_and_detect(model, renders, seed, device, workers, progress)
+    reference = load_builtin().reference_vertices
+    calibration = learn(model, samples, reference)
+    calibration.facts.update(tune_noise_scale(model, samples, reference, device))
+    calibration.facts.update(seed=seed, device=device, seconds=round(time.perf_counter() - started, 1))
+    return calibration
+
+
+def render_and_detect(model: MorphableModel, renders: int, seed: int = 0, device: str = "cpu", workers: int = 2,
+                      progress: Progress | None = None) -> list[CalibrationSample]:
+    """The (truth, MediaPipe) pairs of `renders` renders (see the module docstring)."""
+    samples: list[CalibrationSample] = []
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max(1, workers), mp_context=context, initializer=_detect_init) as pool:
+        pending: deque[tuple[Future, list[_Render]]] = deque()
+
+        def collect() -> None:
+            future, rendered = pending.popleft()
+            samples.extend(_sample(model, r, marks) for r, marks in zip(rendered, future.result()))
+            if progress:
+                progress(len(samples), renders)
+
+        for batch in _render_batches(model, renders, seed, device):      # rendering overlaps detection
+            pending.append((pool.submit(_detect_batch, [(r.rgb, i) for i, r in enumerate(batch)]), batch))
+            while len(pending) > max(1, workers):
+                collect()
+        while pending:
+            collect()
+    return samples
+
+
+def tune_noise_scale(model: MorphableModel, samples: list[CalibrationSample], reference: np.ndarray,
+                     device: str) -> dict:
+    """The noise scale (how much less the points carry than their count suggests) that gives the
+    smallest face-area vertex error on a held-out fifth of the renders, with the calibration
+    learnt on the rest; and that error, the uncalibrated fit's and the mean face's, in mm."""
+    detected = [s for s in samples if s.landmarks is not None]
+    held_out = detected[::HOLD_OUT_EVERY]
+    train = [s for k, s in enumerate(detected) if k % HOLD_OUT_EVERY]
+    calibration = learn(model, train, reference)
+    errors = {scale: vertex_error_mm(model, held_out, Weighting.calibrated(model, calibration, scale), device)
+              for scale in NOISE_SCALES}
+    best = min(errors, key=lambda s: errors[s])
+    return {"noise_scale": best, "held_out_renders": len(held_out),
+            "held_out_vertex_error_mm": {"calibrated": round(errors[best], 3),
+                                         "uncalibrated": round(vertex_error_mm(model, held_out,
+                                                               Weighting.uncalibrated(model), device), 3),
+                                         "mean_face": round(mean_face_error_mm(model, held_out), 3)},
+            "noise_scale_errors_mm": {str(s): round(e, 3) for s, e in errors.items()}}
+
+
+def vertex_error_mm(model: MorphableModel, samples: list[CalibrationSample], weighting: Weighting,
+                    device: str) -> float:
+    """Mean face-area vertex error (mm, after a rigid alignment) of fits of the samples' landmarks."""
+    fitter = ModelFitter(model, device, weighting)
+    reference = load_builtin().reference_vertices
+    fits = fitter.fit([s.landmarks for s in samples], [s.camera for s in samples], reference)  # type: ignore[misc]
+    region = model.face_region
+    errors = []
+    for sample, fit in zip(samples, fits):
+        truth = model.vertices(sample.identity, sample.expression)[region]
+        fitted = model.vertices(fit.identity, fit.expression)[region]
+        errors.append(aligned_error_mm(fitted, truth))
+    return float(np.mean(errors))
+
+
+def mean_face_error_mm(model: MorphableModel, samples: list[CalibrationSample]) -> float:
+    region = model.face_region
+    mean = model.mean.astype(np.float64)[region]
+    return float(np.mean([aligned_error_mm(mean, model.vertices(s.identity, s.expression)[region])
+                          for s in samples]))
+
+
+def aligned_error_mm(points: np.ndarray, truth: np.ndarray) -> float:
+    return float(1000 * np.linalg.norm(rigid_fit(points, truth).apply(points) - truth, axis=1).mean())
+
+
+def yaws(rng: np.random.Generator) -> tuple[float, ...]:
+    return tuple(float(y) for y in rng.uniform(-MAX_YAW_DEG, MAX_YAW_DEG, VIEWS_PER_HEAD))
+
+
+def _render_batches(model: MorphableModel, renders: int, seed: int, device: str) -> Iterator[list[_Render]]:
+    """The renders, CHUNK_HEADS heads at a time."""
+    from .synthetic.albedo import albedo_texture, vertex_albedo
+    from .synthetic.sampling import sample_head
+    from .synthetic.scene import SyntheticScene, model_render_mesh
+    from .render.shade import Light, render_batch
+    rng = np.random.default_rng(seed)
+    heads = -(-renders // VIEWS_PER_HEAD)
+    albedos = [sample_head(model, seed * 100_003 + k).albedo for k in range(ALBEDO_POOL)]
+    made = 0
+    for chunk, start in enumerate(range(0, heads, CHUNK_HEADS)):
+        albedo = albedos[chunk % ALBEDO_POOL]                     # one albedo for the chunk's heads
+        texture = albedo_texture(model, albedo, ALBEDO_SIZE_PX)
+        mesh = model_render_mesh(model, vertex_albedo(model, albedo))
+        batch: list[_Render] = []
+        vertices: list[np.ndarray] = []
+        cameras: list[Camera] = []
+        lights: list[Light | None] = []
+        for k in range(start, min(heads, start + CHUNK_HEADS)):
+            sample = sample_head(model, seed * 100_003 + ALBEDO_POOL + k, yaws_deg=yaws(rng), size_px=RENDER_SIZE_PX)
+            neutral = model.vertices(sample.identity)
+            scene = SyntheticScene(model, sample, neutral, neutral + np.tensordot(sample.expression,
+                                   model.expression_basis, axes=1), texture, np.zeros((model.vertex_count, 3)))
+            for view in sample.views[:renders - made]:
+                posed = scene.in_view(view)
+                vertices.append(posed)
+                cameras.append(view.camera)
+                lights.append(scene.light_in_view(view))
+                batch.append(_Render(np.empty(0), sample.identity, sample.expression, view.pose, view.camera,
+                                     view.yaw_deg, posed))
+                made += 1
+        rendered = render_batch(mesh, np.stack(vertices), cameras, texture, lights, (0.45, 0.45, 0.45), device)
+        yield [replace(r, rgb=image.rgb) for image, r in zip(rendered, batch)]
+
+
+# --- detection (worker processes) -------------------------------------------------------------------
+_detectors = None
+
+
+def _detect_init() -> None:
+    global _detectors
+    from .pipeline.batch import ignore_sigint_in_children
+    from .pipeline.detect import FaceDetector
+    from .pipeline.landmarks import LandmarkDetector
+    ignore_sigint_in_children()
+    _detectors = (FaceDetector(), LandmarkDetector())
+
+
+def _detect_batch(images: list[tuple[np.ndarray, int]]) -> list[np.ndarray | None]:
+    """MediaPipe's (478, 3) landmarks of the largest face per image, or None."""
+    from shared_protocol import ProtocolError
+    assert _detectors is not None
+    detector, landmarker = _detectors
+    found: list[np.ndarray | None] = []
+    for rgb, index in images:
+        boxes = detector(rgb)
+        try:
+            found.append(landmarker(rgb, boxes[0], f"render{index}") if boxes else None)
+        except ProtocolError:
+            found.append(None)
+    return found
+
+
+def _sample(model: MorphableModel, render: _Render, landmarks: np.ndarray | None) -> CalibrationSample:
+    """The render's truth, and where each detected point lies on the true face surface."""
+    corners = np.zeros((468, 3), np.int64)
+    bary = np.zeros((468, 3))
+    valid = np.zeros(468, bool)
+    if landmarks is not None:
+        corners, bary, valid = surface_under(model, render.posed_camera, render.camera, landmarks[:468, :2])
+    return CalibrationSample(render.identity, render.expression, render.pose, render.camera,  # type: ignore[arg-type]
+                             render.yaw_deg, landmarks, corners, bary, valid)
+
+
+def surface_under(model: MorphableModel, vertices: np.ndarray, camera: object, pixels: np.ndarray
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per (N, 2) photo pixel: the visible front-facing textured triangle of the (V, 3) camera-frame
+    head there ((N, 3) vertex ids, (N, 3) barycentrics in the screen, (N,) hit or not)."""
+    from .models.face_model import triangulate
+    triangles = triangulate(model.polygons[model.textured_polygons])
+    screen = camera.project(vertices)                                           # type: ignore[attr-defined]
+    corners = screen[triangles]
+    signed = ((corners[:, 1, 0] - corners[:, 0, 0]) * (corners[:, 2, 1] - corners[:, 0, 1])
+              - (corners[:, 1, 1] - corners[:, 0, 1]) * (corners[:, 2, 0] - corners[:, 0, 0]))
+    front = triangles[signed < 0]
+    width, height = camera.width, camera.height                                 # type: ignore[attr-defined]
+    raster = rasterize(screen, -vertices[:, 2], front, width, height)
+    col = np.clip(np.floor(pixels[:, 0]).astype(int), 0, width - 1)
+    row = np.clip(np.floor(pixels[:, 1]).astype(int), 0, height - 1)
+    triangle = raster.triangle[row, col]
+    valid = triangle >= 0
+    hit = front[np.maximum(triangle, 0)]
+    # barycentrics of the exact pixel position within the hit triangle (screen-linear)
+    a, b, c = (screen[hit[:, k]] for k in range(3))
+    v0, v1, v2 = b - a, c - a, pixels - a
+    denominator = v0[:, 0] * v1[:, 1] - v1[:, 0] * v0[:, 1]
+    denominator = np.where(np.abs(denominator) < 1e-12, 1e-12, denominator)
+    w1 = (v2[:, 0] * v1[:, 1] - v1[:, 0] * v2[:, 1]) / denominator
+    w2 = (v0[:, 0] * v2[:, 1] - v2[:, 0] * v0[:, 1]) / denominator
+    bary = np.clip(np.stack([1 - w1 - w2, w1, w2], axis=1), 0, 1)
+    bary /= np.maximum(bary.sum(1, keepdims=True), 1e-12)
+    return hit, bary, valid

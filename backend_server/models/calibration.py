@@ -1,0 +1,220 @@
+"""What a morphable model learns about MediaPipe from synthetic renders of itself, and how.
+
+MediaPipe's 478 points are neither unbiased nor equally reliable: some sit consistently off the
+surface point the geometric correspondence gives them, depth (z) is a learnt guess, and the
+points say little about a face's identity. `backend_server/calibration.py` renders many random
+heads of a model, runs the real detector and MediaPipe on them, and records per render the truth
+(coefficients, pose, camera) with MediaPipe's output and, per point, where on the true surface
+the detected point lies (`CalibrationSample`). `learn` turns those pairs into a `Calibration`:
+
+- **correspondence**: where each point (but the face oval's jaw points, which follow the
+  silhouette in the fit) lands on average, on the mean shape, taken to its closest surface point;
+- **noise**: each point's spread in x, y (photo) and z (MediaPipe's depth), as a fraction of the
+  face's size, once the correspondence is corrected: the fit weighs each point by it;
+- **prior**: a ridge regression from the landmarks, brought into a canonical head frame by a
+  similarity fit of the built-in reference face, to the identity and expression coefficients, and
+  the spread of its error per coefficient: the fit starts at the prediction and is pulled toward it
+  as strongly as the prediction deserves; where the points say little, that is the mean.
+
+Frames: head frame of the model (metres); landmarks in photo pixels (geometry.py).
+"""
+from __future__ import annotations
+
+import json
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..geometry import Camera, Pose, similarity_fit
+from .face_model import triangulate
+from .morphable import Correspondence, MorphableModel
+
+CALIBRATION_VERSION = 1
+JAW_CONTOUR = (454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148, 176, 149, 150, 136, 172,
+               58, 132, 93, 234)            # the face oval's points that follow the silhouette in the fit
+MIN_HITS = 12                               # renders a point must have landed on the surface in
+RIDGE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)   # relative to the features' size
+FOLDS = 5
+
+
+@dataclass(frozen=True)
+class CalibrationSample:
+    """One render: the truth (identity (K_id,), expression (K_exp,), pose head -> camera, camera,
+    yaw in degrees), MediaPipe's (478, 3) landmarks (photo pixels; None where it found no face)
+    and, per MediaPipe point, the true surface under the detected point: (468, 3) vertex ids and
+    barycentrics of the triangle hit, and whether it was hit at all (468,)."""
+
+    identity: np.ndarray
+    expression: np.ndarray
+    pose: Pose
+    camera: Camera
+    yaw_deg: float
+    landmarks: np.ndarray | None
+    hit_corners: np.ndarray
+    hit_bary: np.ndarray
+    hit_valid: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)          # hashed by identity: fitters are cached per calibration
+class Calibration:
+    """See the module docstring. correspondence: MediaPipe's 468 points on the model (as
+    `Correspondence`); noise (468, 3): σ of x, y, z over the face's size; prior_weights (F, K) and
+    prior_bias (K,): coefficients (identity then expression) = canonical landmark features @
+    weights + bias; prior_sigma (K,): the spread of that prediction's error per coefficient;
+    feature_mean (F,): subtracted from the features first."""
+
+    correspondence: Correspondence
+    noise: np.ndarray
+    prior_weights: np.ndarray
+    prior_bias: np.ndarray
+    prior_sigma: np.ndarray
+    feature_mean: np.ndarray
+    facts: dict
+
+    def predict(self, landmarks: np.ndarray, reference: np.ndarray, camera: Camera) -> np.ndarray:
+        """(K,) the prior's coefficients for (478, 3) landmarks."""
+        features = canonical_landmarks(landmarks, reference, camera).ravel() - self.feature_mean
+        return features @ self.prior_weights + self.prior_bias
+
+    def save(self, path: Path) -> None:
+        arrays = {"corners": self.correspondence.corners, "bary": self.correspondence.bary,
+                  "valid": self.correspondence.valid, "residual_m": self.correspondence.residual_m,
+                  "noise": self.noise, "prior_weights": self.prior_weights, "prior_bias": self.prior_bias,
+                  "prior_sigma": self.prior_sigma, "feature_mean": self.feature_mean}
+        facts = {"version": CALIBRATION_VERSION, **self.facts}
+        temporary = path.with_name(path.name + ".part.npz")
+        np.savez_compressed(temporary, facts=np.frombuffer(json.dumps(facts).encode(), np.uint8), **arrays)
+        temporary.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        """ValueError, naming the file, for a damaged file or one of another version."""
+        try:
+            with np.load(path) as data:
+                facts = json.loads(bytes(data["facts"]).decode())
+                arrays = {k: data[k] for k in data.files if k != "facts"}
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{path} is damaged ({exc}); calibrate the model again") from None
+        if facts.get("version") != CALIBRATION_VERSION:
+            raise ValueError(f"{path}: calibration version {facts.get('version')}, expected {CALIBRATION_VERSION}")
+        correspondence = Correspondence(arrays.pop("corners"), arrays.pop("bary"), arrays.pop("valid"),
+                                        arrays.pop("residual_m"))
+        return cls(correspondence, facts=facts, **arrays)
+
+
+def canonical_landmarks(landmarks: np.ndarray, reference: np.ndarray, camera: Camera) -> np.ndarray:
+    """(468, 3) MediaPipe's points in the head frame of the built-in reference face (metres): the
+    landmarks (x, y from the principal point, y up; z MediaPipe's depth, toward the viewer) with the
+    similarity that best maps the reference onto them undone: pose and size removed."""
+    mesh = landmarks[:len(reference)]
+    observed = np.stack([mesh[:, 0] - camera.cx, camera.cy - mesh[:, 1], -mesh[:, 2]], axis=1)
+    scale, rotation, shift = similarity_fit(reference, observed)
+    return (observed - shift) @ rotation / scale
+
+
+def surface_points(model: MorphableModel, corners: np.ndarray, bary: np.ndarray) -> np.ndarray:
+    """(N, 3) points on the model's mean shape at (N, 3) vertex ids and barycentrics."""
+    return np.einsum("nk,nkc->nc", bary, model.mean.astype(np.float64)[corners])
+
+
+def learn(model: MorphableModel, samples: list[CalibrationSample], reference: np.ndarray) -> Calibration:
+    """A model's calibration from renders of it (samples where MediaPipe failed are counted, not used)."""
+    detected = [s for s in samples if s.landmarks is not None]
+    if len(detected) < 20:
+        raise ValueError(f"only {len(detected)} of {len(samples)} renders gave landmarks; at least 20 are needed")
+    correspondence = learn_correspondence(model, detected)
+    noise = learn_noise(model, detected, correspondence)
+    features = np.array([canonical_landmarks(s.landmarks, reference, s.camera).ravel()  # type: ignore[arg-type]
+                         for s in detected])
+    targets = np.array([np.concatenate([s.identity, s.expression]) for s in detected])
+    feature_mean = features.mean(0)
+    weights, bias, sigma, ridge = ridge_prior(features - feature_mean, targets)
+    yaws = np.array([abs(s.yaw_deg) for s in samples])
+    found = np.array([s.landmarks is not None for s in samples])
+    facts = {"renders": len(samples), "with_landmarks": len(detected), "ridge": ridge,
+             "landmarks_found_by_yaw": {f"{lo}-{lo + 15}": float(found[(yaws >= lo) & (yaws < lo + 15)].mean())
+                                        for lo in range(0, 90, 15) if ((yaws >= lo) & (yaws < lo + 15)).any()},
+             "points_moved_mm_median": float(1000 * np.median(np.linalg.norm(
+                 surface_points(model, correspondence.corners, correspondence.bary)
+                 - surface_points(model, model.correspondence().corners, model.correspondence().bary), axis=1))),
+             "identity_explained": float(1 - (sigma[:len(model.identity_basis)] ** 2).mean())}
+    return Calibration(correspondence, noise, weights, bias, sigma, feature_mean, facts)
+
+
+def learn_correspondence(model: MorphableModel, samples: list[CalibrationSample]) -> Correspondence:
+    """Each point but the jaw's: the mean, over the renders it landed on the face in, of where it
+    landed (on the mean shape), taken to the closest point of the textured surface."""
+    from .correspondence import closest_surface_points
+    geometric = model.correspondence()
+    corners = geometric.corners.copy()
+    bary = geometric.bary.copy()
+    valid = geometric.valid.copy()
+    hit_valid = np.array([s.hit_valid for s in samples])                                     # (S, 468)
+    landed = np.einsum("snk,snkc->snc", np.array([s.hit_bary for s in samples]),
+                       model.mean.astype(np.float64)[np.array([s.hit_corners for s in samples])])  # (S, 468, 3)
+    movable = np.setdiff1d(np.flatnonzero(valid), JAW_CONTOUR)
+    counts = hit_valid[:, movable].sum(0)
+    movable = movable[counts >= MIN_HITS]
+    mean_landed = (landed[:, movable] * hit_valid[:, movable, None]).sum(0) / hit_valid[:, movable].sum(0)[:, None]
+    triangles = triangulate(model.polygons[model.textured_polygons])
+    triangle, new_bary, distance = closest_surface_points(mean_landed, model.mean.astype(np.float64), triangles)
+    corners[movable] = triangles[triangle]
+    bary[movable] = new_bary
+    residual = geometric.residual_m.copy()
+    residual[movable] = distance
+    return Correspondence(corners, bary, valid, residual)
+
+
+def truth_at(model: MorphableModel, sample: CalibrationSample, correspondence: Correspondence) -> np.ndarray:
+    """(468, 3) the true head's points at a correspondence, in the sample's camera frame."""
+    vertices = model.vertices(sample.identity, sample.expression)
+    points = np.einsum("nk,nkc->nc", correspondence.bary, vertices[correspondence.corners])
+    return sample.pose.apply(points)
+
+
+def learn_noise(model: MorphableModel, samples: list[CalibrationSample], correspondence: Correspondence
+                ) -> np.ndarray:
+    """(468, 3) RMS error of each point's x, y and z over the face's size (√(w h) of the landmarks'
+    box), against the true points at the corrected correspondence (z: depth relative to the
+    points' mean, in pixels, as MediaPipe gives it)."""
+    errors = []
+    for sample in samples:
+        marks = sample.landmarks[:468]                                   # type: ignore[index]
+        truth = truth_at(model, sample, correspondence)
+        extent = marks[:, :2].max(0) - marks[:, :2].min(0)
+        size = float(np.sqrt(extent[0] * extent[1]))
+        depth = -truth[:, 2]
+        z_px = (depth - depth.mean()) * sample.camera.focal_px / depth.mean()
+        xy = sample.camera.project(truth) - marks[:, :2]
+        z = z_px - (marks[:, 2] - marks[:, 2].mean())
+        errors.append(np.concatenate([xy, z[:, None]], axis=1) / size)
+    noise = np.sqrt(np.mean(np.array(errors) ** 2, axis=0))
+    return np.maximum(noise, 1e-3)
+
+
+def ridge_prior(features: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Ridge regression (F -> K), its strength chosen by FOLDS-fold cross-validation; returns the
+    weights (F, K), the bias (K,), the cross-validated RMS error per target (K,) and the strength."""
+    count = len(features)
+    folds = np.arange(count) % FOLDS
+    bias = targets.mean(0)
+    centred = targets - bias
+    unit = float(np.sqrt((features ** 2).sum(1).mean())) or 1.0          # ridge strengths relative to it
+    features = features / unit
+    gram = features @ features.T                                          # kernel form: F >> S possible
+    best: tuple[float, float, np.ndarray] | None = None
+    for ridge in RIDGE_GRID:
+        errors = np.zeros_like(centred)
+        for fold in range(FOLDS):
+            train, test = folds != fold, folds == fold
+            alpha = np.linalg.solve(gram[np.ix_(train, train)] + ridge * np.eye(train.sum()), centred[train])
+            errors[test] = gram[np.ix_(test, train)] @ alpha - centred[test]
+        mse = float((errors ** 2).mean())
+        if best is None or mse < best[0]:
+            best = (mse, ridge, np.sqrt((errors ** 2).mean(0)))
+    assert best is not None
+    _, ridge, sigma = best
+    alpha = np.linalg.solve(gram + ridge * np.eye(count), centred)
+    return features.T @ alpha / unit, bias, np.maximum(sigma, 1e-3), ridge
