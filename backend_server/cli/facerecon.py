@@ -251,8 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     written.add_argument("--format", type=format_list, default=["obj"], metavar="obj,glb,usdc",
                          help="mesh formats, comma-separated (default obj): obj = .obj + .mtl + .png (and "
                          "_neutral.obj + _shape_keys.bin for models with expressions: what the Blender add-on "
-                         "imports); glb = glTF 2.0 binary, texture and expressions (morph targets) inside; "
-                         "usdc = USD with UsdPreviewSurface and UsdSkel blend shapes, beside the .png it uses. "
+                         "imports); glb = glTF 2.0 binary, textures and expressions (morph targets) inside; "
+                         "usdc = USD with UsdPreviewSurface and UsdSkel blend shapes, beside the .png files it uses. "
                          "The .json comes with every format. Not with --uv-only")
     written.add_argument("--uv-only", action="store_true",
                          help="write only the texture (.png) and the JSON, no mesh (not with --format)")
