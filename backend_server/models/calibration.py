@@ -33,6 +33,7 @@ from .morphable import Correspondence, MorphableModel
 
 CALIBRATION_VERSION = 1
 DEFAULT_RENDERS = 2000                      # renders `models install` and `models calibrate` make
+MIN_RENDERS = 24                            # fewer leave too few to learn from and to judge by
 JAW_CONTOUR = (454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148, 176, 149, 150, 136, 172,
                58, 132, 93, 234)            # the face oval's points that follow the silhouette in the fit
 MIN_HITS = 12                               # renders a point must have landed on the surface in
@@ -186,8 +187,9 @@ def surface_points(model: MorphableModel, corners: np.ndarray, bary: np.ndarray)
 def learn(model: MorphableModel, samples: list[CalibrationSample], reference: np.ndarray) -> Calibration:
     """A model's calibration from renders of it (samples where MediaPipe failed are counted, not used)."""
     detected = [s for s in samples if s.landmarks is not None]
-    if len(detected) < 20:
-        raise ValueError(f"only {len(detected)} of {len(samples)} renders gave landmarks; at least 20 are needed")
+    if len(detected) < MIN_RENDERS * 2 // 3:
+        raise ValueError(f"only {len(detected)} of {len(samples)} renders gave landmarks; at least "
+                         f"{MIN_RENDERS * 2 // 3} are needed")
     correspondence = learn_correspondence(model, detected)
     noise = learn_noise(model, detected, correspondence)
     features = np.array([canonical_landmarks(s.landmarks, reference, s.camera).ravel()  # type: ignore[arg-type]
