@@ -156,7 +156,7 @@ def vertex_areas(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
 
 
 LINEAR_OF_SRGB8 = srgb_to_linear(np.arange(256) / 255.0).astype(np.float32)     # uint8 sRGB -> linear
-CLIP_START_LINEAR, CLIP_END_LINEAR = (float(srgb_to_linear(np.float64(v))) for v in (CLIP_START, CLIP_END))
+CLIP_START_LINEAR, CLIP_END_LINEAR = (float(v) for v in srgb_to_linear(np.array([CLIP_START, CLIP_END])))
 
 
 def linear_photo(photo_rgb: np.ndarray) -> np.ndarray:

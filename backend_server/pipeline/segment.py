@@ -63,7 +63,8 @@ def skin_model(rgb: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.n
     height, width = rgb.shape[:2]
     face_width = float(np.linalg.norm(landmarks[234, :2] - landmarks[454, :2]))
     radius = max(1, int(round(DISC_RADIUS * face_width)))
-    offsets = np.stack(np.mgrid[-radius:radius + 1, -radius:radius + 1], -1).reshape(-1, 2)
+    grid: np.ndarray = np.mgrid[-radius:radius + 1, -radius:radius + 1]
+    offsets = np.moveaxis(grid, 0, -1).reshape(-1, 2)
     offsets = offsets[(offsets ** 2).sum(1) <= radius * radius]
     centres = np.rint(landmarks[list(SKIN_LANDMARKS), :2]).astype(np.int64)
     points = (centres[:, None, :] + offsets[None, :, ::-1]).reshape(-1, 2)          # (x, y)
