@@ -43,6 +43,9 @@ class FACERECON_PG_settings(bpy.types.PropertyGroup):
         name="Texture", default="2048", description="UV texture size in pixels",
         items=[("1024", "1024²", ""), ("2048", "2048²", ""), ("4096", "4096²", "")])
     model: bpy.props.EnumProperty(name="Model", items=_models, description="Face model on the backend")
+    lit_texture: bpy.props.BoolProperty(
+        name="Keep photo lighting", default=False,
+        description="Keep the photo's light and shadows in the texture (default: an albedo, the light divided out)")
 
 
 class FACERECON_PG_state(bpy.types.PropertyGroup):

@@ -80,7 +80,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     options = ReconstructOptions(face=args.face, texture_size=args.texture_size, model=args.model,
                                  outputs=("png", "json") if args.uv_only else OUTPUT_KINDS,
-                                 subdivision=args.subdivision)
+                                 subdivision=args.subdivision, lit_texture=args.lit_texture)
     stems = output_stems(photos)
     outcomes: list[PhotoOutcome] = []
     todo = []
@@ -219,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--subdivision", type=int, choices=(0, 1, 2), default=1,
                      help="Loop subdivision levels of the mesh (default 1)")
     rec.add_argument("--uv-only", action="store_true", help="write only the texture and the JSON")
+    rec.add_argument("--lit-texture", action="store_true",
+                     help="keep the photo's light in the texture (default: an albedo, the light divided out)")
     rec.add_argument("--device", type=parse_device, default=["cpu"],
                      help="cpu (default), or GPUs: 0,1 or cuda:0,cuda:1 (one GPU process each)")
     rec.add_argument("--workers", type=int, default=1,
