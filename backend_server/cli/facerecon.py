@@ -156,7 +156,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     photos = gather_photos(args.inputs or [str(demo_photo())])
     device = args.device[0]
     reconstructor = Reconstructor(device)
-    options = ReconstructOptions(texture_size=args.texture_size, subdivision=args.subdivision, model=args.model)
+    options = ReconstructOptions(texture_size=args.texture_size, subdivision=args.subdivision, model=args.model,
+                                 lit_texture=True)           # the re-render is compared with the photo as lit
     rows, failures = [], 0
     print(f"{'photo':28s} {'PSNR dB':>8s} {'SSIM':>6s} {'seen':>5s} {'yaw':>6s} {'lm68 %IOD':>9s}")
     for photo in photos:

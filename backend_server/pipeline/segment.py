@@ -10,6 +10,7 @@ Two cues, multiplied:
   SKIN_NEAR to SKIN_FAR. Hair, caps, glasses frames and clothes differ from the face's own skin
   in chroma or (hair, shadows of a cap) in luminance, and are rejected; the luminance spread
   has a wide floor because the light darkens turned skin.
+The hull of the brows, eyes and lips counts as skin (the face's own features stay in the texture).
 Each face's skin model is evaluated in a window around its landmarks (the head, ears and neck);
 the photo's map is the maximum over its faces. Output frame: photo pixels, the photo's size.
 """
@@ -34,6 +35,7 @@ CHROMA_FLOOR = 0.06             # smallest spread of log r/g, log b/g
 LUMINANCE_FLOOR = 0.35          # smallest spread of log luminance
 SKIN_NEAR, SKIN_FAR = 2.5, 4.5  # normalised distances where the probability is 1 and 0
 MIN_SKIN_PIXELS = 30
+FEATURE_LANDMARKS = (70, 63, 105, 66, 107, 336, 296, 334, 293, 300, 33, 263, 61, 291, 17, 0, 4)   # brows, eyes, lips
 
 
 @dataclass(frozen=True)
@@ -97,6 +99,10 @@ def skin_probability(rgb: np.ndarray, landmarks: Sequence[np.ndarray], person: n
         distance = np.sqrt((((skin_features(rgb[r0:r1, c0:c1]) - mean) / spread) ** 2).sum(-1))
         probability = np.clip((SKIN_FAR - distance) / (SKIN_FAR - SKIN_NEAR), 0.0, 1.0)
         np.maximum(out[r0:r1, c0:c1], probability, out=out[r0:r1, c0:c1])
+        features = np.zeros((height, width), np.uint8)       # brows, eyes and lips are the face's own: kept
+        hull = cv2.convexHull(np.rint(points[list(FEATURE_LANDMARKS), :2]).astype(np.int32))
+        cv2.fillConvexPoly(features, hull, (1,))
+        out[features.astype(bool)] = 1.0
     if person is not None:
         out *= np.clip(person, 0.0, 1.0)
     return SkinMap(np.rint(out * 255).astype(np.uint8))
