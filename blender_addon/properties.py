@@ -45,7 +45,8 @@ class FACERECON_PG_settings(bpy.types.PropertyGroup):
     model: bpy.props.EnumProperty(name="Model", items=_models, description="Face model on the backend")
     lit_texture: bpy.props.BoolProperty(
         name="Keep photo lighting", default=False,
-        description="Keep the photo's light and shadows in the texture (default: an albedo, the light divided out)")
+        description="The photo as it is on the face: its light and shadows, hair and glasses kept "
+                    "(default: an albedo, the light divided out, only skin sampled)")
 
 
 class FACERECON_PG_state(bpy.types.PropertyGroup):

@@ -117,7 +117,7 @@ class ReconstructOptions:
     model: str = "builtin"
     outputs: tuple[str, ...] = OUTPUT_KINDS
     subdivision: int = 1                              # Loop subdivision levels of the mesh
-    lit_texture: bool = False                         # keep the photo's light in the texture (default: albedo)
+    lit_texture: bool = False                         # the photo as it is (light, hair, glasses); default: albedo
 
     def to_json(self) -> dict[str, Any]:
         return {"face": self.face, "texture_size": self.texture_size, "model": self.model,

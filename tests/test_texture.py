@@ -117,6 +117,24 @@ def test_completion_on_the_cpu_equals_its_torch_twin():
         assert difference.max() <= 1 and (difference > 0).mean() < 0.01
 
 
+def test_lit_completion_keeps_every_seen_texel_exactly_on_cpu_and_twin():
+    """keep_seen (the lit texture): no feathering over seen texels, even weakly seen ones; only the
+    unseen are completed (and still not flat)."""
+    from backend_server.pipeline.bake_gpu import complete_texture_gpu
+    from backend_server.pipeline.complete import srgb8_of_linear
+    _, observed, weight = synthetic_observation(256, seed=4)
+    seen = weight > 0
+    expected = srgb8_of_linear(observed.copy())
+    cpu = complete_texture(observed, weight, mirror_symmetric=True, keep_seen=True)
+    twin = complete_texture_gpu(torch.from_numpy(observed).permute(2, 0, 1)[None], torch.from_numpy(weight)[None, None],
+                                True, keep_seen=True)[0].numpy()
+    assert (weight[seen] < 0.5).mean() > 0.1                                   # weakly seen texels exist
+    assert np.abs(cpu[seen].astype(int) - expected[seen]).max() <= 1
+    assert np.abs(twin[seen].astype(int) - expected[seen]).max() <= 1
+    assert np.abs(complete_texture(observed, weight, True)[seen].astype(int) - expected[seen]).max() > 5
+    assert cpu[~seen].astype(float).std(0).max() > 1.0
+
+
 @pytest.fixture(scope="module")
 def located_photo(reconstructor):
     data = shared_photo("d3d_000006.jpg").read_bytes()        # long blond-brown hair over one cheek, white wall

@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="Loop subdivision levels of the mesh (default 1)")
     rec.add_argument("--uv-only", action="store_true", help="write only the texture and the JSON")
     rec.add_argument("--lit-texture", action="store_true",
-                     help="keep the photo's light in the texture (default: an albedo, the light divided out)")
+                     help="the photo as it shows the face: its light, hair and glasses kept, only unseen "
+                          "texels completed (default: an albedo, light divided out, only skin sampled)")
     rec.add_argument("--device", type=parse_device, default=["cpu"],
                      help="cpu (default), or GPUs: 0,1 or cuda:0,cuda:1 (one GPU process each)")
     rec.add_argument("--workers", type=int, default=1,

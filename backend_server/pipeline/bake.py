@@ -12,7 +12,11 @@ Three steps, the same maths on the CPU (here) and the GPU (bake_gpu.py):
    z-buffer), else the view angle's ramp (MIN_FACING_COS -> FULL_FACING_COS) x the photo's skin
    probability there (segment.py: background, hair, clothes, glasses are 0) x not clipped (the
    brightest channel below CLIP_START) x not in deep shadow (shading below SHADOW_SHADING);
-3. complete (complete.py): fill, mirror and blend into the whole texture, sRGB uint8.
+   the lit texture (`delit=False`, ReconstructOptions.lit_texture) reproduces the photo as it is:
+   its weight is the seen test x the view angle's ramp only (the photo's light, hair, glasses and
+   clipped highlights stay, as the photo shows them: what `evaluate` re-renders against the photo);
+3. complete (complete.py): fill, mirror and blend into the whole texture, sRGB uint8 (the lit
+   texture keeps every seen texel's photo colour exactly: `keep_seen`).
 `Bake.observed` and `Bake.texel_weight` (step 2, kept on request) are what a fusion of several
 photos combines before calling `complete.complete_texture` itself.
 
@@ -81,7 +85,8 @@ class Bake:
     (divided by the lighting's shading) unless the lit texture was asked for, 0 where
     texel_weight is 0 (undefined there); texel_weight: (size, size) float32 in [0, 1], 0 = not
     seen or rejected, higher = seen better (view angle, skin probability, not clipped, not in
-    shadow). observed and texel_weight are None unless the baker was asked to keep them."""
+    shadow; the lit texture's: the view angle only). observed and texel_weight are None unless
+    the baker was asked to keep them."""
 
     texture: np.ndarray
     seen_fraction: float
@@ -202,7 +207,9 @@ def observe_texels(texels: TexelMap, attributes: np.ndarray, zbuffer: np.ndarray
                    photo_linear: np.ndarray, skin: np.ndarray | None, delit: bool
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Step 2 for some texels: (N, 3) float32 linear colours (de-lit if `delit`; 0 where unseen)
-    and (N,) float32 weights. attributes: (V, 7) per texture vertex: photo x, y; camera-frame
+    and (N,) float32 weights (the lit texture, `delit` False, weighs by the view angle only: it is
+    the photo as it shows the face, its light, hair and glasses included).
+    attributes: (V, 7) per texture vertex: photo x, y; camera-frame
     depth (-z, metres); the cosine between its normal and the ray to the camera; the lighting's
     shading there (3; interpolated: the light is smooth)."""
     per_texel = texels.interpolate(attributes)                             # (N, 7)
@@ -214,11 +221,11 @@ def observe_texels(texels: TexelMap, attributes: np.ndarray, zbuffer: np.ndarray
     colour = sample_bilinear(photo_linear, xy)
     weight = ramp(facing, MIN_FACING_COS, FULL_FACING_COS).astype(np.float32)
     weight *= seen
-    weight *= ramp(channel_max(colour), CLIP_END_LINEAR, CLIP_START_LINEAR)
-    weight *= ramp(channel_min(shading), 0.0, SHADOW_SHADING)
-    if skin is not None:
-        weight *= sample_bilinear(skin, xy)[:, 0] * np.float32(1 / 255)
     if delit:
+        weight *= ramp(channel_max(colour), CLIP_END_LINEAR, CLIP_START_LINEAR)
+        weight *= ramp(channel_min(shading), 0.0, SHADOW_SHADING)
+        if skin is not None:
+            weight *= sample_bilinear(skin, xy)[:, 0] * np.float32(1 / 255)
         colour /= np.maximum(shading, MIN_SHADING)
     colour[weight <= 0] = 0.0
     return colour, weight
@@ -255,7 +262,7 @@ def bake_texture(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopo
     seen_fraction = float((weight > 0).sum()) / covered_count
     mirrored = mirrored_fraction(weight_2d, covered_2d, topology.uv_mirror_symmetric)
     del covered, covered_2d
-    texture = complete_texture(observed_2d, weight_2d, topology.uv_mirror_symmetric)
+    texture = complete_texture(observed_2d, weight_2d, topology.uv_mirror_symmetric, keep_seen=not delit)
     if not keep_observation:
         return Bake(texture, seen_fraction, mirrored, lighting)
     return Bake(texture, seen_fraction, mirrored, lighting, observed_2d, weight_2d)

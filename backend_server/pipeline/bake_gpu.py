@@ -146,10 +146,10 @@ class GpuBaker:
                                                   per_texel[..., 4:7])
         colours, skin, depth_at = sample(xy)
         seen = (facing > MIN_FACING_COS) & (texel_depth <= depth_at + DEPTH_TOLERANCE_M)
-        weight = (seen * _ramp(facing, MIN_FACING_COS, FULL_FACING_COS)
-                  * _ramp(colours.amax(-1), CLIP_END_LINEAR, CLIP_START_LINEAR)
-                  * _ramp(texel_shading.amin(-1), 0.0, SHADOW_SHADING) * skin)
-        if delit:
+        weight = seen * _ramp(facing, MIN_FACING_COS, FULL_FACING_COS)
+        if delit:                   # the lit texture weighs by the view angle only (bake.observe_texels)
+            weight = (weight * _ramp(colours.amax(-1), CLIP_END_LINEAR, CLIP_START_LINEAR)
+                      * _ramp(texel_shading.amin(-1), 0.0, SHADOW_SHADING) * skin)
             colours = colours / texel_shading.clamp_min(MIN_SHADING)
         colours = torch.where(weight[..., None] > 0, colours, 0.0)
         observed = torch.zeros((count, size * size, 3), dtype=torch.float32, device=device)
@@ -162,7 +162,8 @@ class GpuBaker:
         # Step 3: complete.
         observed_image = observed.reshape(count, size, size, 3).permute(0, 3, 1, 2)
         weight_image = texel_weight.reshape(count, 1, size, size)
-        textures = complete_texture_gpu(observed_image, weight_image, topology.uv_mirror_symmetric)
+        textures = complete_texture_gpu(observed_image, weight_image, topology.uv_mirror_symmetric,
+                                        keep_seen=not delit)
         for texture, target in zip(textures, targets):
             torch.from_numpy(target).copy_(texture)
         covered = max(int(uv.texel.numel()), 1)
@@ -215,7 +216,8 @@ def coarse_band_gpu(observed: torch.Tensor, weight: torch.Tensor) -> tuple[torch
     return pull_push_fill_gpu(colour / cell_weight.clamp_min(1e-8), cell_weight > 0, cell_weight), cell_weight
 
 
-def complete_texture_gpu(observed: torch.Tensor, weight: torch.Tensor, mirror_symmetric: bool) -> torch.Tensor:
+def complete_texture_gpu(observed: torch.Tensor, weight: torch.Tensor, mirror_symmetric: bool,
+                         keep_seen: bool = False) -> torch.Tensor:
     """complete.complete_texture on a batch: observed (B, 3, S, S) float32 linear RGB (finite),
     weight (B, 1, S, S) float32 -> (B, S, S, 3) uint8 sRGB."""
     count, size = observed.shape[0], observed.shape[-1]
@@ -242,6 +244,8 @@ def complete_texture_gpu(observed: torch.Tensor, weight: torch.Tensor, mirror_sy
             offset = pull_push_fill_gpu((coarse - coarse.flip(-1)) * (both > 0), both > 0, both)
             step += F.interpolate(offset, size=(size, size), mode="bilinear", align_corners=False)
         fill = fill + mirrored * step
+    if keep_seen:
+        seen = (weight > 0).float()
     texture = fill + seen * (observed - fill)
     lut = torch.as_tensor(SRGB8_OF_LINEAR, device=observed.device)
     index = (texture.clamp(0, 1) * (SRGB_LUT_SIZE - 1) + 0.5).long()

@@ -16,7 +16,8 @@ Two frequency bands (a two-level Laplacian blend) so that colour and fine textur
    (DETAIL_PATCH of the texture's side), tiled with alternate flips, added to the low band;
 4. blend: observed x a + fill x (1 - a), a = min(1, weight / FULL_WEIGHT) feathered to 0 over
    FEATHER of the side at the border of the seen texels (and likewise the mirror source), so the
-   border between seen and filled texels has no step in colour nor in texture.
+   border between seen and filled texels has no step in colour nor in texture (`keep_seen`,
+   for the lit texture: a = 1 wherever the weight is > 0, the photo kept exactly).
 Output: (S, S, 3) uint8 sRGB. The GPU twin (`bake_gpu.complete_texture_gpu`) does the same maths
 on batches with torch (box filters, area averages and bilinear resizes equal to OpenCV's).
 """
@@ -78,10 +79,13 @@ def tiled(patch: np.ndarray, size: int) -> np.ndarray:
     return np.tile(block, (reps, reps, 1))[:size, :size]
 
 
-def complete_texture(observed: np.ndarray, texel_weight: np.ndarray, mirror_symmetric: bool) -> np.ndarray:
+def complete_texture(observed: np.ndarray, texel_weight: np.ndarray, mirror_symmetric: bool,
+                     keep_seen: bool = False) -> np.ndarray:
     """observed: (S, S, 3) float32 linear RGB, any finite value where texel_weight is 0; texel_weight:
     (S, S) float32 0..1; mirror_symmetric: the UV layout is left/right symmetric (the topology's
-    `uv_mirror_symmetric`). Returns the (S, S, 3) uint8 sRGB texture (see the module docstring).
+    `uv_mirror_symmetric`); keep_seen: every texel with weight > 0 keeps its observation exactly
+    (blend factor 1, no feathering: the lit texture, which must reproduce the photo), only unseen
+    texels are completed. Returns the (S, S, 3) uint8 sRGB texture (see the module docstring).
     Memory: three (S, S, 3) float32 arrays besides the inputs; the blends run in row bands."""
     size = texel_weight.shape[0]
     weight = np.ascontiguousarray(texel_weight, np.float32)
@@ -97,6 +101,8 @@ def complete_texture(observed: np.ndarray, texel_weight: np.ndarray, mirror_symm
     low = upsampled(coarse, size)
     seen = feathered(weight)
     row, col = detail_origin(seen)
+    if keep_seen:
+        seen = (weight > 0).astype(np.float32)
     patch = size // DETAIL_PATCH_FRACTION
     detail = DETAIL_GAIN * (observed[row:row + patch, col:col + patch] - low[row:row + patch, col:col + patch]) \
         * (weight[row:row + patch, col:col + patch, None] > 0)
