@@ -48,7 +48,8 @@ def _show(message: str, error: bool) -> None:
 
 def job_options(settings: FACERECON_PG_settings) -> ReconstructOptions:
     return ReconstructOptions(face=-1 if settings.all_faces else settings.face_index,
-                              texture_size=int(settings.texture_size), model=settings.model or "builtin")
+                              texture_size=int(settings.texture_size), model=settings.model or "builtin",
+                              lit_texture=bool(settings.lit_texture))
 
 
 def start_job(context: bpy.types.Context) -> str | None:
