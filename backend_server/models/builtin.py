@@ -180,8 +180,8 @@ class BuiltinFaceModel(FaceModel[LandmarkFit]):
         fits = [fit_landmarks(marks, reference, camera) for marks, camera in zip(landmarks, cameras)]
         if self.correction is None:
             return fits
-        return [replace(fit, landmark_points=fit.pose.apply(self.correction.predict(marks, reference, camera)))
-                for fit, marks, camera in zip(fits, landmarks, cameras)]
+        predicted = self.correction.predict_many(landmarks, reference, cameras)
+        return [replace(fit, landmark_points=fit.pose.apply(points)) for fit, points in zip(fits, predicted)]
 
     def texture_vertices(self, fits: Sequence[LandmarkFit], device: str = "cpu") -> list[np.ndarray]:
         return [self.topology.refine @ fit.landmark_points for fit in fits]
