@@ -43,7 +43,10 @@ def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 
 def ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    """Mean SSIM (Gaussian window, sigma 1.5, per channel) over masked pixels."""
+    """Mean SSIM (Gaussian window, sigma 1.5, per channel) over masked pixels (NaN for an empty
+    mask); pass images equal outside the mask so windows at its border compare like with like."""
+    if not mask.any():
+        return float("nan")
     a, b = a.astype(np.float64), b.astype(np.float64)
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
 

@@ -22,7 +22,11 @@ within SURFACE_MATCH_M) -> its truth colour):
   psnr_face over the whole face area (seen and filled);
 - seam: RMS colour step across the border between seen and filled texels, over the RMS step
   inside them (1 = no seam; the truth texture gives ~1 on the same texel pairs);
-- flat_psnr: a flat texture of the seen texels' median colour, the texture baseline.
+- flat_psnr: a flat texture of the seen texels' median colour, the texture baseline;
+- gain_psnr_seen / gain_psnr_face: psnr_seen / psnr_face after the per-channel gain (linear light,
+  least squares over the seen texels) that matches the texture to the truth: the albedo up to the
+  exposure and light colour, which no single photo determines (gain_flat_psnr_seen: the same for
+  the flat texture).
 Novel view: the reconstruction (aligned as above, its texture unlit: the texture carries the
 photo's shading, which is the same in every view of one moment for a diffuse surface) rendered into
 another view's camera against that view's render, over the true face area's pixels that both cover
@@ -37,9 +41,10 @@ import numpy as np
 from scipy.spatial import cKDTree
 
 from backend_server.geometry import rigid_fit, similarity_fit
+from backend_server.pipeline.evaluate import psnr, ssim
 from backend_server.models.morphable import MorphableModel, triangulate
 from backend_server.render.rasterize import rasterize
-from backend_server.render.shade import RenderMesh, render
+from backend_server.render.shade import RenderMesh, linear_to_srgb, render, srgb_to_linear
 from backend_server.synthetic.dataset import RenderedHead
 from backend_server.synthetic.scene import model_render_topology
 
@@ -128,32 +133,6 @@ def _triangle_barycentrics(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.nd
 
 
 # --- image measures --------------------------------------------------------------------------------
-def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    """dB over masked pixels, 8-bit peak; NaN for an empty mask."""
-    if not mask.any():
-        return float("nan")
-    mse = float(((a[mask].astype(np.float64) - b[mask].astype(np.float64)) ** 2).mean())
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0 ** 2 / mse)
-
-
-def ssim(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    """Mean SSIM (Gaussian window, sigma 1.5, per channel) over masked pixels; pass images equal
-    outside the mask so windows at its border compare like with like."""
-    if not mask.any():
-        return float("nan")
-    a, b = a.astype(np.float32), b.astype(np.float32)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-
-    def blur(x: np.ndarray) -> np.ndarray:
-        return cv2.GaussianBlur(x, (11, 11), 1.5)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b = blur(a * a) - mu_a ** 2, blur(b * b) - mu_b ** 2
-    cov = blur(a * b) - mu_a * mu_b
-    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a ** 2 + mu_b ** 2 + c1) * (var_a + var_b + c2))
-    return float(ssim_map[mask].mean())
-
-
 def seam_ratio(texture: np.ndarray, seen: np.ndarray, valid: np.ndarray) -> float:
     """RMS colour step between neighbouring texels across the seen/filled border, over the RMS
     step inside (the mean of the mean squared steps inside the seen and inside the filled texels);
@@ -304,6 +283,18 @@ def truth_in_layout(recon: Reconstruction, truth: HeadTruth, k: int) -> tuple[np
     return out.reshape(size, size, 3), valid.reshape(size, size)
 
 
+def exposure_matched(texture: np.ndarray, reference: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(S, S, 3) uint8 sRGB `texture` times the per-channel gain, in linear light, that brings its
+    masked texels closest to `reference`'s (least squares): what one photo cannot know (the
+    exposure and the light's colour multiply the albedo) taken out of the comparison."""
+    lut = srgb_to_linear(np.arange(256) / 255.0)
+    mine, truth = lut[texture], lut[reference]
+    if not mask.any():
+        return texture
+    gain = (mine[mask] * truth[mask]).sum(0) / np.maximum((mine[mask] ** 2).sum(0), 1e-12)
+    return np.rint(linear_to_srgb(mine * gain) * 255).astype(np.uint8)
+
+
 def texture(recon: Reconstruction, truth: HeadTruth, k: int) -> dict:
     """Texture measures of one reconstruction of view k against the truth albedo."""
     reference, valid = truth_in_layout(recon, truth, k)
@@ -313,12 +304,16 @@ def texture(recon: Reconstruction, truth: HeadTruth, k: int) -> dict:
     filled = ~recon.texel_seen & valid
     mine = np.where(valid[..., None], recon.texture, reference)            # equal outside: fair SSIM windows
     flat = np.where(valid[..., None], np.median(recon.texture[seen], axis=0) if seen.any() else 0, reference)
+    gained_flat = np.where(valid[..., None], exposure_matched(flat.astype(np.uint8), reference, seen), reference)
+    gained = np.where(valid[..., None], exposure_matched(recon.texture, reference, seen), reference)
     return {"psnr_seen": psnr(mine, reference, seen), "psnr_filled": psnr(mine, reference, filled),
             "psnr_face": psnr(mine, reference, valid),
+            "gain_psnr_seen": psnr(gained, reference, seen), "gain_psnr_face": psnr(gained, reference, valid),
             "ssim_seen": ssim(mine, reference, seen), "ssim_filled": ssim(mine, reference, filled),
             "seam": seam_ratio(recon.texture, recon.texel_seen, valid),
             "seam_truth": seam_ratio(reference, recon.texel_seen, valid),
             "flat_psnr_seen": psnr(flat, reference, seen), "flat_psnr_filled": psnr(flat, reference, filled),
+            "gain_flat_psnr_seen": psnr(gained_flat, reference, seen),
             "seen_fraction": float(seen.sum() / max(valid.sum(), 1))}
 
 
