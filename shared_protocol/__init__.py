@@ -4,11 +4,11 @@
 """
 from .errors import ErrorCode, ProtocolError
 from .messages import (MESSAGE_TYPES, OUTPUT_KINDS, PROTOCOL_VERSION, STAGES, Accepted, Cancel,
-                       Error, Message, Ping, Pong, Progress, ReconstructOptions, ReconstructRequest,
+                       Error, Message, PersonPhoto, Ping, Pong, Progress, ReconstructOptions, ReconstructRequest,
                        Result, ResultFile, Status, StatusRequest, decode, encode)
 from . import limits
 
 __all__ = ["ErrorCode", "ProtocolError", "MESSAGE_TYPES", "OUTPUT_KINDS", "PROTOCOL_VERSION", "STAGES",
-           "Accepted", "Cancel", "Error", "Message", "Ping", "Pong", "Progress", "ReconstructOptions",
+           "Accepted", "Cancel", "Error", "Message", "PersonPhoto", "Ping", "Pong", "Progress", "ReconstructOptions",
            "ReconstructRequest", "Result", "ResultFile", "Status", "StatusRequest", "decode", "encode",
            "limits"]

@@ -10,7 +10,8 @@ Every model's head goes out the same way, from its `HeadMesh` (models/face_model
 - `NAME.png`: the UV texture; `NAME_eye_left.png` and `NAME_eye_right.png` for models with eyes;
   `NAME_shape_keys.bin`: per expression its offsets from the neutral
   mesh and its fitted weight (shared_protocol/shape_keys.py);
-- `NAME.json`: the facts (`face_facts`).
+- `NAME.json`: the facts (`face_facts`); for several photos of one person (`export_person`) one
+  head, posed as the reference photo, with a `person` section listing every photo (`person_facts`).
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ from shared_protocol import ReconstructOptions, ResultFile
 from shared_protocol.shape_keys import NEUTRAL_SUFFIX, SUFFIX as SHAPE_KEYS_SUFFIX, ShapeKey, encode_shape_keys
 from .. import __version__
 from ..geometry import vertex_normals
-from ..models.face_model import FaceFit, FaceModel, HeadMesh, MeshLayout
+from ..models.face_model import FaceFit, FaceModel, HeadMesh, MeshLayout, PersonFit
 from .bake import Bake
 from .decode import PhotoInfo
 from .landmarks import LocatedFace
@@ -250,3 +251,59 @@ def export_photo(photo: PhotoInfo, faces: Sequence[LocatedFace], names: Sequence
             face_files_.append(ResultFile(f"{name}.json", "json", json.dumps(facts, indent=1).encode("utf-8")))
         exports.append(FaceExport(tuple(face_files_), facts))
     return exports
+
+
+def person_facts(photos: Sequence[PhotoInfo], located: Sequence[LocatedFace | None], person: PersonFit,
+                 reference: int, model: FaceModel, contribution: Sequence[float], seen: Sequence[float],
+                 gains: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """The JSON's `person` section: per photo (in request order) whether it was used (or why not),
+    its pose, camera, expression and gaze (the model's coefficients less the shared identity), how
+    far its face lay from the others' (`mismatch`, 1 = the limit), its share of the fused texture's
+    seen texels and the colour gain applied to it. contribution / seen / gains: per kept photo."""
+    kept = person.kept
+    entries = []
+    for k, info in enumerate(photos):
+        fit, face = person.fits[k], located[k]
+        entry: dict[str, Any] = {"index": k, "name": info.name, "used": fit is not None,
+                                 "left_out": person.left_out.get(k), "reference": k == reference,
+                                 "mismatch": None if not np.isfinite(person.mismatch[k]) else
+                                 round(float(person.mismatch[k]), 3)}
+        if face is not None:
+            entry["face"] = {"box_px": [face.box.x0, face.box.y0, face.box.width, face.box.height],
+                             "detector_score": face.box.score}
+        if fit is not None:
+            n = kept.index(k)
+            coefficients = model.facts(fit, "").coefficients
+            entry.update({
+                "width_px": info.size[0], "height_px": info.size[1],
+                "camera": fit.camera.to_json(), "pose": fit.pose.to_json(),
+                "expression": coefficients.get("expression"), "gaze_deg": coefficients.get("gaze_deg"),
+                "texture_contribution": round(float(contribution[n]), 4),
+                "texture_seen_fraction": round(float(seen[n]), 4),
+                "colour_gain": [round(float(g), 4) for g in gains[n]]})
+        entries.append(entry)
+    return {"photos": entries, "used": len(kept), "of": len(photos), "reference_photo": reference,
+            "note": "one shape from every used photo; the head is posed as the reference photo (its pose, "
+                    "expression and camera are the JSON's own); texture_contribution: the photo's share of "
+                    "the texels any photo saw"}
+
+
+def export_person(photos: Sequence[PhotoInfo], located: Sequence[LocatedFace | None], person: PersonFit,
+                  reference: int, model: FaceModel, fused: Any, completed: Any, options: ReconstructOptions,
+                  name: str, clock: StageClock) -> FaceExport:
+    """Stage 6 for one person: the head of the reference photo's fit (its expression and pose; the
+    shared shape) with the fused texture, and the JSON with the `person` section. fused: a
+    fuse.FusedTexture; completed: a fuse.CompletedTexture."""
+    clock.enter("export", 0.9)
+    fit, face = person.fits[reference], located[reference]
+    assert fit is not None and face is not None
+    mesh = model.head_mesh(fit)
+    files = face_files(name, mesh, completed.texture, options.outputs, model.part_textures(face.iris_srgb))
+    clock.stop()
+    bake = Bake(completed.texture, completed.seen_fraction, completed.mirrored_fraction)
+    facts = face_facts(photos[reference], face, fit, model, mesh, bake, options, clock.timings, 1, name)
+    facts["person"] = person_facts(photos, located, person, reference, model, fused.contribution,
+                                   fused.seen_fraction, fused.gains)
+    if "json" in options.outputs:
+        files.append(ResultFile(f"{name}.json", "json", json.dumps(facts, indent=1).encode("utf-8")))
+    return FaceExport(tuple(files), facts)

@@ -264,7 +264,7 @@ class Server:
                        f"this server; installed: {', '.join(self.config.models)}")
         elif (why := self._over_memory(request.options)) is not None:
             refusal = (ErrorCode.OVER_MEMORY_BUDGET, why)
-        elif (why := self.queue.refusal(client, len(request.photo))) is not None:
+        elif (why := self.queue.refusal(client, request.photo_bytes)) is not None:
             refusal = (ErrorCode.BUSY, f"{why} (queue depth {len(self.queue)})")
         if refusal is not None:
             self.counters.refused += 1
@@ -344,7 +344,7 @@ class Server:
                 job.started_at, job.worker = time.monotonic(), worker.name
                 worker.job, worker.state = job, WorkerState.BUSY
                 request = ReconstructRequest(job.job_id, job.request.photo_name, job.request.photo,
-                                             job.request.options)
+                                             job.request.options, job.request.more_photos)
                 self.link.send_multipart([worker.identity, *encode(request)], copy=False)
 
     # --- workers -------------------------------------------------------------------------------

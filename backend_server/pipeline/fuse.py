@@ -1,0 +1,212 @@
+"""Texture fusion: one UV texture from several photos of one person (the bake of each photo, then
+this), and the completion of the texels no photo saw.
+
+The contract with the bake (issue 17's `Bake` exposes the same two arrays before completion):
+per photo an `Observation`:
+    observed      (S, S, 3) float32  the photo's colour per texel, sRGB levels 0..255 (any value
+                                     where texel_weight is 0)
+    texel_weight  (S, S) float32     0 where the photo did not see the texel; else in (0, 1], higher
+                                     for a better view (facing the camera, more photo pixels)
+Texture frame: that of bake.py (row 0 at the top; UV origin bottom-left).
+
+`fuse_observations` (per texel):
+1. colours equalised between photos: each photo's colours are scaled per channel so that, over
+   the texels both saw well, its weighted mean matches the reference photo's (the photo that saw
+   most; exposure and white balance differ between photos, the face's colour does not);
+2. blended: each photo's weight sharpened (w ** SHARPNESS, so the photo that saw a texel best
+   dominates it) and feathered (ramped to 0 over FEATHER_TEXELS toward the border of what that
+   photo saw, so no photo's edge shows as a seam), then the weighted mean;
+3. the fused weight: the best photo's weight (0 where no photo saw the texel).
+`complete_texture` then fills the rest: the mirror texel's colour where only the mirror was seen
+(symmetric layouts), pull-push inpainting everywhere else (today's fill of bake.py).
+`observe` makes an Observation from today's bake rule (seen mask x cos(view angle) x resolution):
+the adapter the lead swaps for issue 17's `Bake.observed` / `Bake.texel_weight` at merge.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from ..geometry import Camera, sample_bilinear, vertex_normals
+from ..models.topology import MeshTopology
+from ..render.rasterize import rasterize
+from .bake import DEPTH_TOLERANCE_M, MIN_FACING_COS, TEXEL_CHUNK, pull_push_fill, texel_maps
+
+SHARPNESS = 4.0                 # blend weight = texel_weight ** SHARPNESS
+FEATHER_TEXELS = 0.02           # ramp of a photo's weight toward its seen border, as a fraction of S
+EQUALISE_MIN_WEIGHT = 0.3       # texels both photos saw at least this well set the colour gains
+EQUALISE_GAIN_RANGE = (0.5, 2.0)
+APPEARANCE_LIMIT = 0.1        # skin chroma distance (see `appearance_mismatch`) over which a photo is
+                              # another person's (synthetic heads: same person 0.00-0.19, others 0.09-0.41)
+FULL_RESOLUTION_PX_PER_M = 3000.0   # a surface imaged at this many photo pixels per metre (or more)
+                                    # is fully resolved: weight factor 1 (a 16 cm face over 480 px)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One photo's colours in the UV layout before completion (see the module's docstring)."""
+
+    observed: np.ndarray        # (S, S, 3) float32, sRGB 0..255
+    texel_weight: np.ndarray    # (S, S) float32 in [0, 1]
+
+
+@dataclass(frozen=True)
+class FusedTexture:
+    """observed/texel_weight: the fused Observation's arrays; covered (S, S) bool: texels inside
+    the UV islands; contribution (P,): each photo's share of the seen texels (its normalised blend
+    weight summed over them, over their count; sums to 1 where any texel was seen); seen_fraction
+    (P,): covered texels each photo saw alone; gains (P, 3): the per-channel colour gains applied."""
+
+    observed: np.ndarray
+    texel_weight: np.ndarray
+    covered: np.ndarray
+    contribution: np.ndarray
+    seen_fraction: np.ndarray
+    gains: np.ndarray
+
+
+@dataclass(frozen=True)
+class CompletedTexture:
+    """texture (S, S, 3) uint8 sRGB; seen/mirrored fractions of the covered texels."""
+
+    texture: np.ndarray
+    seen_fraction: float
+    mirrored_fraction: float
+
+
+def covered_texels(topology: MeshTopology, size: int) -> np.ndarray:
+    """(S, S) bool: texels inside the UV islands."""
+    covered = np.zeros(size * size, bool)
+    for band in texel_maps(topology, size):
+        covered[band.texel] = True
+    return covered.reshape(size, size)
+
+
+def observe(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopology, camera: Camera, size: int
+            ) -> Observation:
+    """Today's bake rule as an Observation: a texel is seen where bake.seen_texels says so (inside
+    the photo, facing the camera, not behind the z-buffer); its weight is the cosine of its view
+    angle times min(1, photo pixels per metre there / FULL_RESOLUTION_PX_PER_M).
+    photo_rgb: (H, W, 3) uint8; vertices: (V, 3) camera-frame metres of `topology`'s mesh."""
+    triangles = topology.triangles
+    screen = camera.project(vertices)
+    zbuffer = rasterize(screen, -vertices[:, 2], triangles, camera.width, camera.height).depth
+    attributes = np.concatenate([screen, vertices, vertex_normals(vertices, triangles)], axis=1)
+    observed = np.zeros((size * size, 3), np.float32)
+    weight = np.zeros(size * size, np.float32)
+    for band in texel_maps(topology, size):
+        for start in range(0, len(band.texel), TEXEL_CHUNK):
+            part = band.part(start, start + TEXEL_CHUNK)
+            per_texel = part.interpolate(attributes)
+            xy, point, normal = per_texel[:, :2], per_texel[:, 2:5], per_texel[:, 5:8]
+            distance = np.sqrt(np.maximum(np.einsum("nc,nc->n", point, point), 1e-24))
+            facing = np.einsum("nc,nc->n", normal, -point) / (
+                np.sqrt(np.maximum(np.einsum("nc,nc->n", normal, normal), 1e-24)) * distance)
+            col = np.clip(np.floor(xy[:, 0]).astype(np.int64), 0, camera.width - 1)
+            row = np.clip(np.floor(xy[:, 1]).astype(np.int64), 0, camera.height - 1)
+            inside = (xy[:, 0] >= 0) & (xy[:, 0] < camera.width) & (xy[:, 1] >= 0) & (xy[:, 1] < camera.height)
+            seen = inside & (facing > MIN_FACING_COS) & (-point[:, 2] <= zbuffer[row, col] + DEPTH_TOLERANCE_M)
+            resolution = np.minimum(1.0, camera.focal_px / distance / FULL_RESOLUTION_PX_PER_M)
+            texel = part.texel[seen]
+            observed[texel] = sample_bilinear(photo_rgb, xy[seen])
+            weight[texel] = (facing * resolution)[seen]
+    return Observation(observed.reshape(size, size, 3), weight.reshape(size, size))
+
+
+def _feather(weight: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    """weight ramped to 0 toward the covered texels this photo did not see (UV island borders, where
+    the neighbour is outside every island, are not a seam and keep their weight)."""
+    ramp = max(FEATHER_TEXELS * weight.shape[0], 1.0)
+    unseen = covered & (weight <= 0)
+    if not unseen.any():
+        return weight
+    distance = cv2.distanceTransform((~unseen).astype(np.uint8), cv2.DIST_L2, 3)
+    return weight * np.clip(distance / ramp, 0.0, 1.0).astype(np.float32)
+
+
+def colour_gains(observations: Sequence[Observation], reference: int) -> np.ndarray:
+    """(P, 3) per-channel gains that bring each photo's colours to the reference photo's, measured
+    over the texels both saw at least EQUALISE_MIN_WEIGHT (1 where they share too few)."""
+    gains = np.ones((len(observations), 3), np.float32)
+    ref = observations[reference]
+    for k, obs in enumerate(observations):
+        if k == reference:
+            continue
+        both = (obs.texel_weight >= EQUALISE_MIN_WEIGHT) & (ref.texel_weight >= EQUALISE_MIN_WEIGHT)
+        if both.sum() < 64:
+            continue
+        w = np.minimum(obs.texel_weight, ref.texel_weight)[both][:, None]
+        mine = (obs.observed[both] * w).sum(0)
+        theirs = (ref.observed[both] * w).sum(0)
+        gains[k] = np.clip(theirs / np.maximum(mine, 1e-6), *EQUALISE_GAIN_RANGE)
+    return gains
+
+
+def fuse_observations(observations: Sequence[Observation], covered: np.ndarray) -> FusedTexture:
+    """Several photos' Observations of one UV layout -> one (see the module's docstring)."""
+    totals = [float(o.texel_weight[covered].sum()) for o in observations]
+    reference = int(np.argmax(totals))
+    gains = colour_gains(observations, reference)
+    blend = np.stack([_feather(o.texel_weight, covered) ** SHARPNESS for o in observations])     # (P, S, S)
+    best = np.max([o.texel_weight for o in observations], axis=0)
+    seen = best > 0
+    # A texel seen only at the feathered border of every photo that saw it keeps their plain weights.
+    total = blend.sum(0)
+    fallback = seen & (total <= 1e-12)
+    if fallback.any():
+        blend[:, fallback] = np.stack([o.texel_weight[fallback] for o in observations]) ** SHARPNESS
+        total = blend.sum(0)
+    share = blend / np.maximum(total, 1e-30)[None]
+    colour = np.zeros(observations[0].observed.shape, np.float32)
+    for k, obs in enumerate(observations):
+        colour += share[k][..., None] * obs.observed * gains[k]
+    colour[~seen] = 0.0
+    seen_count = max(int(seen.sum()), 1)
+    covered_count = max(int(covered.sum()), 1)
+    contribution = np.array([float(share[k][seen].sum()) / seen_count for k in range(len(observations))])
+    seen_fraction = np.array([float((o.texel_weight[covered] > 0).sum()) / covered_count for o in observations])
+    return FusedTexture(np.clip(colour, 0, 255), best.astype(np.float32), covered, contribution, seen_fraction, gains)
+
+
+def _chroma(colours: np.ndarray) -> np.ndarray:
+    """(N, 3) sRGB levels -> (3,) median log ratio of each channel to the texel's mean (brightness
+    and exposure cancel; the skin's hue and saturation stay)."""
+    colours = np.maximum(colours, 1.0)
+    return np.median(np.log(colours / colours.mean(1, keepdims=True)), axis=0)
+
+
+def appearance_mismatch(observations: Sequence[Observation]) -> np.ndarray:
+    """(P,) per photo: the skin chroma distance (sum over channels of |difference of `_chroma`|,
+    over the texels both photos saw at least EQUALISE_MIN_WEIGHT) to the photo it resembles most,
+    over APPEARANCE_LIMIT. A photo of another person is far from every other photo; NaN where a
+    photo shares too few texels with any other."""
+    count = len(observations)
+    distance = np.full((count, count), np.nan)
+    for a in range(count):
+        for b in range(a + 1, count):
+            both = ((observations[a].texel_weight >= EQUALISE_MIN_WEIGHT)
+                    & (observations[b].texel_weight >= EQUALISE_MIN_WEIGHT))
+            if both.sum() >= 64:
+                distance[a, b] = distance[b, a] = float(np.abs(
+                    _chroma(observations[a].observed[both]) - _chroma(observations[b].observed[both])).sum())
+    with np.errstate(all="ignore"):
+        nearest = np.array([np.nanmin(row) if np.isfinite(row).any() else np.nan for row in distance])
+    return nearest / APPEARANCE_LIMIT
+
+
+def complete_texture(observed: np.ndarray, texel_weight: np.ndarray, covered: np.ndarray,
+                     mirror_symmetric: bool) -> CompletedTexture:
+    """Today's completion (bake.py): a texel nobody saw takes its mirror texel's colour (row r,
+    column S - 1 - c) where that one was seen and the layout is left/right symmetric; pull-push
+    inpainting fills the rest and pads the islands."""
+    known = texel_weight > 0
+    image = np.where(known[..., None], observed, 0.0).astype(np.float32)
+    use_mirror = covered & ~known & known[:, ::-1] & mirror_symmetric
+    image[use_mirror] = image[:, ::-1][use_mirror]
+    filled = pull_push_fill(image, known | use_mirror)
+    texture = np.clip(np.rint(filled), 0, 255).astype(np.uint8)
+    count = max(int(covered.sum()), 1)
+    return CompletedTexture(texture, float((known & covered).sum()) / count, float(use_mirror.sum()) / count)
