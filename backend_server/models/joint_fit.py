@@ -35,6 +35,7 @@ VIEW_WEIGHT_POWER = 4.0               # a photo's landmarks count cos(yaw)^this:
                                       # turned heads are biased (docs/quality.md: 468-point error 5.25 mm
                                       # at 60 degrees against 3.61 mm frontal), so side views mostly add
                                       # what the front cannot see (contours, profile) without outvoting it
+IDENTITY_PRIOR_PER_PHOTO = True       # the identity's prior counted once per photo (False: once)
 MISMATCH_LIMIT = 1.0                  # excess cost per used landmark (residuals in sigmas, squared)
 
 
@@ -103,6 +104,8 @@ def joint_fit(fitter: ModelFitter, landmarks: list[np.ndarray], cameras: list[Ca
     rows = problem.residuals(problem.landmark_bases(None), state).shape[1]
     keep = torch.ones((count, rows), dtype=f32, device=dev)          # row weights (residuals are scaled)
     first_prior = rows - len(problem.prior)
+    if not IDENTITY_PRIOR_PER_PHOTO:
+        keep[1:, first_prior:first_prior + k_id] = 0.0
     facing = torch.as_tensor([abs(float(f.pose.rotation[2, 2])) for f in singles], dtype=f32, device=dev)
     keep[:, :first_prior] *= (facing ** (VIEW_WEIGHT_POWER / 2))[:, None]     # residuals: squared in the cost
     fixed = torch.zeros(size, dtype=torch.float64, device=dev)

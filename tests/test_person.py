@@ -1,0 +1,193 @@
+"""Several photos of one person, one head: the joint fit (ideal landmarks of known faces), the
+texture fusion, the pipeline on real photos, the CLI and the server over ZeroMQ."""
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import shared_photo
+from shared_protocol import ErrorCode, PersonPhoto, ProtocolError, ReconstructOptions
+
+QUICK = ReconstructOptions(texture_size=256, subdivision=0)
+
+
+def turned(yaw_deg: float, distance_m: float = 0.45):
+    from backend_server.geometry import Pose
+    a = np.radians(yaw_deg)
+    rotation = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]])
+    return Pose(rotation, np.array([0.0, 0.0, -distance_m]))
+
+
+def views_of(model, identity, yaws, expressions=None):
+    """Ideal landmarks and cameras of one face (an identity) seen at each yaw."""
+    from backend_server.geometry import Camera
+    from backend_server.models.morphable_fit import ideal_landmarks
+    camera = Camera.for_photo(640, 640)
+    marks = []
+    for k, yaw in enumerate(yaws):
+        weights = np.zeros(len(model.expression_basis)) if expressions is None else expressions[k]
+        head = model.vertices(identity) + np.tensordot(weights, model.expression_basis, axes=1)
+        marks.append(ideal_landmarks(model, turned(yaw).apply(head), camera))
+    return marks, [camera] * len(yaws)
+
+
+def neutral_error_mm(model, identity, truth) -> float:
+    from backend_server.geometry import rigid_fit
+    region = model.face_region
+    mine, theirs = model.vertices(identity)[region], model.vertices(truth)[region]
+    return 1000 * float(np.linalg.norm(rigid_fit(mine, theirs).apply(mine) - theirs, axis=1).mean())
+
+
+def test_joint_fit_shares_one_identity_and_recovers_each_pose_and_expression(ict_model):
+    from backend_server.models import registry
+    face = registry.face_model("ict-facekit")
+    rng = np.random.default_rng(18)
+    truth = rng.normal(0, 1, len(ict_model.identity_basis))
+    expressions = np.zeros((3, len(ict_model.expression_basis)))
+    jaw = ict_model.expression_names.index("jawOpen")
+    expressions[1, jaw] = 0.5                              # the second photo opens the jaw
+    marks, cameras = views_of(ict_model, truth, (0, 55, -55), expressions)
+    person = face.fit_person(marks, cameras)
+    assert person.kept == [0, 1, 2] and person.left_out == {}
+    fits = person.fits
+    assert all(np.array_equal(fits[0].identity, f.identity) for f in fits)
+    for fit, yaw in zip(fits, (0, 55, -55)):
+        assert abs(fit.pose.euler_degrees()["yaw"] - yaw) < 4
+    assert fits[1].expression[jaw] > fits[0].expression[jaw] + 0.2
+    [single] = face.fit(marks[:1], cameras[:1])
+    mean = neutral_error_mm(ict_model, np.zeros_like(truth), truth)
+    joint = neutral_error_mm(ict_model, fits[0].identity, truth)
+    front = neutral_error_mm(ict_model, single.identity, truth)
+    print(f"neutral error: mean face {mean:.2f} mm, front photo {front:.2f} mm, three photos {joint:.2f} mm")
+    assert joint < 0.85 * mean and joint < 1.15 * front   # side views weigh little: see joint_fit.py
+
+
+def test_a_photo_that_has_no_face_is_left_out_and_none_left_is_for_the_pipeline(ict_model):
+    from backend_server.models import registry
+    face = registry.face_model("ict-facekit")
+    marks, cameras = views_of(ict_model, np.zeros(len(ict_model.identity_basis)), (0, 40))
+    person = face.fit_person([marks[0], None, marks[1]], cameras[:1] * 3)
+    assert person.kept == [0, 2] and "no face" in person.left_out[1]
+    builtin = registry.face_model("builtin", 0)
+    person = builtin.fit_person([None, marks[1]], cameras[:2])
+    assert person.kept == [1] and person.fits[0] is None
+
+
+def test_builtin_combines_its_per_vertex_shapes_weighted_by_how_each_photo_saw_them(ict_model):
+    from backend_server.models import registry
+    from backend_server.models.builtin import combine_shapes
+    builtin = registry.face_model("builtin", 0)
+    marks, cameras = views_of(ict_model, np.zeros(len(ict_model.identity_basis)), (0, 50, -50))
+    person = builtin.fit_person(marks, cameras)
+    assert person.kept == [0, 1, 2]
+    shapes = [f.pose.head_frame(f.landmark_points) for f in person.fits]
+    assert max(np.abs(s - shapes[0]).max() for s in shapes) < 1e-6       # one shape, posed per photo
+    for fit, mark in zip(person.fits, marks):
+        assert np.sqrt(((fit.camera.project(fit.landmark_points) - mark[:468, :2]) ** 2).sum(1).mean()) < 15
+    a = np.random.default_rng(0).normal(size=(468, 3))
+    weights = [np.r_[np.ones(234), np.full(234, 1e-9)], np.r_[np.full(234, 1e-9), np.ones(234)]]
+    combined = combine_shapes([a, a + 1.0], weights, rounds=0)
+    assert np.allclose(combined[:234], a[:234]) and np.allclose(combined[234:], a[234:] + 1.0)
+
+
+def observation(size, value, seen_columns, weight=1.0):
+    from backend_server.pipeline.fuse import Observation
+    observed = np.zeros((size, size, 3), np.float32)
+    texel_weight = np.zeros((size, size), np.float32)
+    observed[:, seen_columns] = value
+    texel_weight[:, seen_columns] = weight
+    return Observation(observed, texel_weight)
+
+
+def test_fusion_equalises_colours_blends_the_best_view_and_mirrors_only_what_nobody_saw():
+    from backend_server.pipeline.fuse import appearance_mismatch, complete_texture, fuse_observations
+    size = 64
+    covered = np.ones((size, size), bool)
+    left = observation(size, (100, 80, 60), slice(0, 40))
+    right = observation(size, (150, 120, 90), slice(24, 48), 0.8)          # 1.5 x brighter: exposure
+    fused = fuse_observations([left, right], covered)
+    assert np.allclose(fused.gains[1], 1 / 1.5, atol=1e-3) and np.allclose(fused.gains[0], 1)
+    assert np.allclose(fused.observed[:, :48], (100, 80, 60), atol=0.5)     # no step where the views meet
+    assert (fused.texel_weight[:, :48] > 0).all() and (fused.texel_weight[:, 48:] == 0).all()
+    assert fused.contribution.sum() == pytest.approx(1.0) and fused.contribution[0] > fused.contribution[1]
+    assert fused.seen_fraction.tolist() == pytest.approx([40 / 64, 24 / 64])
+    completed = complete_texture(fused.observed, fused.texel_weight, covered, True)
+    assert completed.seen_fraction == pytest.approx(48 / 64)
+    assert completed.mirrored_fraction == pytest.approx(16 / 64)            # columns 48..63 <- 15..0
+    assert np.abs(completed.texture[:, 48:].astype(int) - (100, 80, 60)).max() <= 1
+    stranger = observation(size, (120, 60, 40), slice(0, 40))                # redder skin, any brightness
+    same = observation(size, (200, 160, 120), slice(8, 40))
+    mismatch = appearance_mismatch([left, same, stranger])
+    assert mismatch[0] < 1 and mismatch[1] < 1 and mismatch[2] > 1
+
+
+def png_bytes(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def person_photos() -> list[PersonPhoto]:
+    """A real photo, the same photo mirrored and slightly darker (another photo of that person),
+    and another person's photo."""
+    me = np.asarray(Image.open(shared_photo("d3d_000006.jpg")).convert("RGB"))
+    other = shared_photo("deca_exp0.jpg").read_bytes()
+    darker = (me[:, ::-1].astype(np.float32) * 0.85).astype(np.uint8)
+    return [PersonPhoto("me.jpg", shared_photo("d3d_000006.jpg").read_bytes()), PersonPhoto("me_mirrored.png",
+            png_bytes(darker)), PersonPhoto("other.jpg", other)]
+
+
+def test_run_person_makes_one_head_leaves_out_another_person_and_lists_every_photo(reconstructor, person_photos):
+    stages = []
+    result = reconstructor.run_person(person_photos, QUICK, lambda s, f, p: stages.append((s, p)))
+    assert result.kept == [0, 1] and "skin colour" in result.fit.left_out[2]
+    assert stages[:3] == [("decode", 0), ("detect", 0), ("landmarks", 0)]
+    assert ("landmarks", 2) in stages and ("bake", 1) in stages and stages[-1] == ("export", None)
+    names = sorted(f.name for f in result.files)
+    assert names == ["me.json", "me.mtl", "me.obj", "me.png"]
+    facts = json.loads(next(f.data for f in result.files if f.name == "me.json"))
+    photos = facts["person"]["photos"]
+    assert [p["name"] for p in photos] == ["me.jpg", "me_mirrored.png", "other.jpg"]
+    assert [p["used"] for p in photos] == [True, True, False] and photos[2]["left_out"]
+    assert sum(p["texture_contribution"] for p in photos[:2]) == pytest.approx(1.0, abs=1e-3)
+    assert photos[1]["colour_gain"][0] > 1.05                               # the darker copy brightened
+    assert facts["pose"] == photos[0]["pose"]                              # posed as the first photo
+    alone = reconstructor.run(person_photos[0].data, "me.jpg", QUICK).faces[0].bake
+    assert facts["quality"]["texture_seen_fraction"] > alone.seen_fraction + 0.05   # the mirror saw more
+
+
+def test_run_person_errors_name_the_photo_and_no_face_anywhere_is_no_usable_photo(reconstructor, person_photos):
+    with pytest.raises(ProtocolError) as info:
+        reconstructor.run_person([person_photos[0], PersonPhoto("broken.jpg", b"not an image")], QUICK)
+    assert info.value.code == ErrorCode.BAD_IMAGE and info.value.photo_name == "broken.jpg"
+    assert "photo 2 of 2 (broken.jpg)" in info.value.message
+    blank = png_bytes(np.full((256, 256, 3), 128, np.uint8))
+    with pytest.raises(ProtocolError) as info:
+        reconstructor.run_person([PersonPhoto("a.png", blank), PersonPhoto("b.png", blank)], QUICK)
+    assert info.value.code == ErrorCode.NO_USABLE_PHOTO and "a.png" in info.value.message
+    result = reconstructor.run_person([PersonPhoto("blank.png", blank), person_photos[0]], QUICK)
+    assert result.kept == [1] and "blank" not in [f.name for f in result.files][0]
+
+
+def test_cli_person_and_people(tmp_path, person_photos):
+    from backend_server.cli.facerecon import main
+    for k, photo in enumerate(person_photos[:2]):
+        folder = tmp_path / "people" / "alice"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{k}_{photo.name}").write_bytes(photo.data)
+    (tmp_path / "people" / "bob").mkdir()
+    (tmp_path / "people" / "bob" / "x.jpg").write_bytes(person_photos[2].data)
+    args = ["--texture-size", "256", "--subdivision", "0", "-q"]
+    assert main(["reconstruct", "--people", str(tmp_path / "people"), "-o", str(tmp_path / "out"), *args]) == 0
+    alice = json.loads((tmp_path / "out" / "alice.json").read_text())
+    assert alice["person"]["used"] == 2 and (tmp_path / "out" / "bob.obj").is_file()
+    files = [str(tmp_path / "people" / "alice" / p) for p in sorted(p.name for p in (tmp_path / "people" / "alice")
+                                                                    .iterdir())]
+    assert main(["reconstruct", "--person", *files, "-o", str(tmp_path / "one"), *args]) == 0
+    assert json.loads((tmp_path / "one" / "0_me.json").read_text())["person"]["of"] == 2
+    assert main(["reconstruct", "--person", *files, "--face", "all", "-o", str(tmp_path / "x"), *args]) == 2
