@@ -51,7 +51,7 @@ def _run_person(person: Person, stem: str, out_dir: Path, options: ReconstructOp
     start = time.perf_counter()
     try:
         photos = [PersonPhoto(path.name, path.read_bytes()) for path in person.photos]
-        result = _reconstructor.run_person(photos, options)
+        result = _reconstructor.run_person(photos, options, name=stem)
         write_photo(out_dir, list(result.files))
         left = "".join(f"; left out {photos[k].name}: {why}" for k, why in result.fit.left_out.items())
         return PhotoOutcome(person.source, OutcomeStatus.DONE, f"1 head from {len(result.kept)} of {len(photos)} "

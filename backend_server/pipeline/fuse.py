@@ -39,8 +39,14 @@ SHARPNESS = 4.0                 # blend weight = texel_weight ** SHARPNESS
 FEATHER_TEXELS = 0.02           # ramp of a photo's weight toward its seen border, as a fraction of S
 EQUALISE_MIN_WEIGHT = 0.3       # texels both photos saw at least this well set the colour gains
 EQUALISE_GAIN_RANGE = (0.5, 2.0)
-APPEARANCE_LIMIT = 0.1        # skin chroma distance (see `appearance_mismatch`) over which a photo is
-                              # another person's (synthetic heads: same person 0.00-0.19, others 0.09-0.41)
+APPEARANCE_LIMIT = 0.06       # skin chroma distance (see `appearance_mismatch`) over which a photo may be
+                              # another person's; synthetic heads (benchmarks/quality/multiview.py): the same
+                              # head's front and ±60° views 0.00-0.23 apart, another head's nearest 0.02-0.41
+                              # (median 0.20): no limit separates them, so see `odd_photo_out`
+APPEARANCE_RATIO = 1.5        # ... and the photo farthest from the others must be this much farther than the next
+APPEARANCE_PAIR_LIMIT = 4.0   # of two photos, the second is left out only this far over the limit
+CLIPPED_LEVEL = 240.0         # sRGB level: clipped highlights change a texel's chroma
+SHADOW_LEVEL = 12.0           # and so does deep shadow (noise)
 FULL_RESOLUTION_PX_PER_M = 3000.0   # a surface imaged at this many photo pixels per metre (or more)
                                     # is fully resolved: weight factor 1 (a 16 cm face over 480 px)
 
@@ -178,6 +184,14 @@ def _chroma(colours: np.ndarray) -> np.ndarray:
     return np.median(np.log(colours / colours.mean(1, keepdims=True)), axis=0)
 
 
+def _usable(observation: Observation) -> np.ndarray:
+    """(S, S) texels whose colour says something about the skin: seen at least EQUALISE_MIN_WEIGHT,
+    neither clipped (a channel at CLIPPED_LEVEL or more: highlights) nor in deep shadow."""
+    colour = observation.observed
+    return ((observation.texel_weight >= EQUALISE_MIN_WEIGHT) & (colour.max(-1) < CLIPPED_LEVEL)
+            & (colour.min(-1) > SHADOW_LEVEL))
+
+
 def appearance_mismatch(observations: Sequence[Observation]) -> np.ndarray:
     """(P,) per photo: the skin chroma distance (sum over channels of |difference of `_chroma`|,
     over the texels both photos saw at least EQUALISE_MIN_WEIGHT) to the photo it resembles most,
@@ -187,14 +201,28 @@ def appearance_mismatch(observations: Sequence[Observation]) -> np.ndarray:
     distance = np.full((count, count), np.nan)
     for a in range(count):
         for b in range(a + 1, count):
-            both = ((observations[a].texel_weight >= EQUALISE_MIN_WEIGHT)
-                    & (observations[b].texel_weight >= EQUALISE_MIN_WEIGHT))
+            both = (_usable(observations[a]) & _usable(observations[b]))
             if both.sum() >= 64:
                 distance[a, b] = distance[b, a] = float(np.abs(
                     _chroma(observations[a].observed[both]) - _chroma(observations[b].observed[both])).sum())
     with np.errstate(all="ignore"):
         nearest = np.array([np.nanmin(row) if np.isfinite(row).any() else np.nan for row in distance])
     return nearest / APPEARANCE_LIMIT
+
+
+def odd_photo_out(mismatch: np.ndarray) -> int | None:
+    """Which photo (index into `mismatch`, `appearance_mismatch`'s result) is another person's, or
+    None. Of three or more: the one farthest from the others when it is over the limit and
+    APPEARANCE_RATIO times farther than the next (the others match each other, it matches none); of
+    two, which one is odd cannot be told: the second, only when APPEARANCE_PAIR_LIMIT over."""
+    if len(mismatch) < 2 or not np.isfinite(mismatch).any():
+        return None
+    distance = np.where(np.isfinite(mismatch), mismatch, 0.0)
+    if len(distance) == 2:
+        return 1 if distance[1] > APPEARANCE_PAIR_LIMIT else None
+    order = np.argsort(distance)[::-1]
+    worst, next_worst = distance[order[0]], distance[order[1]]
+    return int(order[0]) if worst > 1.0 and worst >= APPEARANCE_RATIO * next_worst else None
 
 
 def complete_texture(observed: np.ndarray, texel_weight: np.ndarray, covered: np.ndarray,

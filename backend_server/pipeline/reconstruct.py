@@ -24,7 +24,7 @@ from .decode import Photo, PhotoInfo, decode_photo
 from .detect import FaceBox, FaceDetector, select_faces
 from .export import export_person, export_photo, safe_stem
 from .fuse import (CompletedTexture, FusedTexture, appearance_mismatch, complete_texture, covered_texels,
-                   fuse_observations, observe)
+                   fuse_observations, observe, odd_photo_out)
 from .fit import fit_faces
 from .landmarks import LandmarkDetector, LocatedFace, iris_colour
 from .progress import StageCallback, StageClock
@@ -179,8 +179,9 @@ class Reconstructor:
         return PhotoReconstruction(photo, model, faces, clock.timings)
 
     def run_person(self, photos: Sequence[PersonPhoto], options: ReconstructOptions | None = None,
-                   on_stage: PersonStageCallback | None = None) -> PersonReconstruction:
-        """Several photos of one person -> one head. A photo that cannot be decoded (or is too
+                   on_stage: PersonStageCallback | None = None, name: str | None = None) -> PersonReconstruction:
+        """Several photos of one person -> one head, its files named `name` (default: the first
+        photo's stem). A photo that cannot be decoded (or is too
         small or large) is an error naming it; one without a face, or whose face does not fit the
         others', is left out (its reason in the JSON); none left: ProtocolError NO_USABLE_PHOTO."""
         options = options or ReconstructOptions()
@@ -237,12 +238,12 @@ class Reconstructor:
                 observations.append(observe(pixels[k], v, model.topology, cameras[k], size))
             # Another person's skin: left out, and the rest fitted again without it.
             appearance = appearance_mismatch(observations)
-            if len(kept) < 2 or not np.nanmax(appearance, initial=0.0) > 1.0:
+            odd = odd_photo_out(appearance)
+            if odd is None:
                 break
-            worst = kept[1] if len(kept) == 2 else kept[int(np.nanargmax(appearance))]
-            reasons[worst] = (f"its skin colour does not match the other photos' (mismatch "
-                              f"{appearance[kept.index(worst)]:.1f}, limit 1): another person?")
-            landmarks[worst] = None
+            reasons[kept[odd]] = (f"its skin colour does not match the other photos' (mismatch "
+                                  f"{appearance[odd]:.1f}, limit 1): another person?")
+            landmarks[kept[odd]] = None
         left_out = {**person.left_out, **reasons}
         person = PersonFit(person.fits, dict(sorted(left_out.items())), person.mismatch)
         current[0], span[:] = None, [0.0, 1.0]
@@ -252,6 +253,6 @@ class Reconstructor:
                                      model.topology.uv_mirror_symmetric)
         reference = kept[0]
         export = export_person(infos, located, person, reference, model, fused, completed, options,
-                               safe_stem(photos[0].name), clock)
+                               name or safe_stem(photos[0].name), clock)
         return PersonReconstruction(tuple(infos), tuple(located), model, person, reference, vertices[0], fused,
                                     completed, export.files, export.facts, clock.timings)
