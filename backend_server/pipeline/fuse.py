@@ -11,8 +11,9 @@ Texture frame: that of bake.py (row 0 at the top; UV origin bottom-left).
 
 `fuse_observations` (per texel):
 1. colours equalised between photos: each photo's colours are scaled per channel so that, over
-   the texels both saw well, its weighted mean matches the reference photo's (the photo that saw
-   most; exposure and white balance differ between photos, the face's colour does not);
+   the texels two photos both saw well, their weighted means match (least squares over every such
+   pair; the reference photo, the one the head is posed as, keeps its colours: exposure and white
+   balance differ between photos, the face's colour does not);
 2. blended: each photo's weight sharpened (w ** SHARPNESS, so the photo that saw a texel best
    dominates it) and feathered (ramped to 0 over FEATHER_TEXELS toward the border of what that
    photo saw, so no photo's edge shows as a seam), then the weighted mean;
@@ -134,27 +135,44 @@ def _feather(weight: np.ndarray, covered: np.ndarray) -> np.ndarray:
 
 
 def colour_gains(observations: Sequence[Observation], reference: int) -> np.ndarray:
-    """(P, 3) per-channel gains that bring each photo's colours to the reference photo's, measured
-    over the texels both saw at least EQUALISE_MIN_WEIGHT (1 where they share too few)."""
-    gains = np.ones((len(observations), 3), np.float32)
-    ref = observations[reference]
-    for k, obs in enumerate(observations):
-        if k == reference:
-            continue
-        both = (obs.texel_weight >= EQUALISE_MIN_WEIGHT) & (ref.texel_weight >= EQUALISE_MIN_WEIGHT)
-        if both.sum() < 64:
-            continue
-        w = np.minimum(obs.texel_weight, ref.texel_weight)[both][:, None]
-        mine = (obs.observed[both] * w).sum(0)
-        theirs = (ref.observed[both] * w).sum(0)
-        gains[k] = np.clip(theirs / np.maximum(mine, 1e-6), *EQUALISE_GAIN_RANGE)
+    """(P, 3) per-channel gains that bring every photo's colours to the reference photo's: for each
+    pair of photos that both saw at least 64 texels at least EQUALISE_MIN_WEIGHT, the ratio of their
+    weighted mean colours there; the gains (log) fitted to every such pair at once by least squares,
+    weighted by the shared texels, the reference's fixed at 1 (so two side photos that do not
+    overlap are equalised through the front one). A photo that shares too little: gain 1."""
+    count = len(observations)
+    rows, targets, weights = [], [], []
+    for a in range(count):
+        for b in range(a + 1, count):
+            both = ((observations[a].texel_weight >= EQUALISE_MIN_WEIGHT)
+                    & (observations[b].texel_weight >= EQUALISE_MIN_WEIGHT))
+            if both.sum() < 64:
+                continue
+            w = np.minimum(observations[a].texel_weight, observations[b].texel_weight)[both][:, None]
+            mean_a = (observations[a].observed[both] * w).sum(0)
+            mean_b = (observations[b].observed[both] * w).sum(0)
+            row = np.zeros(count)
+            row[a], row[b] = 1.0, -1.0                       # log g_a - log g_b = log(mean_b / mean_a)
+            rows.append(row)
+            targets.append(np.log(np.maximum(mean_b, 1e-6) / np.maximum(mean_a, 1e-6)))
+            weights.append(np.sqrt(float(both.sum())))
+    gains = np.ones((count, 3), np.float32)
+    if not rows:
+        return gains
+    fixed = np.zeros(count)
+    fixed[reference] = 1.0
+    system = np.vstack([np.array(rows) * np.array(weights)[:, None], 1e3 * fixed])
+    rhs = np.vstack([np.array(targets) * np.array(weights)[:, None], np.zeros(3)])
+    linked = np.abs(np.array(rows)).sum(0) > 0
+    log_gain, *_ = np.linalg.lstsq(system, rhs, rcond=None)
+    gains[linked] = np.clip(np.exp(log_gain[linked]), *EQUALISE_GAIN_RANGE)
     return gains
 
 
-def fuse_observations(observations: Sequence[Observation], covered: np.ndarray) -> FusedTexture:
-    """Several photos' Observations of one UV layout -> one (see the module's docstring)."""
-    totals = [float(o.texel_weight[covered].sum()) for o in observations]
-    reference = int(np.argmax(totals))
+def fuse_observations(observations: Sequence[Observation], covered: np.ndarray, reference: int = 0
+                      ) -> FusedTexture:
+    """Several photos' Observations of one UV layout -> one (see the module's docstring); colours
+    are equalised to photo `reference`'s (the photo the head is posed as)."""
     gains = colour_gains(observations, reference)
     blend = np.stack([_feather(o.texel_weight, covered) ** SHARPNESS for o in observations])     # (P, S, S)
     best = np.max([o.texel_weight for o in observations], axis=0)

@@ -19,7 +19,7 @@ from shared_protocol import ErrorCode, PersonPhoto, ProtocolError, ReconstructOp
 from ..geometry import Camera
 from ..models import registry
 from ..models.face_model import FaceFit, FaceModel, PersonFit
-from .bake import Bake, baker_for
+from .bake import Bake, CpuBaker, baker_for
 from .decode import Photo, PhotoInfo, decode_photo
 from .detect import FaceBox, FaceDetector, select_faces
 from .export import export_person, export_photo, safe_stem
@@ -231,11 +231,18 @@ class Reconstructor:
             kept = person.kept
             fits = [person.fits[k] for k in kept]
             vertices = model.texture_vertices(fits, FIT_DEVICE)
-            observations = []
-            for n, (k, v) in enumerate(zip(kept, vertices)):
-                current[0], span[:] = k, [0.4 + 0.4 * n / len(kept), 1.0]
-                clock.enter("bake", 0.0)
-                observations.append(observe(pixels[k], v, model.topology, cameras[k], size))
+            if isinstance(self.baker, CpuBaker):
+                observations = []
+                for n, (k, v) in enumerate(zip(kept, vertices)):
+                    current[0], span[:] = k, [0.4 + 0.4 * n / len(kept), 1.0]
+                    clock.enter("bake", 0.0)
+                    observations.append(observe(pixels[k], v, model.topology, cameras[k], size))
+            else:                                   # every photo at once on this process's GPU
+                from .fuse_gpu import observe_gpu
+                current[0], span[:] = None, [0.0, 1.0]
+                clock.enter("bake", 0.4)
+                observations = observe_gpu(self.baker, [pixels[k] for k in kept], vertices,  # type: ignore[arg-type]
+                                           [cameras[k] for k in kept], model.topology, size)
             # Another person's skin: left out, and the rest fitted again without it.
             appearance = appearance_mismatch(observations)
             odd = odd_photo_out(appearance)
