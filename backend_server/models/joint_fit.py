@@ -14,11 +14,13 @@ per photo (rotation increment, direction, log distance, expression), then the id
 (B·(6 + K_exp) + K_id)² normal system (277² for three photos of ICT-FaceKit) assembled from each
 photo's JᵀJ. Start: each photo's own fit (`ModelFitter.fit`, batched), identity their mean.
 
-Leaving a photo out: a photo of the same person fits the shared identity nearly as well as its
-own; another person's does not. Per photo the *mismatch* is its landmarks' cost under the joint
-fit minus under its own fit, per landmark, over MISMATCH_LIMIT (chosen on the synthetic heads:
-benchmarks/quality/multiview.py). While the largest mismatch is over 1, that photo is left out
-and the others are fitted again; of two photos that disagree, the first stays.
+Leaving a photo out: per photo the *mismatch* is its landmarks' cost under the joint fit minus
+under its own fit, per landmark, over MISMATCH_LIMIT. While the largest is over 1, that photo is
+left out and the others are fitted again; of two photos that disagree, the first stays. This
+catches only gross failures (landmarks that missed the face): on the synthetic heads another
+person's photo costs no more than the person's own (MediaPipe's shapes are too alike, and the
+expressions absorb the rest), so another person is recognised by the pipeline from the skin's
+colour instead (pipeline/fuse.py `appearance_mismatch`; docs/quality.md).
 """
 from __future__ import annotations
 
