@@ -2,7 +2,7 @@
 and MediaPipe on them, learn from the pairs (models/calibration.py), store the result beside the
 model's cache (models/store.py). Run by `facerecon-backend models install` and `models calibrate`.
 
-    calibrate(model, renders=600, seed=0, device="cpu", workers=2, progress=callback) -> Calibration
+    calibrate(model, renders=DEFAULT_RENDERS, seed=0, device="cpu", workers=2, progress=callback) -> Calibration
 
 Per head (`synthetic.sampling.sample_head`, one seed each): a random identity (N(0, 1)), up to
 three expressions, a light, an albedo from a small pool (albedo textures are the slow part of a
@@ -21,9 +21,9 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .geometry import Camera, rigid_fit
+from .geometry import Camera, Pose, rigid_fit
 from .models.builtin import load_builtin
-from .models.calibration import Calibration, CalibrationSample, learn
+from .models.calibration import DEFAULT_RENDERS, Calibration, CalibrationSample, learn, learn_shape_correction
 from .models.morphable import MorphableModel
 from .models.morphable_fit import ModelFitter, Weighting
 from .render.rasterize import rasterize
@@ -34,8 +34,9 @@ RENDER_SIZE_PX = 320
 ALBEDO_POOL = 12
 ALBEDO_SIZE_PX = 512
 CHUNK_HEADS = 8                      # heads rendered per batch (a GPU renders them in one call)
+DETECT_CHUNK = 4                     # renders per task of a detection process
 HOLD_OUT_EVERY = 5                   # every 5th render with landmarks judges the noise scale
-NOISE_SCALES = (1.0, 1.5, 2.0, 3.0, 4.0)
+NOISE_SCALES = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
 Progress = Callable[[int, int], None]  # (renders done, renders in all)
 
 
@@ -46,21 +47,27 @@ class _Render:
     rgb: np.ndarray
     identity: np.ndarray
     expression: np.ndarray
-    pose: object
-    camera: object
+    pose: Pose
+    camera: Camera
     yaw_deg: float
     posed_camera: np.ndarray          # (V, 3) the true head in the camera frame
 
 
-def calibrate(model: MorphableModel, renders: int = 600, seed: int = 0, device: str = "cpu", workers: int = 2,
-              progress: Progress | None = None) -> Calibration:
+def calibrate(model: MorphableModel, renders: int = DEFAULT_RENDERS, seed: int = 0, device: str = "cpu",
+              workers: int = 2, progress: Progress | None = None) -> Calibration:
     """Render `renders` views of random heads of `model`, detect, learn. See the module docstring."""
     started = time.perf_counter()
     samples = render_and_detect(model, renders, seed, device, workers, progress)
     reference = load_builtin().reference_vertices
     calibration = learn(model, samples, reference)
     calibration.facts.update(tune_noise_scale(model, samples, reference, device))
-    calibration.facts.update(seed=seed, device=device, seconds=round(time.perf_counter() - started, 1))
+    detected = [s for s in samples if s.landmarks is not None]
+    correction = learn_shape_correction(model, detected, reference)
+    correction.facts.update(held_out_points_error_mm=builtin_errors(model, detected, reference))
+    calibration = replace(calibration, shape_correction=correction)
+    calibration.facts.update(seed=seed, device=device, renders=len(samples),
+                             detected_renders=sum(s.landmarks is not None for s in samples),
+                             seconds=round(time.perf_counter() - started, 1))
     return calibration
 
 
@@ -69,18 +76,24 @@ def render_and_detect(model: MorphableModel, renders: int, seed: int = 0, device
     """The (truth, MediaPipe) pairs of `renders` renders (see the module docstring)."""
     samples: list[CalibrationSample] = []
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max(1, workers), mp_context=context, initializer=_detect_init) as pool:
+    from .models.face_model import triangulate
+    triangles = triangulate(model.polygons[model.textured_polygons])
+    with ProcessPoolExecutor(max(1, workers), mp_context=context, initializer=_detect_init,
+                             initargs=(triangles,)) as pool:
         pending: deque[tuple[Future, list[_Render]]] = deque()
 
         def collect() -> None:
             future, rendered = pending.popleft()
-            samples.extend(_sample(model, r, marks) for r, marks in zip(rendered, future.result()))
+            samples.extend(_sample(r, found) for r, found in zip(rendered, future.result()))
             if progress:
                 progress(len(samples), renders)
 
         for batch in _render_batches(model, renders, seed, device):      # rendering overlaps detection
-            pending.append((pool.submit(_detect_batch, [(r.rgb, i) for i, r in enumerate(batch)]), batch))
-            while len(pending) > max(1, workers):
+            jobs = [(r.rgb, r.posed_camera.astype(np.float32), r.camera) for r in batch]
+            for start in range(0, len(jobs), DETECT_CHUNK):                  # spread over the workers
+                pending.append((pool.submit(_detect_batch, jobs[start:start + DETECT_CHUNK]),
+                                batch[start:start + DETECT_CHUNK]))
+            while len(pending) > 2 * max(1, workers):
                 collect()
         while pending:
             collect()
@@ -107,26 +120,47 @@ def tune_noise_scale(model: MorphableModel, samples: list[CalibrationSample], re
             "noise_scale_errors_mm": {str(s): round(e, 3) for s, e in errors.items()}}
 
 
+def builtin_errors(model: MorphableModel, samples: list[CalibrationSample], reference: np.ndarray) -> dict:
+    """The built-in model's 468-point error (mm, rigid alignment, the points on the model) on a
+    held-out fifth of the renders: MediaPipe's geometry as is, the reference face, corrected."""
+    from .models.builtin import fit_landmarks
+    held_out = samples[::HOLD_OUT_EVERY]
+    correction = learn_shape_correction(model, [s for k, s in enumerate(samples) if k % HOLD_OUT_EVERY], reference)
+    geometric = model.correspondence()
+    valid = geometric.valid
+    heads = model.vertices_at(geometric.corners, np.array([s.identity for s in held_out]),
+                              np.array([s.expression for s in held_out]), geometric.bary)
+    errors: dict[str, list[float]] = {"mediapipe": [], "reference_face": [], "corrected": []}
+    for sample, head in zip(held_out, heads):
+        truth = sample.pose.apply(head)[valid]
+        fit = fit_landmarks(sample.landmarks, reference, sample.camera)                      # type: ignore[arg-type]
+        corrected = fit.pose.apply(correction.predict(sample.landmarks, reference, sample.camera))  # type: ignore[arg-type]
+        for key, points in (("mediapipe", fit.landmark_points), ("reference_face", reference),
+                            ("corrected", corrected)):
+            errors[key].append(aligned_error_mm(points[valid].astype(np.float64), truth))
+    return {key: round(float(np.mean(values)), 3) for key, values in errors.items()}
+
+
 def vertex_error_mm(model: MorphableModel, samples: list[CalibrationSample], weighting: Weighting,
                     device: str) -> float:
     """Mean face-area vertex error (mm, after a rigid alignment) of fits of the samples' landmarks."""
     fitter = ModelFitter(model, device, weighting)
     reference = load_builtin().reference_vertices
     fits = fitter.fit([s.landmarks for s in samples], [s.camera for s in samples], reference)  # type: ignore[misc]
-    region = model.face_region
-    errors = []
-    for sample, fit in zip(samples, fits):
-        truth = model.vertices(sample.identity, sample.expression)[region]
-        fitted = model.vertices(fit.identity, fit.expression)[region]
-        errors.append(aligned_error_mm(fitted, truth))
-    return float(np.mean(errors))
+    fitted = model.vertices_at(model.face_region, np.array([f.identity for f in fits]),
+                               np.array([f.expression for f in fits]))
+    return float(np.mean([aligned_error_mm(face, truth) for face, truth in zip(fitted, true_faces(model, samples))]))
 
 
 def mean_face_error_mm(model: MorphableModel, samples: list[CalibrationSample]) -> float:
-    region = model.face_region
-    mean = model.mean.astype(np.float64)[region]
-    return float(np.mean([aligned_error_mm(mean, model.vertices(s.identity, s.expression)[region])
-                          for s in samples]))
+    mean = model.mean.astype(np.float64)[model.face_region]
+    return float(np.mean([aligned_error_mm(mean, truth) for truth in true_faces(model, samples)]))
+
+
+def true_faces(model: MorphableModel, samples: list[CalibrationSample]) -> np.ndarray:
+    """(S, R, 3) the samples' true face regions, head frame."""
+    return model.vertices_at(model.face_region, np.array([s.identity for s in samples]),
+                             np.array([s.expression for s in samples]))
 
 
 def aligned_error_mm(points: np.ndarray, truth: np.ndarray) -> float:
@@ -146,11 +180,14 @@ def _render_batches(model: MorphableModel, renders: int, seed: int, device: str)
     rng = np.random.default_rng(seed)
     heads = -(-renders // VIEWS_PER_HEAD)
     albedos = [sample_head(model, seed * 100_003 + k).albedo for k in range(ALBEDO_POOL)]
+    looks: dict[int, tuple] = {}                                  # pool index -> (texture, render mesh)
     made = 0
     for chunk, start in enumerate(range(0, heads, CHUNK_HEADS)):
-        albedo = albedos[chunk % ALBEDO_POOL]                     # one albedo for the chunk's heads
-        texture = albedo_texture(model, albedo, ALBEDO_SIZE_PX)
-        mesh = model_render_mesh(model, vertex_albedo(model, albedo))
+        pick = chunk % ALBEDO_POOL                                # one albedo for the chunk's heads
+        if pick not in looks:
+            looks[pick] = (albedo_texture(model, albedos[pick], ALBEDO_SIZE_PX),
+                           model_render_mesh(model, vertex_albedo(model, albedos[pick])))
+        texture, mesh = looks[pick]
         batch: list[_Render] = []
         vertices: list[np.ndarray] = []
         cameras: list[Camera] = []
@@ -174,55 +211,55 @@ def _render_batches(model: MorphableModel, renders: int, seed: int, device: str)
 
 # --- detection (worker processes) -------------------------------------------------------------------
 _detectors = None
+_triangles: np.ndarray | None = None
+_Found = tuple[np.ndarray | None, np.ndarray, np.ndarray, np.ndarray]
 
 
-def _detect_init() -> None:
-    global _detectors
+def _detect_init(triangles: np.ndarray) -> None:
+    global _detectors, _triangles
     from .pipeline.batch import ignore_sigint_in_children
     from .pipeline.detect import FaceDetector
     from .pipeline.landmarks import LandmarkDetector
     ignore_sigint_in_children()
     _detectors = (FaceDetector(), LandmarkDetector())
+    _triangles = triangles
 
 
-def _detect_batch(images: list[tuple[np.ndarray, int]]) -> list[np.ndarray | None]:
-    """MediaPipe's (478, 3) landmarks of the largest face per image, or None."""
+def _detect_batch(jobs: list[tuple[np.ndarray, np.ndarray, Camera]]) -> list[_Found]:
+    """Per render (image, camera-frame true vertices, camera): MediaPipe's (478, 3) landmarks of
+    the largest face (None if none) and the true surface under each of its 468 mesh points."""
     from shared_protocol import ProtocolError
-    assert _detectors is not None
+    assert _detectors is not None and _triangles is not None
     detector, landmarker = _detectors
-    found: list[np.ndarray | None] = []
-    for rgb, index in images:
+    found: list[_Found] = []
+    for index, (rgb, posed, camera) in enumerate(jobs):
         boxes = detector(rgb)
         try:
-            found.append(landmarker(rgb, boxes[0], f"render{index}") if boxes else None)
+            marks = landmarker(rgb, boxes[0], f"render{index}") if boxes else None
         except ProtocolError:
-            found.append(None)
+            marks = None
+        if marks is None:
+            found.append((None, np.zeros((468, 3), np.int64), np.zeros((468, 3)), np.zeros(468, bool)))
+        else:
+            found.append((marks, *surface_under(_triangles, posed, camera, marks[:468, :2])))
     return found
 
 
-def _sample(model: MorphableModel, render: _Render, landmarks: np.ndarray | None) -> CalibrationSample:
-    """The render's truth, and where each detected point lies on the true face surface."""
-    corners = np.zeros((468, 3), np.int64)
-    bary = np.zeros((468, 3))
-    valid = np.zeros(468, bool)
-    if landmarks is not None:
-        corners, bary, valid = surface_under(model, render.posed_camera, render.camera, landmarks[:468, :2])
-    return CalibrationSample(render.identity, render.expression, render.pose, render.camera,  # type: ignore[arg-type]
-                             render.yaw_deg, landmarks, corners, bary, valid)
+def _sample(render: _Render, found: _Found) -> CalibrationSample:
+    return CalibrationSample(render.identity, render.expression, render.pose, render.camera, render.yaw_deg, *found)
 
 
-def surface_under(model: MorphableModel, vertices: np.ndarray, camera: object, pixels: np.ndarray
+def surface_under(triangles: np.ndarray, vertices: np.ndarray, camera: Camera, pixels: np.ndarray
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per (N, 2) photo pixel: the visible front-facing textured triangle of the (V, 3) camera-frame
-    head there ((N, 3) vertex ids, (N, 3) barycentrics in the screen, (N,) hit or not)."""
-    from .models.face_model import triangulate
-    triangles = triangulate(model.polygons[model.textured_polygons])
-    screen = camera.project(vertices)                                           # type: ignore[attr-defined]
+    """Per (N, 2) photo pixel: the visible front-facing triangle (of (T, 3) `triangles`: the
+    model's textured ones) of the (V, 3) camera-frame head there ((N, 3) vertex ids, (N, 3)
+    barycentrics in the screen, (N,) hit or not)."""
+    screen = camera.project(vertices)
     corners = screen[triangles]
     signed = ((corners[:, 1, 0] - corners[:, 0, 0]) * (corners[:, 2, 1] - corners[:, 0, 1])
               - (corners[:, 1, 1] - corners[:, 0, 1]) * (corners[:, 2, 0] - corners[:, 0, 0]))
     front = triangles[signed < 0]
-    width, height = camera.width, camera.height                                 # type: ignore[attr-defined]
+    width, height = camera.width, camera.height
     raster = rasterize(screen, -vertices[:, 2], front, width, height)
     col = np.clip(np.floor(pixels[:, 0]).astype(int), 0, width - 1)
     row = np.clip(np.floor(pixels[:, 1]).astype(int), 0, height - 1)

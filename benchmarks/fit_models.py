@@ -19,7 +19,7 @@ import torch
 from backend_server.models import store
 from backend_server.models.builtin import load_builtin
 from backend_server.geometry import Camera
-from backend_server.models.morphable_fit import ModelFitter, ideal_landmarks, rodrigues
+from backend_server.models.morphable_fit import ModelFitter, Weighting, ideal_landmarks, rodrigues
 
 
 def random_faces(model, count: int, camera: Camera, seed: int = 0) -> list[np.ndarray]:
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--bake", action="store_true", help="CUDA: also time the GPU bake in the model's topology")
+    parser.add_argument("--uncalibrated", action="store_true",
+                        help="fit without the model's calibration (default: with it, where one is stored)")
     args = parser.parse_args()
     reference = load_builtin().reference_vertices
     camera = Camera.for_photo(1024, 1024)
@@ -50,7 +52,10 @@ def main() -> None:
                                       f" ({torch.get_num_threads()} threads)"))
     for name in args.models or store.installed_models():
         model = store.load_model(name)
-        fitter = ModelFitter(model, args.device)
+        calibration = None if args.uncalibrated else store.load_calibration(name)
+        weighting = Weighting.for_model(model, calibration)
+        print(f"{name}: {'calibrated' if calibration is not None else 'uncalibrated'} fit")
+        fitter = ModelFitter(model, args.device, weighting)
         faces = random_faces(model, max(args.batches), camera)
         marks = [ideal_landmarks(model, f, camera) for f in faces]
         fitter.fit(marks[:1], [camera], reference)                    # warm-up
@@ -69,7 +74,7 @@ def main() -> None:
         if args.device != "cpu":
             count = min(8, max(args.batches))
             on_gpu = fitter.fit(marks[:count], [camera] * count, reference)
-            on_cpu = ModelFitter(model, "cpu").fit(marks[:count], [camera] * count, reference)
+            on_cpu = ModelFitter(model, "cpu", weighting).fit(marks[:count], [camera] * count, reference)
             identity = max(np.abs(g.identity - c.identity).max() for g, c in zip(on_gpu, on_cpu))
             shift_mm = max(1000 * np.abs(g.pose.translation - c.pose.translation).max() for g, c in zip(on_gpu, on_cpu))
             print(f"{name:12s} GPU vs CPU fit of {count} faces: identity differs by <= {identity:.4f}, "

@@ -14,10 +14,10 @@ import bpy
 
 from . import preferences, properties
 from .blender_import import import_result
-from .properties import FACERECON_PG_settings, set_models
+from .properties import FACERECON_PG_settings, offer_default_model, set_models
 from .protocol import ReconstructOptions, limits
 from .result_files import write_result
-from .transport import ReconstructJob, StatusCheck, describe_status
+from .transport import ReconstructJob, StatusCheck, best_model, describe_status
 
 if TYPE_CHECKING:                                 # a type alias of the stubs only
     from bpy.stub_internal.rna_enums import OperatorReturnItems
@@ -167,6 +167,7 @@ def tick_check() -> float | None:
     if check.status is not None:
         state.status_text, state.status_is_error = "\n".join(describe_status(check.status)), False
         set_models(list(check.status.models))
+        offer_default_model(properties.settings(bpy.context), best_model(check.status.models))
     else:
         state.status_text, state.status_is_error = f"{check.error} [{check.error_code}]", True
     _redraw()

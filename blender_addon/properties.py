@@ -30,6 +30,28 @@ def _models(self, context):
     return _model_items
 
 
+_choosing_default = False              # True while the add-on itself sets the model (not the artist)
+
+
+def _model_picked(self, context) -> None:
+    if not _choosing_default:
+        self.model_chosen = True
+
+
+def offer_default_model(settings: "FACERECON_PG_settings", best: str) -> None:
+    """Select `best` (the best model the server has) unless the artist picked a model that the
+    server still offers."""
+    global _choosing_default
+    offered = [item[0] for item in _model_items]
+    if settings.model_chosen and settings.model in offered:
+        return
+    _choosing_default = True
+    try:
+        settings.model = best
+    finally:
+        _choosing_default = False
+
+
 class FACERECON_PG_photo(bpy.types.PropertyGroup):
     """One of several photos of one person (Pick Photos)."""
 
@@ -50,7 +72,11 @@ class FACERECON_PG_settings(bpy.types.PropertyGroup):
     texture_size: bpy.props.EnumProperty(
         name="Texture", default="2048", description="UV texture size in pixels",
         items=[("1024", "1024²", ""), ("2048", "2048²", ""), ("4096", "4096²", "")])
-    model: bpy.props.EnumProperty(name="Model", items=_models, description="Face model on the backend")
+    model: bpy.props.EnumProperty(name="Model", items=_models, update=_model_picked,
+                                  description="Face model on the backend (Test Connection lists the server's; "
+                                  "the best one is selected until you pick one)")
+    model_chosen: bpy.props.BoolProperty(default=False, options={"HIDDEN"},
+                                         description="The artist picked the model (the add-on leaves it)")
 
 
 class FACERECON_PG_state(bpy.types.PropertyGroup):

@@ -230,6 +230,19 @@ class StatusCheck(_Exchange):
                 return self._fail(message.code.value, message.message)
 
 
+MODEL_PREFERENCE = ("ict-facekit", "sfm")      # best first; then any other installed model; "builtin" last
+
+
+def best_model(models: list[str] | tuple[str, ...]) -> str:
+    """The model the panel offers first from a server's list: ICT-FaceKit (a whole head with ARKit
+    expressions), then the Surrey Face Model, then any other installed model, then the built-in."""
+    for name in MODEL_PREFERENCE:
+        if name in models:
+            return name
+    others = [name for name in models if name != "builtin"]
+    return others[0] if others else "builtin"
+
+
 def describe_status(status: Status) -> list[str]:
     """Short lines for the panel: version, devices, workers, queue."""
     busy = sum(1 for w in status.workers if w.get("state") == "busy")

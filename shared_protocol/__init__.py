@@ -3,12 +3,13 @@
 `shared_protocol.client` (the DEALER client) additionally needs pyzmq and is imported explicitly.
 """
 from .errors import ErrorCode, ProtocolError
-from .messages import (MESSAGE_TYPES, OUTPUT_KINDS, PROTOCOL_VERSION, STAGES, Accepted, Cancel,
+from .messages import (DEFAULT_OUTPUTS, MESSAGE_TYPES, OUTPUT_KINDS, PROTOCOL_VERSION, STAGES, Accepted, Cancel,
                        Error, Message, PersonPhoto, Ping, Pong, Progress, ReconstructOptions, ReconstructRequest,
                        Result, ResultFile, Status, StatusRequest, decode, encode)
 from . import limits
 
-__all__ = ["ErrorCode", "ProtocolError", "MESSAGE_TYPES", "OUTPUT_KINDS", "PROTOCOL_VERSION", "STAGES",
-           "Accepted", "Cancel", "Error", "Message", "PersonPhoto", "Ping", "Pong", "Progress", "ReconstructOptions",
+__all__ = ["ErrorCode", "ProtocolError", "DEFAULT_OUTPUTS", "MESSAGE_TYPES", "OUTPUT_KINDS", "PROTOCOL_VERSION",
+           "STAGES", "Accepted", "Cancel", "Error", "Message", "PersonPhoto", "Ping", "Pong", "Progress",
+           "ReconstructOptions",
            "ReconstructRequest", "Result", "ResultFile", "Status", "StatusRequest", "decode", "encode",
            "limits"]

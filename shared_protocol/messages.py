@@ -31,7 +31,9 @@ SERVER_ID_CHARS = 64
 PROTOCOL_MAJOR = 1
 
 STAGES = ("queued", "decode", "detect", "landmarks", "fit", "bake", "export")
-OUTPUT_KINDS = ("obj", "mtl", "png", "json", "neutral_obj", "shape_keys")   # the last two: models with expressions
+OUTPUT_KINDS = ("obj", "mtl", "png", "json", "neutral_obj", "shape_keys",   # these two: models with expressions
+                "glb", "usdc")                     # glTF 2.0 binary; USD crate file (refers to the png beside it)
+DEFAULT_OUTPUTS = ("obj", "mtl", "png", "json", "neutral_obj", "shape_keys")  # what a request without outputs gets
 
 
 def _fail(message: str, code: ErrorCode = ErrorCode.BAD_FIELD) -> ProtocolError:
@@ -110,7 +112,7 @@ class ReconstructOptions:
     face: int = 0
     texture_size: int = limits.DEFAULT_TEXTURE_SIZE   # pixels per side
     model: str = "builtin"
-    outputs: tuple[str, ...] = OUTPUT_KINDS
+    outputs: tuple[str, ...] = DEFAULT_OUTPUTS
     subdivision: int = 1                              # Loop subdivision levels of the mesh
 
     def to_json(self) -> dict[str, Any]:

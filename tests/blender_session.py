@@ -122,9 +122,19 @@ def test_connection() -> str:
     return bpy.context.window_manager.facerecon.status_text
 
 
+def model_menu() -> dict:
+    """The panel's model menu: what it offers and what is selected."""
+    settings = bpy.context.scene.facerecon
+    offered = [item.identifier for item in settings.bl_rna.properties["model"].enum_items_static] or \
+        [item[0] for item in sys.modules[f"{ADDON}.properties"]._model_items]
+    return {"offered": offered, "selected": settings.model}
+
+
 def scenario_import(zip_path: str, address: str, work: Path, photos: list[str]) -> dict:
     install(zip_path, address, work / "results")
     status_text = test_connection()
+    models = model_menu()
+    bpy.context.scene.facerecon.model = "builtin"          # this scenario is about the built-in face
     bpy.context.scene.facerecon.photo_path = photos[0]
     panel_before = draw_panel()
     thumbnail = list(sys.modules[f"{ADDON}.properties"].photo_preview(photos[0]).image_size)
@@ -144,13 +154,17 @@ def scenario_import(zip_path: str, address: str, work: Path, photos: list[str]) 
     reloaded = describe_objects()
     return {"before": before, "after": after, "runs": [first, second], "objects": objects,
             "after_undo": after_undo, "status_text": status_text, "thumbnail": thumbnail, "panel_before": panel_before,
-            "panel_after": panel_after, "category": bpy.types.FACERECON_PT_panel.bl_category,
+            "panel_after": panel_after, "category": bpy.types.FACERECON_PT_panel.bl_category, "models": models,
             "reloaded": reloaded, "folders": sorted(p.name for p in (work / "results").iterdir())}
 
 
 def scenario_model(zip_path: str, address: str, work: Path, photos: list[str]) -> dict:
     install(zip_path, address, work / "results")
     test_connection()                                      # fills the model list from the backend
+    menu = {"first": model_menu()}                         # the best model selected by itself
+    bpy.context.scene.facerecon.model = "builtin"          # the artist picks one: a new status keeps it
+    test_connection()
+    menu["after_pick"] = model_menu()
     bpy.context.scene.facerecon.model = "ict-facekit"
     run = reconstruct(photos[0])
     obj = bpy.context.view_layer.objects.active
@@ -173,7 +187,7 @@ def scenario_model(zip_path: str, address: str, work: Path, photos: list[str]) -
         broken_error = None
     except ValueError as exc:
         broken_error = str(exc)
-    return {"run": run, "broken_error": broken_error, "broken_added": counts() != before_broken,
+    return {"run": run, "broken_error": broken_error, "broken_added": counts() != before_broken, "menu": menu,
             **facts, "name": obj.name, "vertices": len(obj.data.vertices), "polygons": len(obj.data.polygons),
             "keys": [{"name": k.name, "value": k.value, "relative_to": k.relative_key.name} for k in keys],
             "basis": [list(v.co) for v in keys[0].data] if keys else [], "shown": shown,

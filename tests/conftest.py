@@ -14,6 +14,9 @@ SHARED = Path(os.environ.get("FACERECON_SHARED", ROOT.parent / "shared"))
 SHARED_PHOTOS = SHARED / "photos"
 SHARED_MODELS = SHARED / "models"
 TEST_CACHE = ROOT / ".cache" / "test-data"          # git-ignored; kept between runs
+# No test downloads from the internet: a `models install ict-facekit` without --from that a test
+# does not point at its own 127.0.0.1 server fails at once (nothing listens on port 9).
+os.environ.setdefault("FACERECON_ICT_FACEKIT_URL", "http://127.0.0.1:9/no-internet-in-tests/FaceXModel.zip")
 
 
 def shared_photo(name: str) -> Path:

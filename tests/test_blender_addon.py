@@ -91,6 +91,9 @@ def test_reconstruct_face_imports_a_textured_face_at_the_cursor(addon_zip, backe
     assert facts["reloaded"] == facts["objects"]                               # saved and found again
 
     assert facts["status_text"].startswith("backend 0.1.0") and "workers: 1" in facts["status_text"]
+    from blender_addon.transport import best_model
+    assert facts["models"]["offered"][0] == "builtin"
+    assert facts["models"]["selected"] == best_model(facts["models"]["offered"])   # what this server has
     assert facts["category"] == "Face"
     drawn = [(kind, args) for kind, args, _ in facts["panel_before"]]
     assert ("operator", ["facerecon.reconstruct"]) in drawn and ("operator", ["facerecon.test_connection"]) in drawn
@@ -116,6 +119,9 @@ def test_a_model_with_expressions_imports_with_arkit_shape_keys(addon_zip, insta
         assert server.stop() == 0
     assert not facts["run"]["error"], facts["run"]
     assert facts["vertices"] == 24591 and facts["model_property"] == "ict-facekit"
+    menu = facts["menu"]                                  # the model menu defaults to the best installed model
+    assert menu["first"] == {"offered": ["builtin", "ict-facekit", "sfm"], "selected": "ict-facekit"}
+    assert menu["after_pick"]["selected"] == "builtin"    # but keeps the artist's own pick
     folder = Path(facts["result_folder"])
     expression = json.loads((folder / "deca_exp1.json").read_text())["coefficients"]["expression"]
     keys = facts["keys"]

@@ -15,6 +15,7 @@ from tests.conftest import ROOT
 
 EXAMPLES = [
     ReconstructRequest("r1", "me.jpg", b"\xff\xd8jpegbytes", ReconstructOptions(face=-1, texture_size=1024)),
+    ReconstructRequest("r2", "me.jpg", b"\xff\xd8", ReconstructOptions(outputs=("glb", "usdc", "png", "json"))),
     Accepted("r1", "j1", 3),
     Accepted("r1", "j1", 3, server_id="5f1c0e"),
     ReconstructRequest("r2", "front.jpg", b"\xff\xd8front", ReconstructOptions(),
@@ -23,6 +24,7 @@ EXAMPLES = [
     Progress("j1", "landmarks", 0.2, photo=2),
     Result("j1", (ResultFile("me.obj", "obj", b"v 0 0 0\n"), ResultFile("me.png", "png", b"\x89PNG")),
            {"faces": 1}),
+    Result("j2", (ResultFile("me.glb", "glb", b"glTF"), ResultFile("me.usdc", "usdc", b"PXR-USDC")), {"faces": 1}),
     Error(ErrorCode.NO_FACE, "no face", job_id="j1", request_id="r1"),
     Error(ErrorCode.BAD_HEADER, "bad"),
     Error(ErrorCode.BAD_IMAGE, "photo 2 of 3 (left.jpg): not an image", job_id="j1", photo_name="left.jpg"),
@@ -57,6 +59,18 @@ def rejected(frames) -> ErrorCode:
     with pytest.raises(ProtocolError) as info:
         decode(frames)
     return info.value.code
+
+
+def test_outputs_default_to_today_s_set_and_stay_strict():
+    from shared_protocol import DEFAULT_OUTPUTS, OUTPUT_KINDS
+    assert ReconstructOptions().outputs == DEFAULT_OUTPUTS == ("obj", "mtl", "png", "json", "neutral_obj", "shape_keys")
+    assert OUTPUT_KINDS == (*DEFAULT_OUTPUTS, "glb", "usdc")           # asked for only
+    request = header_of(EXAMPLES[0])
+    for outputs in (["glb", "fbx"], ["GLB"], ["usdz"], "glb", [["glb"]]):
+        broken = request | {"options": request["options"] | {"outputs": outputs}}
+        assert rejected(frames_with(broken, EXAMPLES[0].photo)) == ErrorCode.BAD_FIELD
+    result = header_of(EXAMPLES[7])          # the Result with .obj and .png
+    assert rejected(frames_with(result | {"kinds": ["glb", "fbx"]}, b"v 0 0 0\n", b"\x89PNG")) == ErrorCode.BAD_FIELD
 
 
 def test_rejects_empty_and_too_many_frames():

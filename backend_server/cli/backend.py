@@ -4,7 +4,8 @@
     facerecon-backend keys generate --dir DIR                 # the server's key pair
     facerecon-backend keys generate --dir DIR --client NAME   # an artist's key pair, authorised
     facerecon-backend status [--connect ADDRESS] [--server-key FILE --client-key FILE]
-    facerecon-backend models install ict-facekit --from FaceXModel/   # or: sfm --from FOLDER
+    facerecon-backend models install ict-facekit        # downloads the pinned upstream files (or --from FOLDER)
+    facerecon-backend models install sfm --from FOLDER
     facerecon-backend models list
 """
 from __future__ import annotations
@@ -78,17 +79,19 @@ def run_serve(args: argparse.Namespace) -> int:
                           job_timeout_s=args.job_timeout,
                           drain_timeout_s=args.drain_timeout, keys_dir=args.keys, models=tuple(models),
                           warm_texture_size=args.warm_texture_size)
-    try:
-        server = Server(config)
-    except (OSError, ValueError) as exc:
-        print(f"facerecon-backend: cannot start: {exc}", file=sys.stderr)
-        return 2
-    except Exception as exc:                         # zmq.ZMQError: address in use, bad endpoint
-        print(f"facerecon-backend: cannot serve {args.bind}: {exc}", file=sys.stderr)
-        return 2
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: server.request_stop())
-    return server.run()
+    from backend_server.cli.quiet import quiet_native_logs
+    with quiet_native_logs(enabled=not args.verbose):        # the workers' MediaPipe log lines
+        try:
+            server = Server(config)
+        except (OSError, ValueError) as exc:
+            print(f"facerecon-backend: cannot start: {exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:                         # zmq.ZMQError: address in use, bad endpoint
+            print(f"facerecon-backend: cannot serve {args.bind}: {exc}", file=sys.stderr)
+            return 2
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: server.request_stop())
+        return server.run()
 
 
 def worker_memory_bytes(args: argparse.Namespace, workers: int) -> int:
@@ -146,9 +149,14 @@ def run_models_install(args: argparse.Namespace) -> int:
     from backend_server.models import store
     use_models_dir(args.models_dir)
     kind = store.KINDS[args.kind]
+    if args.source is None and args.kind in store.DOWNLOADS:
+        return download_and_install(args)
     if args.source is None:
-        print(f"facerecon-backend: no --from given; this machine downloads nothing. {kind.how_to_get}",
+        print(f"facerecon-backend: {args.kind} needs --from (it cannot be downloaded for you). {kind.how_to_get}",
               file=sys.stderr)
+        return 2
+    if args.url:
+        print("facerecon-backend: --url is for a download; give --from or --url, not both", file=sys.stderr)
         return 2
     if args.kind == "eos":
         if not args.name:
@@ -164,11 +172,106 @@ def run_models_install(args: argparse.Namespace) -> int:
     except (OSError, ValueError, ImportError) as exc:
         print(f"facerecon-backend: cannot install {args.kind}: {exc}\n{kind.how_to_get}", file=sys.stderr)
         return 1
+    return after_install(args, manifest)
+
+
+def print_installed(manifest: dict) -> None:
     print(f"installed {manifest['name']}: {manifest['vertices']} vertices, {manifest['identity_components']} "
           f"identity components, {len(manifest['expressions'])} expressions, "
           f"{manifest['mediapipe_points_on_surface']}/468 MediaPipe points on its surface (median "
           f"{manifest['mediapipe_to_surface_median_mm']} mm off) "
           f"({manifest['seconds']} s). Use it with --model {manifest['name']} (restart a running server).")
+
+
+def download_and_install(args: argparse.Namespace) -> int:
+    """`models install KIND` without --from: the pinned upstream archive, with a progress bar."""
+    from tqdm import tqdm
+
+    from backend_server.download import DownloadError
+    from backend_server.models import store
+    pinned = store.DOWNLOADS[args.kind]
+    url = store.download_url(args.kind, args.url)
+    print(f"downloading {pinned.why} from {url}\n  into {store.models_dir() / 'downloads'} (an interrupted "
+          "download resumes when run again)", flush=True)
+    bar = tqdm(unit="B", unit_scale=True, unit_divisor=1024, desc=args.kind, disable=args.quiet)
+
+    def on_progress(done: int, total: int | None) -> None:
+        if total is not None and bar.total != total:
+            bar.total = total
+        bar.update(done - bar.n)
+        if total is not None and done >= total and not bar.disable:
+            bar.close()
+            bar.disable = True                       # once
+            print("checking the files against the pinned digest, then converting them (about 20 s) ...", flush=True)
+
+    try:
+        manifest = store.download_and_install(args.kind, url=url, on_progress=on_progress)
+    except DownloadError as exc:
+        bar.close()
+        print(f"facerecon-backend: {exc}\nWithout a download: {store.KINDS[args.kind].how_to_get}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, ImportError) as exc:
+        bar.close()
+        print(f"facerecon-backend: cannot install {args.kind}: {exc}", file=sys.stderr)
+        return 1
+    bar.close()
+    return after_install(args, manifest)
+
+
+def after_install(args: argparse.Namespace, manifest: dict) -> int:
+    """Print what was installed, then calibrate it (unless --calibration-renders 0)."""
+    print_installed(manifest)
+    if args.calibration_renders <= 0:
+        print(f"not calibrated (--calibration-renders 0): run `facerecon-backend models calibrate {manifest['name']}`")
+        return 0
+    return calibrate_installed(manifest["name"], args.calibration_renders, args.seed, args.device, args.workers)
+
+
+def run_models_calibrate(args: argparse.Namespace) -> int:
+    from backend_server.models import store
+    use_models_dir(args.models_dir)
+    if store.read_manifest(args.name) is None:
+        installed = ", ".join(store.installed_models()) or "none"
+        print(f"facerecon-backend: no installed model {args.name!r} (installed: {installed}); "
+              "install it first with `facerecon-backend models install`", file=sys.stderr)
+        return 1
+    return calibrate_installed(args.name, args.renders, args.seed, args.device, args.workers)
+
+
+def calibrate_installed(name: str, renders: int, seed: int, device: str, workers: int) -> int:
+    """Calibrate installed model `name` to MediaPipe (backend_server/calibration.py) with a progress
+    bar, store the result in its cache and print what it gained on held-out renders."""
+    from tqdm import tqdm
+    from backend_server.calibration import calibrate
+    from backend_server.devices import parse_devices
+    from backend_server.models import store
+    from backend_server.models.calibration import MIN_RENDERS
+    if renders < MIN_RENDERS:
+        print(f"facerecon-backend: a calibration needs at least {MIN_RENDERS} renders (asked for {renders})",
+              file=sys.stderr)
+        return 2
+    try:
+        torch_device = parse_devices(device)[0]
+    except ValueError as exc:
+        print(f"facerecon-backend: {exc}", file=sys.stderr)
+        return 2
+    print(f"calibrating {name} to MediaPipe: {renders} synthetic renders on {torch_device}, "
+          f"{workers} detection processes ...", flush=True)
+    with tqdm(total=renders, unit="render", desc=f"calibrate {name}") as bar:
+        def progress(done: int, total: int) -> None:
+            bar.update(done - bar.n)
+        try:
+            calibration = calibrate(store.load_model(name), renders, seed, torch_device, workers, progress)
+        except ValueError as exc:                     # too few renders gave landmarks
+            print(f"facerecon-backend: cannot calibrate {name}: {exc}; try more --renders", file=sys.stderr)
+            return 1
+    path = store.save_calibration(name, calibration)
+    facts = calibration.facts
+    errors = facts["held_out_vertex_error_mm"]
+    print(f"calibrated {name} in {facts['seconds']} s: landmarks placed on {facts['detected_renders']} of "
+          f"{facts['renders']} renders; on {facts['held_out_renders']} held-out renders the face-area vertex "
+          f"error is {errors['calibrated']} mm (uncalibrated fit {errors['uncalibrated']} mm, mean face "
+          f"{errors['mean_face']} mm). Saved {path}; restart a running server to use it.")
     return 0
 
 
@@ -186,6 +289,19 @@ def run_models_list(args: argparse.Namespace) -> int:
               f"{len(manifest['expressions'])} expressions; from {next(iter(manifest['source'].values()))}"
               + (f" (cache to be rebuilt: {stale})" if stale else ""))
     return 0
+
+
+def add_calibration_options(parser: argparse.ArgumentParser, renders_flag: str) -> None:
+    from backend_server.models.calibration import DEFAULT_RENDERS
+    parser.add_argument(renders_flag, dest="calibration_renders" if "calibration" in renders_flag else "renders",
+                        type=int, default=DEFAULT_RENDERS,
+                        help=f"synthetic renders to calibrate on (default {DEFAULT_RENDERS}: minutes on a CPU, "
+                        "seconds on a GPU; more renders, a better fit)"
+                        + ("; 0 skips the calibration" if "calibration" in renders_flag else ""))
+    parser.add_argument("--seed", type=int, default=0, help="calibration seed (same seed and count, same result)")
+    parser.add_argument("--device", default="cpu", help="renders on cpu (default) or a GPU such as 0 or cuda:0")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes running the detector and MediaPipe on the renders (default: one per core)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="texture size prepared before the first job (default 2048)")
     serve.add_argument("--models-dir", type=Path, help="installed models (default $FACERECON_MODELS or "
                        "~/.cache/facerecon/models)")
+    serve.add_argument("-v", "--verbose", action="store_true",
+                       help="also show the workers' MediaPipe and TensorFlow Lite log lines (hidden by default)")
     serve.set_defaults(run=run_serve)
     keys = commands.add_parser("keys", help="CURVE key pairs").add_subparsers(dest="keys_command", required=True)
     generate = keys.add_parser("generate", help="make the server's key pair, or an artist's with --client")
@@ -235,12 +353,23 @@ def build_parser() -> argparse.ArgumentParser:
     install = models.add_parser("install", help="convert a model's original files into the fast cache")
     install.add_argument("kind", choices=("ict-facekit", "sfm", "eos"))
     install.add_argument("--from", dest="source", type=Path,
-                         help="ict-facekit, sfm: the folder of original files; eos: the model's .bin")
+                         help="ict-facekit, sfm: the folder of original files; eos: the model's .bin. Without it "
+                         "ict-facekit is downloaded from its pinned upstream archive and checked")
+    install.add_argument("--url", help="ict-facekit without --from: download this archive (.zip or .tar.xz of the "
+                         "same files, e.g. a mirror) instead of the pinned one ($FACERECON_ICT_FACEKIT_URL too)")
+    install.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     install.add_argument("--name", help="eos: the name requests use")
     install.add_argument("--blendshapes", type=Path, help="eos: expression blendshapes .bin")
     install.add_argument("--landmarks", type=Path, help="eos: ibug_to_*.txt landmark mapping")
     install.add_argument("--models-dir", type=Path, help="default $FACERECON_MODELS or ~/.cache/facerecon/models")
+    add_calibration_options(install, "--calibration-renders")
     install.set_defaults(run=run_models_install)
+    calibrate = models.add_parser("calibrate", help="learn how MediaPipe's points sit on a model from synthetic "
+                                  "renders of it (install does it too); makes its fit better")
+    calibrate.add_argument("name", help="an installed model (facerecon-backend models list)")
+    calibrate.add_argument("--models-dir", type=Path, help="default $FACERECON_MODELS or ~/.cache/facerecon/models")
+    add_calibration_options(calibrate, "--renders")
+    calibrate.set_defaults(run=run_models_calibrate)
     listing = models.add_parser("list", help="the models requests may name")
     listing.add_argument("--models-dir", type=Path)
     listing.set_defaults(run=run_models_list)

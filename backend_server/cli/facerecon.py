@@ -2,6 +2,7 @@
 
     facerecon reconstruct PHOTO_OR_DIR... -o OUT [--face N|all] [--texture-size 2048] ...
     facerecon reconstruct --demo -o OUT        # matplotlib's sample portrait
+    facerecon reconstruct PHOTOS... --format obj,glb,usdc  # also glTF 2.0 and USD
     facerecon reconstruct PHOTOS... --model ict-facekit   # an installed morphable model
     facerecon reconstruct --person A.jpg B.jpg C.jpg -o OUT   # one head from photos of one person
     facerecon reconstruct --people DIR -o OUT  # each sub-folder of DIR: one person, one head
@@ -17,9 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from backend_server.pipeline.batch import OutcomeStatus, Person, PhotoOutcome
-from shared_protocol import OUTPUT_KINDS, ProtocolError, ReconstructOptions, limits
+from shared_protocol import DEFAULT_OUTPUTS, OUTPUT_KINDS, ProtocolError, ReconstructOptions, limits
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+FORMATS = {                         # --format name -> the output kinds it writes (the JSON always comes too)
+    "obj": tuple(kind for kind in DEFAULT_OUTPUTS if kind != "json"),   # .obj .mtl .png (+ neutral, shape keys)
+    "glb": ("glb",),                # glTF 2.0 binary, texture inside
+    "usdc": ("usdc", "png"),        # USD crate file and the texture it refers to
+}
+UV_ONLY_OUTPUTS = ("png", "json")
 
 
 def demo_photo() -> Path:
@@ -114,7 +121,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     photos = gather_photos(args.inputs)
     out_dir = Path(args.output)
     options = ReconstructOptions(face=args.face, texture_size=args.texture_size, model=args.model,
-                                 outputs=("png", "json") if args.uv_only else OUTPUT_KINDS,
+                                 outputs=UV_ONLY_OUTPUTS if args.uv_only else outputs_of(args.format),
                                  subdivision=args.subdivision)
     stems = output_stems(photos)
     outcomes: list[PhotoOutcome] = []
@@ -221,6 +228,23 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def format_list(value: str) -> list[str]:
+    """--format: comma-separated names of FORMATS, in any order."""
+    names = [name.strip().lower() for name in value.split(",") if name.strip()]
+    unknown = [name for name in names if name not in FORMATS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown) or 'nothing'}: formats are {', '.join(FORMATS)} "
+                                         "(comma-separated, e.g. obj,glb)")
+    return list(dict.fromkeys(names))
+
+
+def outputs_of(formats: list[str]) -> tuple[str, ...]:
+    """The output kinds the formats write and the JSON, in the protocol's order (obj alone:
+    DEFAULT_OUTPUTS)."""
+    wanted = {kind for name in formats for kind in FORMATS[name]} | {"json"}
+    return tuple(kind for kind in OUTPUT_KINDS if kind in wanted)
+
+
 def face_choice(value: str) -> int:
     if value == "all":
         return -1
@@ -244,10 +268,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         "~/.cache/facerecon/models)")
 
 
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="also show MediaPipe's and TensorFlow Lite's own log lines (hidden by default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="facerecon", description="Single-photo 3D face reconstruction.")
     commands = parser.add_subparsers(dest="command", required=True)
-    rec = commands.add_parser("reconstruct", help="photos -> .obj/.mtl/.png/.json per face")
+    rec = commands.add_parser("reconstruct", help="photos -> .obj/.mtl/.png/.json per face (also .glb, .usdc)")
     rec.add_argument("inputs", nargs="*", help="photos or folders (searched recursively)")
     rec.add_argument("--person", nargs="+", metavar="PHOTO",
                      help=f"1 to {limits.MAX_PERSON_PHOTOS} photos of one person: one head from all of them "
@@ -261,7 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--texture-size", type=texture_size, default=limits.DEFAULT_TEXTURE_SIZE)
     rec.add_argument("--subdivision", type=int, choices=(0, 1, 2), default=1,
                      help="Loop subdivision levels of the mesh (default 1)")
-    rec.add_argument("--uv-only", action="store_true", help="write only the texture and the JSON")
+    written = rec.add_mutually_exclusive_group()
+    written.add_argument("--format", type=format_list, default=["obj"], metavar="obj,glb,usdc",
+                         help="mesh formats, comma-separated (default obj): obj = .obj + .mtl + .png (and "
+                         "_neutral.obj + _shape_keys.bin for models with expressions: what the Blender add-on "
+                         "imports); glb = glTF 2.0 binary, textures and expressions (morph targets) inside; "
+                         "usdc = USD with UsdPreviewSurface and UsdSkel blend shapes, beside the .png files it uses. "
+                         "The .json comes with every format. Not with --uv-only")
+    written.add_argument("--uv-only", action="store_true",
+                         help="write only the texture (.png) and the JSON, no mesh (not with --format)")
     rec.add_argument("--device", type=parse_device, default=["cpu"],
                      help="cpu (default), or GPUs: 0,1 or cuda:0,cuda:1 (one GPU process each)")
     rec.add_argument("--workers", type=int, default=1,
@@ -270,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="faces baked at once on each GPU (default 16)")
     rec.add_argument("--overwrite", action="store_true", help="redo photos whose results exist")
     rec.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_verbose_argument(rec)
     add_model_arguments(rec)
     rec.set_defaults(run=run_reconstruct)
     ev = commands.add_parser("evaluate", help="re-render into each photo: PSNR, SSIM, landmark error")
@@ -281,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", type=parse_device, default=["cpu"],
                     help="cpu (default) or one GPU (0 or cuda:0): bake and re-render there")
     add_model_arguments(ev)
+    add_verbose_argument(ev)
     ev.set_defaults(run=run_evaluate)
     return parser
 
@@ -289,7 +328,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GLOG_minloglevel", "2")        # MediaPipe's native logging
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    from backend_server.cli.quiet import quiet_native_logs
+    with quiet_native_logs(enabled=not args.verbose):
+        return args.run(args)
 
 
 if __name__ == "__main__":

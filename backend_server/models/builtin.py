@@ -11,16 +11,19 @@ Fixed data lives in `data/builtin_topology.json` (made by `python -m backend_ser
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from ..geometry import Camera, Pose, rigid_fit, similarity_fit, vertex_normals
 from .face_model import FaceFit, FaceModel, HeadMesh, MeshLayout, ModelFacts, Part, PersonFit
 from .topology import MeshTopology, SparseRows
+
+if TYPE_CHECKING:
+    from .calibration import ShapeCorrection
 
 DATA_FILE = Path(__file__).parent / "data" / "builtin_topology.json"
 NAME = "builtin"
@@ -157,6 +160,16 @@ def fit_landmarks(landmarks: np.ndarray, reference: np.ndarray, camera: Camera) 
     return LandmarkFit(Pose(rotation, translation), camera, vertices, rigid_rms)
 
 
+def corrected_fit(landmarks: np.ndarray, reference: np.ndarray, camera: Camera,
+                  correction: ShapeCorrection | None) -> LandmarkFit:
+    """`fit_landmarks`, its mesh replaced by the correction's prediction (models/calibration.py),
+    placed by the same pose, where there is a correction."""
+    fit = fit_landmarks(landmarks, reference, camera)
+    if correction is None:
+        return fit
+    return replace(fit, landmark_points=fit.pose.apply(correction.predict(landmarks, reference, camera)))
+
+
 def seen_weights(fit: LandmarkFit, triangles: np.ndarray) -> np.ndarray:
     """(468,) how well a photo saw each vertex: cos² of the angle between its normal and the ray to
     the camera (0 where it faces away). MediaPipe's depth is weakest where the surface turns away."""
@@ -178,16 +191,18 @@ def combine_shapes(shapes: list[np.ndarray], weights: list[np.ndarray], rounds: 
 
 
 def person_fit(landmarks: list[np.ndarray | None], cameras: list[Camera], reference: np.ndarray,
-               triangles: np.ndarray) -> PersonFit[LandmarkFit]:
+               triangles: np.ndarray, correction: ShapeCorrection | None = None) -> PersonFit[LandmarkFit]:
     """The built-in model's fit of several photos of one person: each photo's own per-vertex shape
-    (`fit_landmarks`, head frame), combined per vertex weighted by how frontally each photo saw it
+    (`fit_landmarks`, head frame; with a `correction` its prediction, as `BuiltinFaceModel.fit`
+    makes it), combined per vertex weighted by how frontally each photo saw it
     (`seen_weights`); a photo whose shape lies farther than PERSON_MISMATCH_LIMIT_M from the others'
     combination is left out (of two that disagree, the second). Each kept photo's fit is the
     combined shape, placed by a similarity fit to its landmarks (scale: the reference's size)."""
     count = len(landmarks)
     left_out = {k: "no face was found in it" for k, marks in enumerate(landmarks) if marks is None}
     mismatch = [float("nan")] * count
-    singles = {k: fit_landmarks(marks, reference, cameras[k]) for k, marks in enumerate(landmarks) if marks is not None}
+    singles = {k: corrected_fit(marks, reference, cameras[k], correction)
+               for k, marks in enumerate(landmarks) if marks is not None}
     shapes = {k: fit.pose.head_frame(fit.landmark_points) for k, fit in singles.items()}
     weights = {k: seen_weights(fit, triangles) for k, fit in singles.items()}
     kept = list(singles)
@@ -218,9 +233,10 @@ def person_fit(landmarks: list[np.ndarray | None], cameras: list[Camera], refere
 class BuiltinFaceModel(FaceModel[LandmarkFit]):
     """The built-in model as a FaceModel: no coefficients, one textured part, no expressions."""
 
-    def __init__(self, subdivision: int) -> None:
+    def __init__(self, subdivision: int, correction: ShapeCorrection | None = None) -> None:
         self.name = NAME
         self.subdivision = subdivision
+        self.correction = correction
         self.data = load_builtin()
         self.topology = builtin_topology(subdivision)
         triangles = np.concatenate([self.topology.triangles, np.full((len(self.topology.triangles), 1), -1)],
@@ -230,13 +246,17 @@ class BuiltinFaceModel(FaceModel[LandmarkFit]):
 
     def fit(self, landmarks: Sequence[np.ndarray], cameras: Sequence[Camera], device: str = "cpu"
             ) -> list[LandmarkFit]:
-        """Closed form, numpy, a face at a time (about 0.5 ms each): `device` is not needed."""
-        return [fit_landmarks(marks, self.data.reference_vertices, camera) for marks, camera in zip(landmarks, cameras)]
+        """Closed form, numpy, a face at a time (about 0.5 ms each): `device` is not needed. With a
+        `correction` (models/calibration.py) the mesh is its prediction, placed by the same pose."""
+        reference = self.data.reference_vertices
+        return [corrected_fit(marks, reference, camera, self.correction) for marks, camera in zip(landmarks, cameras)]
 
     def fit_person(self, landmarks: Sequence[np.ndarray | None], cameras: Sequence[Camera], device: str = "cpu"
                    ) -> PersonFit[LandmarkFit]:
-        """One per-vertex shape from all photos (`person_fit`), numpy: `device` is not needed."""
-        return person_fit(list(landmarks), list(cameras), self.data.reference_vertices, self.data.triangles)
+        """One per-vertex shape from all photos (`person_fit`, with this model's `correction`), numpy:
+        `device` is not needed."""
+        return person_fit(list(landmarks), list(cameras), self.data.reference_vertices, self.data.triangles,
+                          self.correction)
 
     def texture_vertices(self, fits: Sequence[LandmarkFit], device: str = "cpu") -> list[np.ndarray]:
         return [self.topology.refine @ fit.landmark_points for fit in fits]

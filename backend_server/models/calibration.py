@@ -32,6 +32,8 @@ from .face_model import triangulate
 from .morphable import Correspondence, MorphableModel
 
 CALIBRATION_VERSION = 1
+DEFAULT_RENDERS = 2000                      # renders `models install` and `models calibrate` make
+MIN_RENDERS = 24                            # fewer leave too few to learn from and to judge by
 JAW_CONTOUR = (454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148, 176, 149, 150, 136, 172,
                58, 132, 93, 234)            # the face oval's points that follow the silhouette in the fit
 MIN_HITS = 12                               # renders a point must have landed on the surface in
@@ -72,6 +74,7 @@ class Calibration:
     prior_sigma: np.ndarray
     feature_mean: np.ndarray
     facts: dict
+    shape_correction: ShapeCorrection | None = None      # for the built-in model; stored apart (store.py)
 
     def predict(self, landmarks: np.ndarray, reference: np.ndarray, camera: Camera) -> np.ndarray:
         """(K,) the prior's coefficients for (478, 3) landmarks."""
@@ -104,6 +107,68 @@ class Calibration:
         return cls(correspondence, facts=facts, **arrays)
 
 
+@dataclass(frozen=True, eq=False)
+class ShapeCorrection:
+    """The built-in model's 468-vertex geometry from MediaPipe's points, learnt on a morphable
+    model's renders: a ridge regression from the canonical landmarks (`canonical_landmarks`,
+    flattened, less `feature_mean` (F,)) to the true anatomical points (the model's geometric
+    correspondence) brought onto the reference face by a similarity: (F, 1404) `weights`, (1404,)
+    `bias`, reference-frame metres. MediaPipe's own geometry puts its depth (a learnt guess) and
+    its face oval (not the silhouette) into the mesh; the prediction removes that bias."""
+
+    weights: np.ndarray
+    bias: np.ndarray
+    feature_mean: np.ndarray
+    facts: dict
+
+    def predict(self, landmarks: np.ndarray, reference: np.ndarray, camera: Camera) -> np.ndarray:
+        """(468, 3) reference-frame metres for (478, 3) landmarks (photo pixels)."""
+        features = canonical_landmarks(landmarks, reference, camera).ravel() - self.feature_mean
+        return (features @ self.weights + self.bias).reshape(-1, 3).astype(np.float64)
+
+    def save(self, path: Path) -> None:
+        facts = {"version": CALIBRATION_VERSION, **self.facts}
+        temporary = path.with_name(path.name + ".part.npz")
+        np.savez_compressed(temporary, facts=np.frombuffer(json.dumps(facts).encode(), np.uint8),
+                            weights=self.weights.astype(np.float32), bias=self.bias, feature_mean=self.feature_mean)
+        temporary.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> ShapeCorrection:
+        """ValueError, naming the file, for a damaged file or one of another version."""
+        try:
+            with np.load(path) as data:
+                facts = json.loads(bytes(data["facts"]).decode())
+                weights, bias, feature_mean = data["weights"], data["bias"], data["feature_mean"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise ValueError(f"{path} is damaged ({exc}); calibrate a model again") from None
+        if facts.get("version") != CALIBRATION_VERSION:
+            raise ValueError(f"{path}: calibration version {facts.get('version')}, expected {CALIBRATION_VERSION}")
+        return cls(weights, bias, feature_mean, facts)
+
+
+def learn_shape_correction(model: MorphableModel, samples: list[CalibrationSample], reference: np.ndarray
+                           ) -> ShapeCorrection:
+    """The built-in model's correction (`ShapeCorrection`) from renders of `model` with landmarks."""
+    geometric = model.correspondence()
+    heads = model.vertices_at(geometric.corners, np.array([s.identity for s in samples]),
+                              np.array([s.expression for s in samples]), geometric.bary)        # (S, 468, 3)
+    rows, targets = [], []
+    for sample, head in zip(samples, heads):
+        truth = sample.pose.apply(head)
+        scale, rotation, shift = similarity_fit(reference[geometric.valid], truth[geometric.valid])
+        canonical = canonical_landmarks(sample.landmarks, reference, sample.camera)  # type: ignore[arg-type]
+        target = (truth - shift) @ rotation / scale
+        target[~geometric.valid] = canonical[~geometric.valid]      # points off the model: MediaPipe's own
+        rows.append(canonical.ravel())
+        targets.append(target.ravel())
+    features = np.array(rows)
+    feature_mean = features.mean(0)
+    weights, bias, _, ridge = ridge_prior(features - feature_mean, np.array(targets))
+    return ShapeCorrection(weights, bias, feature_mean, {"learnt_from": model.name, "renders": len(samples),
+                                                         "ridge": ridge})
+
+
 def canonical_landmarks(landmarks: np.ndarray, reference: np.ndarray, camera: Camera) -> np.ndarray:
     """(468, 3) MediaPipe's points in the head frame of the built-in reference face (metres): the
     landmarks (x, y from the principal point, y up; z MediaPipe's depth, toward the viewer) with the
@@ -122,8 +187,9 @@ def surface_points(model: MorphableModel, corners: np.ndarray, bary: np.ndarray)
 def learn(model: MorphableModel, samples: list[CalibrationSample], reference: np.ndarray) -> Calibration:
     """A model's calibration from renders of it (samples where MediaPipe failed are counted, not used)."""
     detected = [s for s in samples if s.landmarks is not None]
-    if len(detected) < 20:
-        raise ValueError(f"only {len(detected)} of {len(samples)} renders gave landmarks; at least 20 are needed")
+    if len(detected) < MIN_RENDERS * 2 // 3:
+        raise ValueError(f"only {len(detected)} of {len(samples)} renders gave landmarks; at least "
+                         f"{MIN_RENDERS * 2 // 3} are needed")
     correspondence = learn_correspondence(model, detected)
     noise = learn_noise(model, detected, correspondence)
     features = np.array([canonical_landmarks(s.landmarks, reference, s.camera).ravel()  # type: ignore[arg-type]
@@ -167,22 +233,17 @@ def learn_correspondence(model: MorphableModel, samples: list[CalibrationSample]
     return Correspondence(corners, bary, valid, residual)
 
 
-def truth_at(model: MorphableModel, sample: CalibrationSample, correspondence: Correspondence) -> np.ndarray:
-    """(468, 3) the true head's points at a correspondence, in the sample's camera frame."""
-    vertices = model.vertices(sample.identity, sample.expression)
-    points = np.einsum("nk,nkc->nc", correspondence.bary, vertices[correspondence.corners])
-    return sample.pose.apply(points)
-
-
 def learn_noise(model: MorphableModel, samples: list[CalibrationSample], correspondence: Correspondence
                 ) -> np.ndarray:
     """(468, 3) RMS error of each point's x, y and z over the face's size (√(w h) of the landmarks'
     box), against the true points at the corrected correspondence (z: depth relative to the
     points' mean, in pixels, as MediaPipe gives it)."""
+    truths = model.vertices_at(correspondence.corners, np.array([s.identity for s in samples]),
+                               np.array([s.expression for s in samples]), correspondence.bary)   # (S, 468, 3)
     errors = []
-    for sample in samples:
+    for sample, head in zip(samples, truths):
         marks = sample.landmarks[:468]                                   # type: ignore[index]
-        truth = truth_at(model, sample, correspondence)
+        truth = sample.pose.apply(head)                                  # the sample's camera frame
         extent = marks[:, :2].max(0) - marks[:, :2].min(0)
         size = float(np.sqrt(extent[0] * extent[1]))
         depth = -truth[:, 2]
@@ -196,25 +257,24 @@ def learn_noise(model: MorphableModel, samples: list[CalibrationSample], corresp
 
 def ridge_prior(features: np.ndarray, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Ridge regression (F -> K), its strength chosen by FOLDS-fold cross-validation; returns the
-    weights (F, K), the bias (K,), the cross-validated RMS error per target (K,) and the strength."""
-    count = len(features)
-    folds = np.arange(count) % FOLDS
+    weights (F, K), the bias (K,), the cross-validated RMS error per target (K,) and the strength.
+    One SVD per fold serves every strength in RIDGE_GRID (relative to the features' RMS norm)."""
+    folds = np.arange(len(features)) % FOLDS
     bias = targets.mean(0)
     centred = targets - bias
-    unit = float(np.sqrt((features ** 2).sum(1).mean())) or 1.0          # ridge strengths relative to it
+    unit = float(np.sqrt((features ** 2).sum(1).mean())) or 1.0
     features = features / unit
-    gram = features @ features.T                                          # kernel form: F >> S possible
-    best: tuple[float, float, np.ndarray] | None = None
-    for ridge in RIDGE_GRID:
-        errors = np.zeros_like(centred)
-        for fold in range(FOLDS):
-            train, test = folds != fold, folds == fold
-            alpha = np.linalg.solve(gram[np.ix_(train, train)] + ridge * np.eye(train.sum()), centred[train])
-            errors[test] = gram[np.ix_(test, train)] @ alpha - centred[test]
-        mse = float((errors ** 2).mean())
-        if best is None or mse < best[0]:
-            best = (mse, ridge, np.sqrt((errors ** 2).mean(0)))
-    assert best is not None
-    _, ridge, sigma = best
-    alpha = np.linalg.solve(gram + ridge * np.eye(count), centred)
-    return features.T @ alpha / unit, bias, np.maximum(sigma, 1e-3), ridge
+    errors = {ridge: np.zeros_like(centred) for ridge in RIDGE_GRID}
+    for fold in range(FOLDS):
+        train, test = folds != fold, folds == fold
+        u, singular, vt = np.linalg.svd(features[train], full_matrices=False)
+        projected = features[test] @ vt.T                                  # (test, r)
+        rotated = u.T @ centred[train]                                     # (r, K)
+        for ridge in RIDGE_GRID:
+            shrink = singular / (singular ** 2 + ridge)
+            errors[ridge][test] = projected @ (shrink[:, None] * rotated) - centred[test]
+    ridge = min(RIDGE_GRID, key=lambda r: float((errors[r] ** 2).mean()))
+    sigma = np.sqrt((errors[ridge] ** 2).mean(0))
+    u, singular, vt = np.linalg.svd(features, full_matrices=False)
+    weights = vt.T @ ((singular / (singular ** 2 + ridge))[:, None] * (u.T @ centred))
+    return weights / unit, bias, np.maximum(sigma, 1e-3), ridge

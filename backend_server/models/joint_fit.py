@@ -9,7 +9,8 @@ counts once per photo (its mean: the mean of the photos' predicted means where a
 predicts one, else 0). Counting it once let the identity chase the turned views' landmark biases:
 on the synthetic heads the neutral shape got worse than the front photo's own fit (4.6 against
 3.6 mm); as it is, it is level with the model's mean face (3.5 mm), see docs/quality.md.
-Solved by Levenberg-Marquardt over all parameters at once:
+Solved by Levenberg-Marquardt over all parameters at once (the Weighting's `iterations` plus
+JOINT_EXTRA_ITERATIONS steps):
 per photo (rotation increment, direction, log distance, expression), then the identity, a dense
 (B·(6 + K_exp) + K_id)² normal system (277² for three photos of ICT-FaceKit) assembled from each
 photo's JᵀJ. Start: each photo's own fit (`ModelFitter.fit`, batched), identity their mean.
@@ -30,9 +31,10 @@ import numpy as np
 import torch
 
 from ..geometry import Camera, Pose
-from .morphable_fit import CONTOUR_EVERY, ITERATIONS, START_DAMPING, ModelFit, ModelFitter, _Problem, _State
+from .morphable_fit import CONTOUR_EVERY, START_DAMPING, ModelFit, ModelFitter, _Problem, _State
 
-JOINT_ITERATIONS = ITERATIONS + 4     # more parameters per step than one photo's fit
+JOINT_EXTRA_ITERATIONS = 4            # the joint fit takes the Weighting's `iterations` (16 uncalibrated,
+                                      # 6 calibrated) plus these: more parameters per step than one photo's
 VIEW_WEIGHT_POWER = 4.0               # a photo's landmarks count cos(yaw)^this: MediaPipe's points on
                                       # turned heads are biased (docs/quality.md: 468-point error 5.25 mm
                                       # at 60 degrees against 3.61 mm frontal), so side views mostly add
@@ -81,6 +83,11 @@ def _data_cost(fitter: ModelFitter, problem: _Problem, state: _State) -> torch.T
     return (residual[:, :residual.shape[1] - len(problem.prior)] ** 2).sum(1)
 
 
+def joint_iterations(fitter: ModelFitter) -> int:
+    """Levenberg-Marquardt steps of the joint fit: the fitter's Weighting's plus JOINT_EXTRA_ITERATIONS."""
+    return fitter.weighting.iterations + JOINT_EXTRA_ITERATIONS
+
+
 def joint_fit(fitter: ModelFitter, landmarks: list[np.ndarray], cameras: list[Camera], reference: np.ndarray,
               singles: list[ModelFit]) -> JointResult:
     """One identity for every photo. landmarks: (478, 3) photo pixels per photo; cameras: one per
@@ -115,7 +122,7 @@ def joint_fit(fitter: ModelFitter, landmarks: list[np.ndarray], cameras: list[Ca
 
     damping = START_DAMPING
     jaw_choice = None
-    for iteration in range(JOINT_ITERATIONS):
+    for iteration in range(joint_iterations(fitter)):
         if iteration % CONTOUR_EVERY == 0 and len(fitter.jaw):
             jaw_choice = fitter._contour_choice(state, problem)
         bases = problem.landmark_bases(jaw_choice)

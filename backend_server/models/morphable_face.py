@@ -27,8 +27,7 @@ class MorphableFaceModel(FaceModel[ModelFit]):
         from .registry import model_topology
         self.name = model.name
         self.model = model
-        self.weighting = (Weighting.uncalibrated(model) if calibration is None else
-                          Weighting.calibrated(model, calibration, calibration.facts.get("noise_scale", 1.0)))
+        self.weighting = Weighting.for_model(model, calibration)
         self.topology = texture_topology(model, (model_topology, (model.name,)))
         self.texture_vertex_ids = self.topology.refine.selected_columns()     # texture vertex -> model vertex
         self.layout = MeshLayout(model.polygons, model.polygon_uvs, model.uvs, model.polygon_part, model.parts,

@@ -37,7 +37,7 @@ def available_models() -> tuple[str, ...]:
 
 @lru_cache(maxsize=4)
 def _builtin(subdivision: int) -> BuiltinFaceModel:
-    return BuiltinFaceModel(subdivision)
+    return BuiltinFaceModel(subdivision, store.load_shape_correction())
 
 
 @lru_cache(maxsize=8)

@@ -126,7 +126,7 @@ def photo_is_done(out_dir: Path, stem: str, options: ReconstructOptions) -> bool
             mesh = json.loads((out_dir / f"{name}.json").read_text()).get("mesh", {})
         except (OSError, ValueError, AttributeError):
             return False
-        wanted = [f"{name}.{kind}" for kind in ("obj", "mtl", "png") if kind in options.outputs]
+        wanted = [f"{name}.{kind}" for kind in ("obj", "mtl", "png", "glb", "usdc") if kind in options.outputs]
         if "neutral_obj" in options.outputs and mesh.get("neutral_file"):
             wanted.append(f"{name}{NEUTRAL_SUFFIX}")
         if "shape_keys" in options.outputs and mesh.get("shape_keys_file"):

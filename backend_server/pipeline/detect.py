@@ -49,20 +49,29 @@ class FaceDetector:
 
     def __call__(self, rgb: np.ndarray) -> list[FaceBox]:
         """rgb: (H, W, 3) uint8 -> faces sorted by box area, largest first (may be empty)."""
-        height, width = rgb.shape[:2]
         rgb = np.ascontiguousarray(rgb)
-        candidates = []
-        with self._lock:
-            for detector in self._detectors:
-                for detection in detector.process(rgb).detections or []:
-                    rel = detection.location_data.relative_bounding_box
-                    candidates.append(FaceBox(rel.xmin * width, rel.ymin * height, rel.width * width,
-                                              rel.height * height, float(detection.score[0])))
+        candidates = self._candidates(rgb)
+        if not candidates:          # a dark photo or a turned head: brightened, then mirrored too
+            from .landmarks import brighten
+            bright = brighten(rgb)
+            candidates = self._candidates(bright) or self._candidates(np.ascontiguousarray(bright[:, ::-1]), True)
         kept: list[FaceBox] = []
         for box in sorted(candidates, key=lambda b: b.score, reverse=True):
             if all(box_iou(box, other) < self._merge_iou for other in kept):
                 kept.append(box)
         return sorted(kept, key=lambda b: b.area, reverse=True)
+
+    def _candidates(self, rgb: np.ndarray, mirrored: bool = False) -> list[FaceBox]:
+        height, width = rgb.shape[:2]
+        found = []
+        with self._lock:
+            for detector in self._detectors:
+                for detection in detector.process(rgb).detections or []:
+                    rel = detection.location_data.relative_bounding_box
+                    x0 = (1.0 - rel.xmin - rel.width) if mirrored else rel.xmin
+                    found.append(FaceBox(x0 * width, rel.ymin * height, rel.width * width,
+                                         rel.height * height, float(detection.score[0])))
+        return found
 
 
 def select_faces(boxes: list[FaceBox], face: int, photo_name: str) -> list[tuple[int, FaceBox]]:

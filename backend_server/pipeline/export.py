@@ -5,13 +5,20 @@ Every model's head goes out the same way, from its `HeadMesh` (models/face_model
   removed; the JSON's pose puts it back into the camera frame), per-vertex normals, UVs per
   corner (origin bottom-left; seams stay), triangles and quads, one material per part;
 - `NAME_neutral.obj`: the same with every expression weight 0 (models with a neutral shape);
-- `NAME.mtl`: the textured parts use `NAME.png`, a part with a texture of its own (an eye) uses
-  `NAME_<suffix>.png`, the others a plain or the skin colour;
+- `NAME.mtl`: the textured parts use `NAME.png`, a part with a texture of its own (an eye:
+  `FaceModel.part_textures`) uses `NAME_<key>.png`, the others a plain or the skin colour;
 - `NAME.png`: the UV texture; `NAME_eye_left.png` and `NAME_eye_right.png` for models with eyes;
   `NAME_shape_keys.bin`: per expression its offsets from the neutral
   mesh and its fitted weight (shared_protocol/shape_keys.py);
+- `NAME.glb` (export_gltf.py; its images embedded) and `NAME.usdc` (export_usd.py, beside the
+  PNGs it names): the same head, materials (eye textures included) and expressions for other
+  tools; asked for only (not in DEFAULT_OUTPUTS);
 - `NAME.json`: the facts (`face_facts`); for several photos of one person (`export_person`) one
   head, posed as the reference photo, with a `person` section listing every photo (`person_facts`).
+  A person's head goes through the same `face_files` (every format, eye textures included).
+
+Which image and colour each part takes is said once, in `part_looks` (the images' pixels in
+`face_images`, their files from `image_file`), for every format.
 """
 from __future__ import annotations
 
@@ -130,6 +137,54 @@ def skin_colour(texture: np.ndarray) -> tuple[float, float, float]:
     return (float(linear[0]), float(linear[1]), float(linear[2]))
 
 
+FACE_TEXTURE = "texture"            # the image key of the baked photo texture (file NAME.png)
+
+
+@dataclass(frozen=True)
+class PartLook:
+    """How one part looks in every format: its material name, the image it takes (a key of the
+    face's images, e.g. FACE_TEXTURE; None: a plain colour) and its plain colour (linear RGB 0..1;
+    formats use white under an image)."""
+
+    material: str
+    image: str | None
+    colour: tuple[float, float, float]
+
+
+PartTextures = dict[int, tuple[str, np.ndarray]]   # FaceModel.part_textures: part index -> (key, image)
+
+
+def part_looks(name: str, layout: MeshLayout, texture: np.ndarray,
+               part_textures: PartTextures | None = None) -> list[PartLook]:
+    """The look of each part of `layout` for a face exported under the stem `name`: textured parts
+    take the baked texture, a part with a texture of its own (`part_textures`, e.g. an eye) that
+    texture (its key, e.g. "eye_left"), skin parts the texture's skin colour, the others their own
+    colour. The one place that says which image a part uses (its pixels are in `face_images`, its
+    file name from `image_file`)."""
+    part_textures = part_textures or {}
+    skin = skin_colour(texture) if any(part.skin for part in layout.parts) else (1.0, 1.0, 1.0)
+    return [PartLook(name if part.textured else f"{name}_{part.name}",
+                     FACE_TEXTURE if part.textured else part_textures[k][0] if k in part_textures else None,
+                     skin if part.skin else part.colour) for k, part in enumerate(layout.parts)]
+
+
+def face_images(texture: np.ndarray, part_textures: PartTextures | None = None) -> dict[str, np.ndarray]:
+    """The images a face's looks may name: key -> (H, W, 3) uint8 sRGB: the baked texture
+    (FACE_TEXTURE) and each part's own texture under its key."""
+    images = {FACE_TEXTURE: texture}
+    for key, image in (part_textures or {}).values():
+        if key in images:
+            raise ValueError(f"part texture key {key!r} is used twice (or is the face texture's)")
+        images[key] = image
+    return images
+
+
+def image_file(name: str, key: str) -> str:
+    """The file an image of the face exported under `name` goes to (beside the mesh): NAME.png for
+    the baked texture, NAME_<key>.png for the others (e.g. NAME_eye_left.png)."""
+    return f"{name}.png" if key == FACE_TEXTURE else f"{name}_{key}.png"
+
+
 @dataclass(frozen=True)
 class LayoutText:
     """What every OBJ and shape-keys file of one layout shares, formatted once: the UV lines, the
@@ -153,18 +208,27 @@ def layout_text(layout: MeshLayout) -> LayoutText:
 
 
 def face_files(name: str, mesh: HeadMesh, texture: np.ndarray, outputs: Sequence[str],
-               part_textures: dict[int, tuple[str, np.ndarray]] | None = None) -> list[ResultFile]:
-    """The mesh, material, texture and shape-keys files of one face (those of `outputs` that apply).
-    part_textures: per part index, a texture of its own: (file-name suffix, image)."""
-    part_textures = part_textures or {}
+               part_textures: PartTextures | None = None) -> list[ResultFile]:
+    """The mesh, material, texture and shape-keys files of one face (those of `outputs` that apply;
+    a `usdc` brings the PNGs it refers to along). part_textures: per part index, a texture of its
+    own (`FaceModel.part_textures`: file-name key, image), in every format."""
     layout = mesh.layout
     text = layout_text(layout)
-    materials = [name if part.textured else f"{name}_{part.name}" for part in layout.parts]
+    looks = part_looks(name, layout, texture, part_textures)
+    materials = [look.material for look in looks]
     blocks = [(material, faces) for material, faces in zip(materials, text.part_faces) if faces]
+    pngs: dict[str, bytes] = {}
 
     def obj(vertices: np.ndarray) -> bytes:
         return obj_bytes(vertices, vertex_normals(vertices, layout.triangles), text.uv_block, blocks,
                          f"{name}.mtl", name)
+
+    def images() -> dict[str, bytes]:          # each used image encoded once, for every format
+        used = {look.image for look in looks if look.image is not None} | {FACE_TEXTURE}
+        for key, pixels in face_images(texture, part_textures).items():
+            if key in used and key not in pngs:
+                pngs[key] = png_bytes(pixels)
+        return pngs
 
     files = []
     if "obj" in outputs:
@@ -172,22 +236,22 @@ def face_files(name: str, mesh: HeadMesh, texture: np.ndarray, outputs: Sequence
     if "neutral_obj" in outputs and mesh.neutral is not None:
         files.append(ResultFile(f"{name}{NEUTRAL_SUFFIX}", "neutral_obj", obj(mesh.neutral)))
     if "mtl" in outputs:
-        skin = skin_colour(texture) if any(part.skin for part in layout.parts) else (1.0, 1.0, 1.0)
-        images = [f"{name}.png" if part.textured else
-                  f"{name}_{part_textures[k][0]}.png" if k in part_textures else None
-                  for k, part in enumerate(layout.parts)]
         files.append(ResultFile(f"{name}.mtl", "mtl", mtl_bytes([
-            (material, image, skin if part.skin else part.colour)
-            for material, image, part in zip(materials, images, layout.parts)])))
-    if "png" in outputs:
-        files.append(ResultFile(f"{name}.png", "png", png_bytes(texture)))
-        for suffix, image in part_textures.values():
-            files.append(ResultFile(f"{name}_{suffix}.png", "png", png_bytes(image)))
+            (look.material, image_file(name, look.image) if look.image else None, look.colour) for look in looks])))
+    if "png" in outputs or "usdc" in outputs:
+        files += [ResultFile(image_file(name, key), "png", data) for key, data in images().items()]
     if "shape_keys" in outputs and text.shape_keys:
         keys = [ShapeKey(key_name, float(value), array("I", ids), array("f", offsets))
                 for (key_name, ids, offsets), value in zip(text.shape_keys, mesh.expression)]
         vertex_count = len(mesh.posed)
         files.append(ResultFile(f"{name}{SHAPE_KEYS_SUFFIX}", "shape_keys", encode_shape_keys(vertex_count, keys)))
+    if "glb" in outputs:
+        from .export_gltf import glb_bytes
+        files.append(ResultFile(f"{name}.glb", "glb", glb_bytes(name, mesh, looks, images())))
+    if "usdc" in outputs:
+        from .export_usd import usdc_bytes
+        files.append(ResultFile(f"{name}.usdc", "usdc", usdc_bytes(
+            name, mesh, looks, {key: image_file(name, key) for key in images()})))
     return files
 
 

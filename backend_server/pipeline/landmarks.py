@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -84,24 +85,85 @@ class LandmarkDetector:
         self._mesh.close()
 
     def __call__(self, rgb: np.ndarray, box: FaceBox, photo_name: str) -> np.ndarray:
-        """(478, 3) float64 landmarks in photo pixels for the face in `box`."""
-        side = max(box.width, box.height) * CROP_MARGIN
-        cx, cy = box.x0 + box.width / 2, box.y0 + box.height / 2
+        """(478, 3) float64 landmarks in photo pixels for the face in `box`.
+
+        Face mesh fails on some heads turned 55-65 degrees (about one in eight of the calibration
+        renders there, with either sign) and on dark photos; each retry in CROP_ATTEMPTS
+        (brighter, mirrored, tighter, looser) places most of those (tests/test_landmarks.py)."""
+        for attempt in CROP_ATTEMPTS:
+            points = self._attempt(rgb, box, attempt)
+            if points is not None:
+                return points
+        raise ProtocolError(ErrorCode.NO_FACE, f"{photo_name}: a face was detected but its landmarks "
+                            "could not be placed (face too turned, blurred or covered?)")
+
+    def _attempt(self, rgb: np.ndarray, box: FaceBox, attempt: CropAttempt) -> np.ndarray | None:
+        side = max(box.width, box.height) * attempt.margin
+        centre = (box.x0 + box.width / 2, box.y0 + box.height / 2)
         zoom = max(1.0, MIN_CROP_SIDE / side)
         out_side = int(round(side * zoom))
-        # Affine crop: photo pixel (x, y) -> crop pixel ((x - x0) * zoom, (y - y0) * zoom), border replicated.
-        x0, y0 = cx - side / 2, cy - side / 2
-        to_crop = np.array([[zoom, 0, -x0 * zoom], [0, zoom, -y0 * zoom]], dtype=np.float64)
+        # Photo pixel -> crop pixel: rotate by angle_deg about the box centre, scale by zoom, centre
+        # in the crop (border replicated); undone for the points below.
+        to_crop = np.asarray(cv2.getRotationMatrix2D(centre, attempt.angle_deg, zoom), np.float64)
+        to_crop[:, 2] += np.array([side * zoom / 2 - centre[0], side * zoom / 2 - centre[1]])
         crop = cv2.warpAffine(rgb, to_crop, (out_side, out_side), flags=cv2.INTER_LINEAR,
                               borderMode=cv2.BORDER_REPLICATE)
+        if attempt.brighten:
+            crop = brighten(crop)
+        if attempt.mirror:
+            crop = np.ascontiguousarray(crop[:, ::-1])
         with self._lock:
             result = self._mesh.process(crop)
         if not result.multi_face_landmarks:
-            raise ProtocolError(ErrorCode.NO_FACE, f"{photo_name}: a face was detected but its landmarks "
-                                "could not be placed (face too turned, blurred or covered?)")
+            return None
         points = np.array([(p.x, p.y, p.z) for p in result.multi_face_landmarks[0].landmark], np.float64)
+        if attempt.mirror:                         # back to the unmirrored crop, each point's own index
+            points[:, 0] = 1.0 - points[:, 0]
+            points = points[mirror_permutation()]
         points *= out_side                         # normalized crop units -> crop pixels (z too)
-        points /= zoom                             # crop pixels -> photo pixels
-        points[:, 0] += x0
-        points[:, 1] += y0
+        to_photo = cv2.invertAffineTransform(to_crop)
+        points[:, :2] = points[:, :2] @ to_photo[:, :2].T + to_photo[:, 2]
+        points[:, 2] /= zoom                       # crop pixels -> photo pixels
         return points
+
+
+@dataclass(frozen=True)
+class CropAttempt:
+    """One way to show face mesh the face: crop side = `margin` x the box's larger side, turned by
+    `angle_deg` about the box centre, brightened (its 99th percentile to BRIGHT_TARGET, gain at
+    most MAX_GAIN) and/or mirrored."""
+
+    margin: float = CROP_MARGIN
+    brighten: bool = False
+    mirror: bool = False
+    angle_deg: float = 0.0
+
+
+# Face mesh fails on some heads turned 55-65 degrees one way (+yaw: the nose to the right of the
+# photo) that it places mirrored, and on some dark ones; BlazeFace's box on a profile is centred on
+# the head rather than the face, which a tighter, turned crop helps with.
+CROP_ATTEMPTS = (CropAttempt(), CropAttempt(mirror=True), CropAttempt(brighten=True),
+                 CropAttempt(brighten=True, mirror=True), CropAttempt(margin=1.5), CropAttempt(margin=2.4),
+                 CropAttempt(margin=1.5, mirror=True), CropAttempt(margin=1.5, mirror=True, angle_deg=-20.0),
+                 CropAttempt(margin=1.5, mirror=True, angle_deg=20.0), CropAttempt(margin=1.5, angle_deg=-20.0),
+                 CropAttempt(margin=1.5, angle_deg=20.0))
+BRIGHT_TARGET = 230.0
+MAX_GAIN = 4.0
+
+
+def brighten(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 scaled so its 99th-percentile channel maximum reaches BRIGHT_TARGET."""
+    high = float(np.percentile(rgb.max(axis=2), 99))
+    gain = min(MAX_GAIN, BRIGHT_TARGET / max(high, 1.0))
+    return np.clip(rgb.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+
+
+@lru_cache(maxsize=1)
+def mirror_permutation() -> np.ndarray:
+    """(478,) int: the landmark index that point k becomes in a mirrored image. The 468 mesh points
+    from the canonical face's exact left-right symmetry; the iris points swap eyes, and each rim
+    point its left and right neighbour (measured on a photo and its mirror image)."""
+    from ..models.builtin import load_builtin
+    reference = load_builtin().reference_vertices
+    distances = np.linalg.norm(reference[:, None, :] - (reference * [-1.0, 1.0, 1.0])[None, :, :], axis=2)
+    return np.concatenate([distances.argmin(axis=1), [473, 476, 475, 474, 477, 468, 471, 470, 469, 472]])
