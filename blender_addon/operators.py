@@ -50,7 +50,8 @@ def _show(message: str, error: bool) -> None:
 def job_options(settings: FACERECON_PG_settings) -> ReconstructOptions:
     several = len(settings.person_photos) > 1                 # one head per person: never every face
     return ReconstructOptions(face=-1 if settings.all_faces and not several else settings.face_index,
-                              texture_size=int(settings.texture_size), model=settings.model or "builtin")
+                              texture_size=int(settings.texture_size), model=settings.model or "builtin",
+                              lit_texture=bool(settings.lit_texture))
 
 
 def job_photos(settings: FACERECON_PG_settings) -> tuple[str, tuple[str, ...]]:

@@ -42,6 +42,7 @@ class FACERECON_PT_panel(bpy.types.Panel):
         row.prop(settings, "all_faces", toggle=True)
         options.prop(settings, "texture_size")
         options.prop(settings, "model")
+        options.prop(settings, "lit_texture")
 
         if state.running:
             layout.progress(factor=state.progress, type="BAR", text=state.stage.capitalize())

@@ -77,6 +77,10 @@ class FACERECON_PG_settings(bpy.types.PropertyGroup):
                                   "the best one is selected until you pick one)")
     model_chosen: bpy.props.BoolProperty(default=False, options={"HIDDEN"},
                                          description="The artist picked the model (the add-on leaves it)")
+    lit_texture: bpy.props.BoolProperty(
+        name="Keep photo lighting", default=False,
+        description="The photo as it is on the face: its light and shadows, hair and glasses kept "
+                    "(default: an albedo, the light divided out, only skin sampled)")
 
 
 class FACERECON_PG_state(bpy.types.PropertyGroup):

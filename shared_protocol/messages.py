@@ -64,6 +64,15 @@ class _Fields:
             return None
         return self.text(name, max_chars)
 
+    def optional_flag(self, name: str, default: bool = False) -> bool:
+        """A boolean field that may be absent or null (fields added in a minor version are)."""
+        value = self.header.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise _fail(f"field '{name}' must be true or false")
+        return value
+
     def integer(self, name: str, low: int, high: int) -> int:
         value = self._get(name)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
@@ -114,10 +123,11 @@ class ReconstructOptions:
     model: str = "builtin"
     outputs: tuple[str, ...] = DEFAULT_OUTPUTS
     subdivision: int = 1                              # Loop subdivision levels of the mesh
+    lit_texture: bool = False                         # the photo as it is (light, hair, glasses); default: albedo
 
     def to_json(self) -> dict[str, Any]:
         return {"face": self.face, "texture_size": self.texture_size, "model": self.model,
-                "outputs": list(self.outputs), "subdivision": self.subdivision}
+                "outputs": list(self.outputs), "subdivision": self.subdivision, "lit_texture": self.lit_texture}
 
     @classmethod
     def from_json(cls, value: dict[str, Any]) -> "ReconstructOptions":
@@ -128,6 +138,7 @@ class ReconstructOptions:
             model=f.text("model", max_chars=64),
             outputs=tuple(f.text_list("outputs", OUTPUT_KINDS)),
             subdivision=f.integer("subdivision", 0, 2),
+            lit_texture=f.optional_flag("lit_texture"),
         )
         if options.texture_size & (options.texture_size - 1):
             raise _fail("field 'texture_size' must be a power of two")

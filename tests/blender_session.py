@@ -84,7 +84,8 @@ def mean_rgb(image: bpy.types.Image) -> list[float]:
     import numpy as np
     pixels = np.empty(image.size[0] * image.size[1] * image.channels, dtype=np.float32)
     image.pixels.foreach_get(pixels)
-    return (pixels.reshape(-1, image.channels)[:, :3].mean(axis=0) * 255).tolist()
+    # float64 sums: a float32 column sum over 4M pixels drifts by more than a level
+    return (pixels.reshape(-1, image.channels)[:, :3].mean(axis=0, dtype=np.float64) * 255).tolist()
 
 
 def counts() -> dict:

@@ -37,7 +37,7 @@ def test_calibration_beats_the_uncalibrated_fit_and_the_mean_face_on_held_out_re
     assert builtin["corrected"] < builtin["mediapipe"]
 
 
-def test_the_stored_calibration_is_what_the_fit_uses_until_the_model_is_installed_again(calibrated_sfm, caplog):
+def test_the_stored_calibration_is_what_the_fit_uses_until_the_model_changes(calibrated_sfm, caplog):
     from backend_server.models import store
     from backend_server.models.morphable_face import MorphableFaceModel
     folder, calibration = calibrated_sfm
@@ -49,9 +49,9 @@ def test_the_stored_calibration_is_what_the_fit_uses_until_the_model_is_installe
     assert face.weighting.calibration is loaded
     assert face.weighting.noise_scale == calibration.facts["noise_scale"]
 
-    manifest = folder / "sfm" / "manifest.json"                 # a new install writes a new manifest
+    manifest = folder / "sfm" / "manifest.json"
     facts = json.loads(manifest.read_text())
-    manifest.write_text(json.dumps({**facts, "installed_at": "later"}))
+    manifest.write_text(json.dumps({**facts, "identity_components": 1}))   # another model
     store.load_calibration.cache_clear()
     with caplog.at_level(logging.WARNING, logger="facerecon.models"):
         assert store.load_calibration("sfm", folder) is None

@@ -161,7 +161,7 @@ def test_evaluate_rerender_on_gpu_matches_cpu(prepared):
     p = prepared[0]
     face = p.faces[0]
     topology, camera = p.model.topology, face.fit.camera
-    texture = bake_texture(p.photo.rgb, face.texture_vertices, topology, camera, 2048).texture
+    texture = bake_texture(p.photo.rgb, face.texture_vertices, topology, camera, 2048, delit=False).texture  # lit
     cpu = photo_metrics(p.photo.rgb, face.texture_vertices, topology, texture, camera, "cpu")
     cuda = photo_metrics(p.photo.rgb, face.texture_vertices, topology, texture, camera, "cuda:0")
     assert cpu["psnr_db"] > 30 and abs(cpu["psnr_db"] - cuda["psnr_db"]) < 0.2
@@ -200,3 +200,30 @@ def test_model_fit_and_bake_on_the_gpu_match_the_cpu(ict_model):
     difference = np.abs(ours.texture.astype(int) - cpu.texture.astype(int))
     assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 8
     assert ours.seen_fraction == pytest.approx(cpu.seen_fraction, abs=0.01)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_bake_matches_the_cpu_bake_with_skin_lighting_and_observation(prepared):
+    """The same lighting, texel weights, de-lit observation and completed texture on both devices."""
+    from backend_server.pipeline.bake_gpu import GpuBaker
+    from backend_server.pipeline.segment import SkinSegmenter
+    topology = builtin_topology(1)
+    segmenter = SkinSegmenter()
+    skins = [segmenter(p.photo.rgb, [p.faces[0].landmarks]).probability for p in prepared]
+    segmenter.close()
+    photos = [p.photo.rgb for p in prepared]
+    vertices = [p.faces[0].texture_vertices for p in prepared]
+    cameras = [p.faces[0].fit.camera for p in prepared]
+    ours = GpuBaker("cuda:0").bake(photos, vertices, cameras, topology, 1024, skins=skins, keep_observation=True)
+    for k in range(len(prepared)):
+        cpu = bake_texture(photos[k], vertices[k], topology, cameras[k], 1024, skins[k], keep_observation=True)
+        assert np.abs(ours[k].lighting.sh - cpu.lighting.sh).max() < 0.02 * np.abs(cpu.lighting.sh).max()
+        assert ours[k].texel_weight is not None and cpu.texel_weight is not None
+        assert ours[k].observed is not None and cpu.observed is not None
+        weight_difference = np.abs(ours[k].texel_weight - cpu.texel_weight)
+        assert weight_difference.mean() < 0.01 and np.percentile(weight_difference, 99) < 0.1
+        both = (ours[k].texel_weight > 0) & (cpu.texel_weight > 0)
+        assert np.percentile(np.abs(ours[k].observed - cpu.observed)[both], 99) < 0.02
+        difference = np.abs(cpu.texture.astype(int) - ours[k].texture.astype(int))
+        assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 8

@@ -144,7 +144,9 @@ def test_reconstruct_in_ict_topology_gives_meshes_texture_shape_keys_and_named_c
         installed_models, reconstructor):
     from backend_server.pipeline.evaluate import photo_metrics
     photo = shared_photo("deca_exp1.jpg")
-    result = reconstructor.run(photo.read_bytes(), photo.name, ReconstructOptions(model="ict-facekit"))
+    # The re-render check below compares with the photo as lit: the lit texture.
+    result = reconstructor.run(photo.read_bytes(), photo.name,
+                               ReconstructOptions(model="ict-facekit", lit_texture=True))
     files = {f.kind: f for f in result.files}
     assert set(files) == {"obj", "neutral_obj", "mtl", "png", "json", "shape_keys"}
     posed, neutral = obj_positions(files["obj"].data), obj_positions(files["neutral_obj"].data)

@@ -122,7 +122,7 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     out_dir = Path(args.output)
     options = ReconstructOptions(face=args.face, texture_size=args.texture_size, model=args.model,
                                  outputs=UV_ONLY_OUTPUTS if args.uv_only else outputs_of(args.format),
-                                 subdivision=args.subdivision)
+                                 subdivision=args.subdivision, lit_texture=args.lit_texture)
     stems = output_stems(photos)
     outcomes: list[PhotoOutcome] = []
     todo: list[tuple[Path | Person, str]] = []
@@ -200,7 +200,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     photos = gather_photos(args.inputs or [str(demo_photo())])
     device = args.device[0]
     reconstructor = Reconstructor(device)
-    options = ReconstructOptions(texture_size=args.texture_size, subdivision=args.subdivision, model=args.model)
+    options = ReconstructOptions(texture_size=args.texture_size, subdivision=args.subdivision, model=args.model,
+                                 lit_texture=True)           # the re-render is compared with the photo as lit
     rows, failures = [], 0
     print(f"{'photo':28s} {'PSNR dB':>8s} {'SSIM':>6s} {'seen':>5s} {'yaw':>6s} {'lm68 %IOD':>9s}")
     for photo in photos:
@@ -299,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "The .json comes with every format. Not with --uv-only")
     written.add_argument("--uv-only", action="store_true",
                          help="write only the texture (.png) and the JSON, no mesh (not with --format)")
+    rec.add_argument("--lit-texture", action="store_true",
+                     help="the photo as it shows the face: its light, hair and glasses kept, only unseen "
+                          "texels completed (default: an albedo, light divided out, only skin sampled)")
     rec.add_argument("--device", type=parse_device, default=["cpu"],
                      help="cpu (default), or GPUs: 0,1 or cuda:0,cuda:1 (one GPU process each)")
     rec.add_argument("--workers", type=int, default=1,

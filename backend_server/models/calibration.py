@@ -86,25 +86,16 @@ class Calibration:
                   "valid": self.correspondence.valid, "residual_m": self.correspondence.residual_m,
                   "noise": self.noise, "prior_weights": self.prior_weights, "prior_bias": self.prior_bias,
                   "prior_sigma": self.prior_sigma, "feature_mean": self.feature_mean}
-        facts = {"version": CALIBRATION_VERSION, **self.facts}
-        temporary = path.with_name(path.name + ".part.npz")
-        np.savez_compressed(temporary, facts=np.frombuffer(json.dumps(facts).encode(), np.uint8), **arrays)
-        temporary.replace(path)
+        save_arrays(path, self.facts, arrays)
 
     @classmethod
     def load(cls, path: Path) -> Calibration:
         """ValueError, naming the file, for a damaged file or one of another version."""
-        try:
-            with np.load(path) as data:
-                facts = json.loads(bytes(data["facts"]).decode())
-                arrays = {k: data[k] for k in data.files if k != "facts"}
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"{path} is damaged ({exc}); calibrate the model again") from None
-        if facts.get("version") != CALIBRATION_VERSION:
-            raise ValueError(f"{path}: calibration version {facts.get('version')}, expected {CALIBRATION_VERSION}")
-        correspondence = Correspondence(arrays.pop("corners"), arrays.pop("bary"), arrays.pop("valid"),
-                                        arrays.pop("residual_m"))
-        return cls(correspondence, facts=facts, **arrays)
+        facts, arrays = load_arrays(path, ("corners", "bary", "valid", "residual_m", "noise", "prior_weights",
+                                           "prior_bias", "prior_sigma", "feature_mean"), "calibrate the model again")
+        correspondence = Correspondence(arrays["corners"], arrays["bary"], arrays["valid"], arrays["residual_m"])
+        return cls(correspondence, arrays["noise"], arrays["prior_weights"], arrays["prior_bias"],
+                   arrays["prior_sigma"], arrays["feature_mean"], facts)
 
 
 @dataclass(frozen=True, eq=False)
@@ -127,24 +118,37 @@ class ShapeCorrection:
         return (features @ self.weights + self.bias).reshape(-1, 3).astype(np.float64)
 
     def save(self, path: Path) -> None:
-        facts = {"version": CALIBRATION_VERSION, **self.facts}
-        temporary = path.with_name(path.name + ".part.npz")
-        np.savez_compressed(temporary, facts=np.frombuffer(json.dumps(facts).encode(), np.uint8),
-                            weights=self.weights.astype(np.float32), bias=self.bias, feature_mean=self.feature_mean)
-        temporary.replace(path)
+        save_arrays(path, self.facts, {"weights": self.weights.astype(np.float32), "bias": self.bias,
+                                       "feature_mean": self.feature_mean})
 
     @classmethod
     def load(cls, path: Path) -> ShapeCorrection:
         """ValueError, naming the file, for a damaged file or one of another version."""
-        try:
-            with np.load(path) as data:
-                facts = json.loads(bytes(data["facts"]).decode())
-                weights, bias, feature_mean = data["weights"], data["bias"], data["feature_mean"]
-        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-            raise ValueError(f"{path} is damaged ({exc}); calibrate a model again") from None
-        if facts.get("version") != CALIBRATION_VERSION:
-            raise ValueError(f"{path}: calibration version {facts.get('version')}, expected {CALIBRATION_VERSION}")
-        return cls(weights, bias, feature_mean, facts)
+        facts, arrays = load_arrays(path, ("weights", "bias", "feature_mean"), "calibrate a model again")
+        return cls(facts=facts, **arrays)
+
+
+def save_arrays(path: Path, facts: dict, arrays: dict[str, np.ndarray]) -> None:
+    """One compressed .npz: the arrays and the facts (JSON, with CALIBRATION_VERSION), written to a
+    temporary file first so a reader never sees half of it."""
+    text = json.dumps({"version": CALIBRATION_VERSION, **facts}).encode()
+    temporary = path.with_name(path.name + ".part.npz")
+    np.savez_compressed(temporary, facts=np.frombuffer(text, np.uint8), **arrays)
+    temporary.replace(path)
+
+
+def load_arrays(path: Path, names: tuple[str, ...], advice: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """The facts and the arrays `names` of a file `save_arrays` wrote; ValueError naming the file
+    (and `advice`) if it is damaged, lacks one of them, or is of another CALIBRATION_VERSION."""
+    try:
+        with np.load(path) as data:
+            facts = json.loads(bytes(data["facts"]).decode())
+            arrays = {name: data[name] for name in names}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path} is damaged ({exc}); {advice}") from None
+    if facts.get("version") != CALIBRATION_VERSION:
+        raise ValueError(f"{path}: calibration version {facts.get('version')}, expected {CALIBRATION_VERSION}")
+    return facts, arrays
 
 
 def learn_shape_correction(model: MorphableModel, samples: list[CalibrationSample], reference: np.ndarray

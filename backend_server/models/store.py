@@ -248,10 +248,12 @@ BUILTIN_FOLDER = "builtin"          # the built-in model's correction (no model 
 
 
 def model_stamp(name: str, directory: Path | None = None) -> str:
-    """Changes whenever the model is installed again (a calibration belongs to one install): the
-    digest of its manifest, which records the install; a copied models folder keeps it."""
-    manifest = (models_dir(directory) / name / "manifest.json").read_bytes()
-    return hashlib.sha256(manifest).hexdigest()[:16]
+    """What a calibration belongs to: the digest of the model's manifest less what changes with
+    every rebuild of the same model (when and from where it was installed, the source files'
+    times), so a cache rebuilt from the same files keeps its calibration and another model does not."""
+    manifest = read_manifest(name, directory) or {}
+    kept = {k: v for k, v in manifest.items() if k not in ("installed_at", "seconds", "source", "fingerprint")}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def save_calibration(name: str, calibration: Calibration, directory: Path | None = None) -> Path:

@@ -1,13 +1,24 @@
 """Stage 5, bake: photo colours -> UV texture through the fitted mesh.
 
 Texture frame: `size` x `size` pixels, row 0 at the top; UV (u, v) has its origin bottom-left, so
-texel (row r, column c) sits at u = (c + 0.5) / size, v = 1 - (r + 0.5) / size. sRGB uint8.
+texel (row r, column c) sits at u = (c + 0.5) / size, v = 1 - (r + 0.5) / size.
 
-A texel takes the photo's colour where its surface point faces the camera and passes the z-buffer
-test (nothing nearer covers it). Texels not seen take the colour of their mirror texel
-(u -> 1 - u) when that one was seen and the UV layout is left/right symmetric; everything else,
-inside the islands and around them, is filled by pull-push inpainting, which also pads the
-islands so no seams show at coarse mip levels.
+Three steps, the same maths on the CPU (here) and the GPU (bake_gpu.py):
+1. lighting (lighting.py): the photo's light fitted on the mesh's texture vertices that the photo
+   sees on skin (their normals, their photo colours; weights as below);
+2. observe: per texel its photo colour (bilinear, linear RGB) divided by the lighting's shading at
+   the texel's normal (kept lit with `delit=False`), and its weight in [0, 1]: 0 where the photo
+   does not see it (facing away by more than MIN_FACING_COS, outside the photo, or behind the
+   z-buffer), else the view angle's ramp (MIN_FACING_COS -> FULL_FACING_COS) x the photo's skin
+   probability there (segment.py: background, hair, clothes, glasses are 0) x not clipped (the
+   brightest channel below CLIP_START) x not in deep shadow (shading below SHADOW_SHADING);
+   the lit texture (`delit=False`, ReconstructOptions.lit_texture) reproduces the photo as it is:
+   its weight is the seen test x the view angle's ramp only (the photo's light, hair, glasses and
+   clipped highlights stay, as the photo shows them: what `evaluate` re-renders against the photo);
+3. complete (complete.py): fill, mirror and blend into the whole texture, sRGB uint8 (the lit
+   texture keeps every seen texel's photo colour exactly: `keep_seen`).
+`Bake.observed` and `Bake.texel_weight` (step 2, kept on request) are what a fusion of several
+photos combines before calling `complete.complete_texture` itself.
 
 Memory: the per-texel work runs over TEXEL_CHUNK texels at a time and the UV layout is rasterized
 in bands of RASTER_BAND_ROWS rows, so a job's peak grows with the texture (its float32 colour
@@ -15,7 +26,7 @@ buffer and the cached texel map) and not with the per-texel temporaries: see `ba
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Iterator, Protocol, Sequence
 
@@ -25,8 +36,13 @@ import numpy as np
 from ..geometry import Camera, sample_bilinear, uv_to_texture_px, vertex_normals
 from ..models.topology import MeshTopology
 from ..render.rasterize import rasterize
+from ..render.shade import srgb_to_linear
+from .lighting import MIN_SHADING, Lighting, fit_lighting
 
 MIN_FACING_COS = 0.15          # surface seen at more than ~81 degrees off its normal is not used
+FULL_FACING_COS = 0.5          # ... and counts fully from 60 degrees on
+CLIP_START, CLIP_END = 0.92, 0.98      # sRGB of the brightest channel: weight falls from 1 to 0 (clipped light)
+SHADOW_SHADING = 0.35          # shading (mean 1) under which a texel's weight falls linearly to 0
 DEPTH_TOLERANCE_M = 0.005      # a point this far behind the z-buffer still counts as seen
 TEXEL_CHUNK = 1 << 21          # texels interpolated, tested and sampled at once (~100 MB of temporaries)
 RASTER_BAND_ROWS = 2048        # texture rows rasterized at once when the texel map is built
@@ -62,9 +78,22 @@ class TexelMap:
 
 @dataclass(frozen=True)
 class Bake:
-    texture: np.ndarray         # (size, size, 3) uint8
-    seen_fraction: float        # covered texels coloured from the photo directly
-    mirrored_fraction: float    # covered texels coloured from their mirror texel
+    """One face's bake. texture: (size, size, 3) uint8 sRGB, complete; seen_fraction /
+    mirrored_fraction: shares of the covered texels that the photo saw / that took their mirror
+    texel's colour; lighting: the photo's light on the face (lighting.py);
+    observed: (size, size, 3) float32 **linear** RGB per texel as the photo showed it, de-lit
+    (divided by the lighting's shading) unless the lit texture was asked for, 0 where
+    texel_weight is 0 (undefined there); texel_weight: (size, size) float32 in [0, 1], 0 = not
+    seen or rejected, higher = seen better (view angle, skin probability, not clipped, not in
+    shadow; the lit texture's: the view angle only). observed and texel_weight are None unless
+    the baker was asked to keep them."""
+
+    texture: np.ndarray
+    seen_fraction: float
+    mirrored_fraction: float
+    lighting: Lighting = field(default_factory=Lighting.flat)
+    observed: np.ndarray | None = None
+    texel_weight: np.ndarray | None = None
 
 
 def texel_maps(topology: MeshTopology, size: int) -> Iterator[TexelMap]:
@@ -94,13 +123,14 @@ def texel_band(topology: MeshTopology, size: int, top: int) -> TexelMap:
                     np.ascontiguousarray(raster.bary.reshape(-1, 3)[covered].T))
 
 
-def pull_push_fill(image: np.ndarray, known: np.ndarray) -> np.ndarray:
+def pull_push_fill(image: np.ndarray, known: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
     """Fill unknown pixels of a float32 (H, W, C) image from known ones, coarse to fine; known
-    pixels keep their values exactly. The unknown pixels of `image` must hold 0. Returns a new
-    float32 (H, W, C) array; `image` is not changed."""
+    pixels keep their values exactly. The unknown pixels of `image` must hold 0. weights: (H, W)
+    float32 >= 0, how much each known pixel counts in the coarser levels (default: 1). Returns a
+    new float32 (H, W, C) array; `image` is not changed."""
     height, width = known.shape
-    weight: np.ndarray = known.astype(np.float32)
-    colour: np.ndarray = image                  # = image * weight, unknown pixels being 0
+    weight: np.ndarray = known.astype(np.float32) if weights is None else weights.astype(np.float32)
+    colour: np.ndarray = image if weights is None else image * weight[..., None]   # unknown pixels are 0
     levels = []
     while min(weight.shape) > 1:
         h, w = (weight.shape[0] + 1) // 2, (weight.shape[1] + 1) // 2
@@ -118,41 +148,124 @@ def pull_push_fill(image: np.ndarray, known: np.ndarray) -> np.ndarray:
     return upsampled
 
 
-def bake_texture(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopology,
-                 camera: Camera, size: int) -> Bake:
-    """photo_rgb: (H, W, 3) uint8; vertices: (V, 3) camera-frame metres of `topology`'s mesh."""
+def ramp(values: np.ndarray, start: float, end: float) -> np.ndarray:
+    """0 at `start`, 1 at `end`, linear between, clipped (either direction)."""
+    return np.clip((values - start) / (end - start), 0.0, 1.0)
+
+
+def vertex_areas(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """(V,) a third of the area (m²) of the triangles around each vertex."""
+    a, b, c = (vertices[triangles[:, k]] for k in range(3))
+    area = np.linalg.norm(np.cross(b - a, c - a), axis=1) / 6.0
+    return sum((np.bincount(triangles[:, k], area, len(vertices)) for k in range(3)), np.zeros(len(vertices)))
+
+
+LINEAR_OF_SRGB8 = srgb_to_linear(np.arange(256) / 255.0).astype(np.float32)     # uint8 sRGB -> linear
+CLIP_START_LINEAR, CLIP_END_LINEAR = (float(v) for v in srgb_to_linear(np.array([CLIP_START, CLIP_END])))
+
+
+def linear_photo(photo_rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 sRGB -> (H, W, 3) float32 linear RGB (the bake samples in linear light)."""
+    return LINEAR_OF_SRGB8[photo_rgb]
+
+
+def channel_max(values: np.ndarray) -> np.ndarray:
+    """(N, 3) -> (N,) the largest channel (faster than .max(1) on narrow rows)."""
+    return np.maximum(np.maximum(values[:, 0], values[:, 1]), values[:, 2])
+
+
+def channel_min(values: np.ndarray) -> np.ndarray:
+    return np.minimum(np.minimum(values[:, 0], values[:, 1]), values[:, 2])
+
+
+def facing_cosines(vertices: np.ndarray, normals: np.ndarray) -> np.ndarray:
+    """(V,) cosine between each unit normal and the ray from its camera-frame vertex to the camera."""
+    return np.einsum("nc,nc->n", normals, -vertices) / np.maximum(np.linalg.norm(vertices, axis=1), 1e-12)
+
+
+def lighting_from_vertices(photo_linear: np.ndarray, skin: np.ndarray | None, vertices: np.ndarray,
+                           normals: np.ndarray, triangles: np.ndarray, zbuffer: np.ndarray, camera: Camera
+                           ) -> Lighting:
+    """Step 1: `fit_lighting` on the texture vertices the photo sees, each weighted by its area,
+    view angle, skin probability and clipping (the texel rule of the module docstring, at the vertex).
+    photo_linear: (H, W, 3) float32 linear RGB."""
+    xy = camera.project(vertices)
+    facing = facing_cosines(vertices, normals)
+    col = np.clip(np.floor(xy[:, 0]).astype(np.int64), 0, camera.width - 1)
+    row = np.clip(np.floor(xy[:, 1]).astype(np.int64), 0, camera.height - 1)
+    inside = (xy[:, 0] >= 0) & (xy[:, 0] < camera.width) & (xy[:, 1] >= 0) & (xy[:, 1] < camera.height)
+    seen = inside & (facing > MIN_FACING_COS) & (-vertices[:, 2] <= zbuffer[row, col] + DEPTH_TOLERANCE_M)
+    colour = sample_bilinear(photo_linear, xy.astype(np.float32))
+    weight = vertex_areas(vertices, triangles) * seen * ramp(facing, MIN_FACING_COS, FULL_FACING_COS)
+    weight *= ramp(channel_max(colour), CLIP_END_LINEAR, CLIP_START_LINEAR)
+    if skin is not None:
+        weight *= sample_bilinear(skin, xy.astype(np.float32))[:, 0] / 255.0
+    return fit_lighting(colour, normals, weight)
+
+
+def observe_texels(texels: TexelMap, attributes: np.ndarray, zbuffer: np.ndarray, camera: Camera,
+                   photo_linear: np.ndarray, skin: np.ndarray | None, delit: bool
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """Step 2 for some texels: (N, 3) float32 linear colours (de-lit if `delit`; 0 where unseen)
+    and (N,) float32 weights (the lit texture, `delit` False, weighs by the view angle only: it is
+    the photo as it shows the face, its light, hair and glasses included).
+    attributes: (V, 7) per texture vertex: photo x, y; camera-frame
+    depth (-z, metres); the cosine between its normal and the ray to the camera; the lighting's
+    shading there (3; interpolated: the light is smooth)."""
+    per_texel = texels.interpolate(attributes)                             # (N, 7)
+    xy, depth, facing, shading = per_texel[:, :2], per_texel[:, 2], per_texel[:, 3], per_texel[:, 4:7]
+    col = np.clip(np.floor(xy[:, 0]).astype(np.int64), 0, camera.width - 1)
+    row = np.clip(np.floor(xy[:, 1]).astype(np.int64), 0, camera.height - 1)
+    inside = (xy[:, 0] >= 0) & (xy[:, 0] < camera.width) & (xy[:, 1] >= 0) & (xy[:, 1] < camera.height)
+    seen = inside & (facing > MIN_FACING_COS) & (depth <= zbuffer[row, col] + DEPTH_TOLERANCE_M)
+    colour = sample_bilinear(photo_linear, xy)
+    weight = ramp(facing, MIN_FACING_COS, FULL_FACING_COS).astype(np.float32)
+    weight *= seen
+    if delit:
+        weight *= ramp(channel_max(colour), CLIP_END_LINEAR, CLIP_START_LINEAR)
+        weight *= ramp(channel_min(shading), 0.0, SHADOW_SHADING)
+        if skin is not None:
+            weight *= sample_bilinear(skin, xy)[:, 0] * np.float32(1 / 255)
+        colour /= np.maximum(shading, MIN_SHADING)
+    colour[weight <= 0] = 0.0
+    return colour, weight
+
+
+def bake_texture(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopology, camera: Camera, size: int,
+                 skin: np.ndarray | None = None, delit: bool = True, keep_observation: bool = False) -> Bake:
+    """photo_rgb: (H, W, 3) uint8; vertices: (V, 3) camera-frame metres of `topology`'s mesh;
+    skin: (H, W) uint8 skin probability (segment.SkinMap), None = all skin; delit: divide the
+    light out; keep_observation: keep `observed` and `texel_weight` in the Bake."""
+    from .complete import complete_texture, mirrored_fraction
     triangles = topology.triangles
     screen = camera.project(vertices)
     distance = -vertices[:, 2]
     zbuffer = rasterize(screen, distance, triangles, camera.width, camera.height).depth
-    attributes = np.concatenate([screen, vertices, vertex_normals(vertices, triangles)], axis=1)
+    normals = vertex_normals(vertices, triangles)
+    photo_linear = linear_photo(photo_rgb)
+    lighting = lighting_from_vertices(photo_linear, skin, vertices, normals, triangles, zbuffer, camera)
+    attributes = np.concatenate([screen, distance[:, None], facing_cosines(vertices, normals)[:, None],
+                                 lighting.shading(normals)], axis=1)
 
-    flat = np.zeros((size * size, 3), np.float32)
-    known = np.zeros(size * size, bool)
+    observed = np.zeros((size * size, 3), np.float32)
+    weight = np.zeros(size * size, np.float32)
     covered = np.zeros(size * size, bool)
-    seen_count = 0
     for band in texel_maps(topology, size):
         covered[band.texel] = True
         for start in range(0, len(band.texel), TEXEL_CHUNK):
             part = band.part(start, start + TEXEL_CHUNK)
-            xy, seen = seen_texels(part, attributes, zbuffer, camera)
-            flat[part.texel[seen]] = sample_bilinear(photo_rgb, xy[seen])
-            known[part.texel[seen]] = True
-            seen_count += int(seen.sum())
-    # Mirror fill: a texel not seen takes its mirror texel's colour (row r, column c -> row r,
-    # column size - 1 - c) where that one was seen.
-    known_2d, image = known.reshape(size, size), flat.reshape(size, size, 3)
-    use_mirror = covered.reshape(size, size) & ~known_2d & known_2d[:, ::-1] & topology.uv_mirror_symmetric
-    image[use_mirror] = image[:, ::-1][use_mirror]
-    known_2d |= use_mirror
+            observed[part.texel], weight[part.texel] = observe_texels(
+                part, attributes, zbuffer, camera, photo_linear, skin, delit)
+    observed_2d, weight_2d, covered_2d = observed.reshape(size, size, 3), weight.reshape(size, size), \
+        covered.reshape(size, size)
     covered_count = max(int(covered.sum()), 1)
-    del covered
-
-    filled = pull_push_fill(image, known_2d)
-    del flat, image
-    np.rint(filled, out=filled)
-    texture = np.clip(filled, 0, 255, out=filled).astype(np.uint8)
-    return Bake(texture, seen_count / covered_count, float(use_mirror.sum()) / covered_count)
+    seen_fraction = float((weight > 0).sum()) / covered_count
+    mirrored = mirrored_fraction(weight_2d, covered_2d, topology.uv_mirror_symmetric)
+    del covered, covered_2d
+    texture = complete_texture(observed_2d, weight_2d, topology.uv_mirror_symmetric, keep_seen=not delit)
+    if not keep_observation:
+        return Bake(texture, seen_fraction, mirrored, lighting)
+    return Bake(texture, seen_fraction, mirrored, lighting, observed_2d, weight_2d)
 
 
 def seen_texels(texels: TexelMap, attributes: np.ndarray, zbuffer: np.ndarray, camera: Camera
@@ -174,12 +287,16 @@ def seen_texels(texels: TexelMap, attributes: np.ndarray, zbuffer: np.ndarray, c
 class Baker(Protocol):
     """Bakes many faces' textures on one device. photos: (H, W, 3) uint8 each; vertices: (V, 3)
     camera-frame metres of `topology`'s texture vertices, one per photo; targets: optional
-    (size, size, 3) uint8 arrays that receive the textures (the Bakes then hold them)."""
+    (size, size, 3) uint8 arrays that receive the textures (the Bakes then hold them); skins:
+    optional (H, W) uint8 skin probabilities, one per photo (segment.SkinMap; None: all skin);
+    delit: divide the light out; keep_observation: keep `observed` and `texel_weight`."""
 
     def warm_up(self, topology: MeshTopology, size: int) -> None: ...
 
     def bake(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
-             topology: MeshTopology, size: int, targets: Sequence[np.ndarray] | None = None) -> list[Bake]: ...
+             topology: MeshTopology, size: int, targets: Sequence[np.ndarray] | None = None,
+             skins: Sequence[np.ndarray | None] | None = None, delit: bool = True,
+             keep_observation: bool = False) -> list[Bake]: ...
 
 
 class CpuBaker:
@@ -190,13 +307,17 @@ class CpuBaker:
             _cached_texel_maps(topology, size)
 
     def bake(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
-             topology: MeshTopology, size: int, targets: Sequence[np.ndarray] | None = None) -> list[Bake]:
-        bakes = [bake_texture(photo, v, topology, camera, size) for photo, v, camera in zip(photos, vertices, cameras)]
+             topology: MeshTopology, size: int, targets: Sequence[np.ndarray] | None = None,
+             skins: Sequence[np.ndarray | None] | None = None, delit: bool = True,
+             keep_observation: bool = False) -> list[Bake]:
+        skins = skins if skins is not None else [None] * len(photos)
+        bakes = [bake_texture(photo, v, topology, camera, size, skin, delit, keep_observation)
+                 for photo, v, camera, skin in zip(photos, vertices, cameras, skins)]
         if targets is None:
             return bakes
         for bake, target in zip(bakes, targets):
             target[...] = bake.texture
-        return [Bake(target, bake.seen_fraction, bake.mirrored_fraction) for bake, target in zip(bakes, targets)]
+        return [replace(bake, texture=target) for bake, target in zip(bakes, targets)]
 
 
 def baker_for(device: str) -> Baker:

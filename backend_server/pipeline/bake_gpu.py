@@ -1,8 +1,10 @@
 """Stage 5 on a CUDA GPU: the same bake as `bake.bake_texture`, batched over faces, with nvdiffrast.
 
 Per batch: the UV layout's raster (cached per topology and size), one z-buffer render of every
-face in its own photo's camera, per-texel surface attributes, bilinear photo samples, mirror fill
-and pull-push inpainting, all as torch operations on the GPU; only the uint8 textures come back.
+face in its own photo's camera, per-vertex photo samples for the lighting fit (the fit itself in
+numpy, `lighting.fit_lighting`, as on the CPU), per-texel observation and weight, and the
+completion (`complete_texture_gpu`, the torch twin of `complete.complete_texture`), all as torch
+operations on the GPU; only the uint8 textures (and, on request, the observations) come back.
 Frames and conventions are those of `bake.py`. Precision: float32 throughout (float16 photo
 samples moved the texture by up to 1 level, and the bake is not the bottleneck).
 """
@@ -18,7 +20,11 @@ import torch.nn.functional as F
 from ..models.topology import MeshTopology
 from ..render.rasterize_cuda import rasterize_batch
 from ..geometry import Camera, uv_to_texture_px, vertex_normals
-from .bake import DEPTH_TOLERANCE_M, MIN_FACING_COS, Bake
+from .bake import (CLIP_END_LINEAR, CLIP_START_LINEAR, DEPTH_TOLERANCE_M, FULL_FACING_COS, LINEAR_OF_SRGB8,
+                   MIN_FACING_COS, SHADOW_SHADING, Bake, channel_max, facing_cosines, ramp, vertex_areas)
+from .complete import (DETAIL_GAIN, DETAIL_PATCH_FRACTION, FEATHER_FRACTION, FULL_WEIGHT, LOW_CELLS, SRGB8_OF_LINEAR,
+                       SRGB_LUT_SIZE)
+from .lighting import MIN_SHADING, fit_lighting
 
 FACES_PER_PASS = 4          # faces baked together: bounds GPU memory (~250 MB a face at 2048²)
 
@@ -69,72 +75,181 @@ class GpuBaker:
         return self._uv_maps[key]
 
     def bake(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
-             topology: MeshTopology, size: int, targets: Sequence[np.ndarray] | None = None) -> list[Bake]:
+             topology: MeshTopology, size: int, targets: Sequence[np.ndarray] | None = None,
+             skins: Sequence[np.ndarray | None] | None = None, delit: bool = True,
+             keep_observation: bool = False) -> list[Bake]:
         """photos: (H, W, 3) uint8 each; vertices: (V, 3) camera-frame metres of `topology`'s mesh.
 
         targets: optional (size, size, 3) uint8 arrays (e.g. shared-memory slots) that receive the
         textures straight from the GPU; the returned Bakes then hold those arrays.
         """
         targets = targets or [np.empty((size, size, 3), np.uint8) for _ in photos]
+        skins = skins if skins is not None else [None] * len(photos)
         bakes: list[Bake] = []
         for start in range(0, len(photos), FACES_PER_PASS):
             stop = start + FACES_PER_PASS
             bakes += self._bake_pass(photos[start:stop], vertices[start:stop], cameras[start:stop],
-                                     topology, size, targets[start:stop])
+                                     topology, size, targets[start:stop], skins[start:stop], delit, keep_observation)
         return bakes
 
     @torch.inference_mode()
     def _bake_pass(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
-                   topology: MeshTopology, size: int, targets: Sequence[np.ndarray]) -> list[Bake]:
+                   topology: MeshTopology, size: int, targets: Sequence[np.ndarray],
+                   skins: Sequence[np.ndarray | None], delit: bool, keep_observation: bool) -> list[Bake]:
         device, count = self.device, len(photos)
         uv = self.uv_map(topology, size)
         height = -(-max(c.height for c in cameras) // 8) * 8
         width = -(-max(c.width for c in cameras) // 8) * 8
-        attributes = np.stack([np.concatenate([c.project(v), v, vertex_normals(v, topology.triangles)], axis=1)
-                               for v, c in zip(vertices, cameras)]).astype(np.float32)     # (B, V, 8)
-        attributes = torch.as_tensor(attributes, device=device)
-        screen, points = attributes[..., :2], attributes[..., 2:5]
-        zbuffer = rasterize_batch(screen, -points[..., 2], self.triangles(topology), width, height).depth
+        normals = [vertex_normals(v, topology.triangles) for v in vertices]
+        screen_np = np.stack([c.project(v) for v, c in zip(vertices, cameras)]).astype(np.float32)      # (B, V, 2)
+        depth_np = np.stack([-v[:, 2] for v in vertices]).astype(np.float32)                              # (B, V)
+        facing_np = np.stack([facing_cosines(v, n) for v, n in zip(vertices, normals)]).astype(np.float32)
+        screen, depth = torch.as_tensor(screen_np, device=device), torch.as_tensor(depth_np, device=device)
+        zbuffer = rasterize_batch(screen, depth, self.triangles(topology), width, height).depth      # (B, H, W)
 
+        lut = torch.as_tensor(LINEAR_OF_SRGB8, device=device)
+        photo_batch = torch.stack([lut[_padded_photo(p, height, width, device).long()] for p in photos])  # (B, 3, H, W)
+        skin_batch = torch.stack([_padded_skin(k, height, width, device) for k in skins])                # (B, 1, H, W)
+        limits = torch.tensor([[c.width, c.height] for c in cameras], dtype=torch.float32, device=device)
+
+        def sample(xy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """(B, N, 2) photo pixels -> colours (B, N, 3) linear, skin (B, N), inside the z-buffer test's pixel."""
+            grid = torch.stack([2.0 * xy[..., 0] / width - 1.0, 2.0 * xy[..., 1] / height - 1.0], -1)[:, None]
+            colour = F.grid_sample(photo_batch, grid, mode="bilinear", padding_mode="border",
+                                   align_corners=False)[:, :, 0].transpose(1, 2)
+            skin = F.grid_sample(skin_batch, grid, mode="bilinear", padding_mode="border",
+                                 align_corners=False)[:, 0, 0]
+            col = xy[..., 0].floor().long().clamp(0, width - 1)
+            row = xy[..., 1].floor().long().clamp(0, height - 1)
+            inside = ((xy >= 0) & (xy < limits[:, None])).all(-1)
+            depth_there = zbuffer.reshape(count, -1).gather(1, row * width + col)
+            return colour, skin, torch.where(inside, depth_there, torch.full_like(depth_there, -1e9))
+
+        # Step 1: the lighting, fitted per face on its vertices (numpy, as bake.lighting_from_vertices).
+        colour_v, skin_v, depth_there = (t.cpu().numpy() for t in sample(screen))
+        lightings = []
+        for k in range(count):
+            seen = (facing_np[k] > MIN_FACING_COS) & (depth_np[k] <= depth_there[k] + DEPTH_TOLERANCE_M)
+            weight = vertex_areas(vertices[k], topology.triangles) * seen * ramp(facing_np[k], MIN_FACING_COS,
+                                                                                 FULL_FACING_COS)
+            weight *= ramp(channel_max(colour_v[k]), CLIP_END_LINEAR, CLIP_START_LINEAR) * skin_v[k]
+            lightings.append(fit_lighting(colour_v[k], normals[k], weight))
+        shading = np.stack([light.shading(n) for light, n in zip(lightings, normals)])               # (B, V, 3)
+        attributes = torch.as_tensor(np.concatenate([screen_np, depth_np[..., None], facing_np[..., None], shading],
+                                                    axis=2), device=device)                           # (B, V, 7)
+
+        # Step 2: observe every covered texel.
         per_texel = (attributes[:, uv.corners[:, 0]] * uv.bary[None, :, 0, None]
                      + attributes[:, uv.corners[:, 1]] * uv.bary[None, :, 1, None]
                      + attributes[:, uv.corners[:, 2]] * uv.bary[None, :, 2, None])
-        xy, point, normal = per_texel[..., :2], per_texel[..., 2:5], per_texel[..., 5:8]
-        facing = (normal * -point).sum(-1) / torch.sqrt(
-            ((normal * normal).sum(-1) * (point * point).sum(-1)).clamp_min(1e-24))
-        limits = torch.tensor([[c.width, c.height] for c in cameras], dtype=torch.float32, device=device)
-        inside = ((xy >= 0) & (xy < limits[:, None])).all(-1)
-        col = xy[..., 0].floor().long().clamp(0, width - 1)
-        row = xy[..., 1].floor().long().clamp(0, height - 1)
-        depth_there = zbuffer.reshape(count, -1).gather(1, row * width + col)
-        seen = inside & (facing > MIN_FACING_COS) & (-point[..., 2] <= depth_there + DEPTH_TOLERANCE_M)
-
-        photo_batch = torch.stack([_padded_photo(p, height, width, device) for p in photos])  # (B, 3, H, W)
-        grid = torch.stack([2.0 * xy[..., 0] / width - 1.0, 2.0 * xy[..., 1] / height - 1.0], -1)
-        colours = F.grid_sample(photo_batch, grid[:, None], mode="bilinear", padding_mode="border",
-                                align_corners=False)[:, :, 0].transpose(1, 2)              # (B, N, 3)
-
-        flat = torch.zeros((count, size * size, 3), dtype=torch.float32, device=device)
-        known = torch.zeros((count, size * size), dtype=torch.bool, device=device)
+        xy, texel_depth, facing, texel_shading = (per_texel[..., :2], per_texel[..., 2], per_texel[..., 3],
+                                                  per_texel[..., 4:7])
+        colours, skin, depth_at = sample(xy)
+        seen = (facing > MIN_FACING_COS) & (texel_depth <= depth_at + DEPTH_TOLERANCE_M)
+        weight = seen * _ramp(facing, MIN_FACING_COS, FULL_FACING_COS)
+        if delit:                   # the lit texture weighs by the view angle only (bake.observe_texels)
+            weight = (weight * _ramp(colours.amax(-1), CLIP_END_LINEAR, CLIP_START_LINEAR)
+                      * _ramp(texel_shading.amin(-1), 0.0, SHADOW_SHADING) * skin)
+            colours = colours / texel_shading.clamp_min(MIN_SHADING)
+        colours = torch.where(weight[..., None] > 0, colours, 0.0)
+        observed = torch.zeros((count, size * size, 3), dtype=torch.float32, device=device)
+        texel_weight = torch.zeros((count, size * size), dtype=torch.float32, device=device)
         texel = uv.texel.expand(count, -1)
-        flat.scatter_(1, texel[..., None].expand(-1, -1, 3), torch.where(seen[..., None], colours, 0.0))
-        known.scatter_(1, texel, seen)
-        use_mirror = ~known.gather(1, texel) & known.gather(1, uv.mirror.expand(count, -1))
-        use_mirror &= topology.uv_mirror_symmetric
-        mirrored = flat.gather(1, uv.mirror.expand(count, -1)[..., None].expand(-1, -1, 3))
-        current = flat.gather(1, texel[..., None].expand(-1, -1, 3))
-        flat.scatter_(1, texel[..., None].expand(-1, -1, 3), torch.where(use_mirror[..., None], mirrored, current))
-        known.scatter_(1, texel, known.gather(1, texel) | use_mirror)
+        observed.scatter_(1, texel[..., None].expand(-1, -1, 3), colours)
+        texel_weight.scatter_(1, texel, weight)
+        del per_texel, colours, skin, depth_at
 
-        image = flat.reshape(count, size, size, 3).permute(0, 3, 1, 2)
-        filled = pull_push_fill_gpu(image, known.reshape(count, 1, size, size))
-        textures = filled.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+        # Step 3: complete.
+        observed_image = observed.reshape(count, size, size, 3).permute(0, 3, 1, 2)
+        weight_image = texel_weight.reshape(count, 1, size, size)
+        textures = complete_texture_gpu(observed_image, weight_image, topology.uv_mirror_symmetric,
+                                        keep_seen=not delit)
         for texture, target in zip(textures, targets):
             torch.from_numpy(target).copy_(texture)
         covered = max(int(uv.texel.numel()), 1)
-        seen_fraction = (seen.sum(1).float() / covered).tolist()
-        mirrored_fraction = (use_mirror.sum(1).float() / covered).tolist()
-        return [Bake(targets[k], seen_fraction[k], mirrored_fraction[k]) for k in range(count)]
+        known = texel_weight > 0
+        seen_fraction = (known.sum(1).float() / covered).tolist()
+        if topology.uv_mirror_symmetric:
+            unseen_with_mirror = ~known.gather(1, texel) & known.gather(1, uv.mirror.expand(count, -1))
+            mirrored_fraction = (unseen_with_mirror.sum(1).float() / covered).tolist()
+        else:
+            mirrored_fraction = [0.0] * count
+        out = []
+        for k in range(count):
+            kept = ((observed[k].reshape(size, size, 3).cpu().numpy(),
+                     texel_weight[k].reshape(size, size).cpu().numpy()) if keep_observation else (None, None))
+            out.append(Bake(targets[k], seen_fraction[k], mirrored_fraction[k], lightings[k], *kept))
+        return out
+
+
+def _ramp(values: torch.Tensor, start: float, end: float) -> torch.Tensor:
+    return ((values - start) / (end - start)).clamp(0.0, 1.0)
+
+
+def _padded_skin(skin: np.ndarray | None, height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(H, W) uint8 skin probability (None: all skin) -> (1, height, width) float32 0..1, edges repeated."""
+    if skin is None:
+        return torch.ones((1, height, width), dtype=torch.float32, device=device)
+    mask = torch.from_numpy(np.ascontiguousarray(skin)).to(device)[None, None].float() / 255.0
+    return F.pad(mask, (0, width - skin.shape[1], 0, height - skin.shape[0]), mode="replicate")[0]
+
+
+def _box_blur(image: torch.Tensor, kernel: int) -> torch.Tensor:
+    """cv2.blur (normalised box, BORDER_REFLECT_101) of (B, C, S, S)."""
+    radius = kernel // 2
+    return F.avg_pool2d(F.pad(image, (radius, radius, radius, radius), mode="reflect"), kernel, stride=1)
+
+
+def feathered_gpu(weight: torch.Tensor) -> torch.Tensor:
+    """complete.feathered for (B, 1, S, S)."""
+    size = weight.shape[-1]
+    kernel = 2 * max(1, size // FEATHER_FRACTION // 2) + 1
+    inside = _box_blur((weight > 0).float(), kernel)
+    return (weight / FULL_WEIGHT).clamp(0, 1) * (2 * inside - 1).clamp(0, 1)
+
+
+def coarse_band_gpu(observed: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """complete.coarse_band for (B, 3, S, S) and (B, 1, S, S)."""
+    cell = weight.shape[-1] // min(LOW_CELLS, weight.shape[-1])
+    colour = F.avg_pool2d(observed * weight, cell)
+    cell_weight = F.avg_pool2d(weight, cell)
+    return pull_push_fill_gpu(colour / cell_weight.clamp_min(1e-8), cell_weight > 0, cell_weight), cell_weight
+
+
+def complete_texture_gpu(observed: torch.Tensor, weight: torch.Tensor, mirror_symmetric: bool,
+                         keep_seen: bool = False) -> torch.Tensor:
+    """complete.complete_texture on a batch: observed (B, 3, S, S) float32 linear RGB (finite),
+    weight (B, 1, S, S) float32 -> (B, S, S, 3) uint8 sRGB."""
+    count, size = observed.shape[0], observed.shape[-1]
+    coarse, cell_weight = coarse_band_gpu(observed, weight)
+    low = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+    seen = feathered_gpu(weight)
+    patch = size // DETAIL_PATCH_FRACTION
+    cells = F.avg_pool2d(seen, patch).cpu().numpy()
+    fill = low
+    for k in range(count):
+        best = int(np.argmax(np.round(cells[k, 0], 4)))
+        row, col = (best // DETAIL_PATCH_FRACTION) * patch, (best % DETAIL_PATCH_FRACTION) * patch
+        detail = DETAIL_GAIN * (observed[k, :, row:row + patch, col:col + patch] - low[k, :, row:row + patch,
+                                col:col + patch]) * (weight[k, :, row:row + patch, col:col + patch] > 0)
+        block = torch.cat([torch.cat([detail, detail.flip(-1)], -1),
+                           torch.cat([detail.flip(-2), detail.flip(-2).flip(-1)], -1)], -2)
+        reps = -(-size // block.shape[-1])
+        fill[k] += block.repeat(1, reps, reps)[:, :size, :size]
+    if mirror_symmetric:
+        both = torch.minimum(cell_weight, cell_weight.flip(-1))
+        mirrored = feathered_gpu(weight.flip(-1))
+        step = observed.flip(-1) - fill
+        if bool((both > 0).any()):
+            offset = pull_push_fill_gpu((coarse - coarse.flip(-1)) * (both > 0), both > 0, both)
+            step += F.interpolate(offset, size=(size, size), mode="bilinear", align_corners=False)
+        fill = fill + mirrored * step
+    if keep_seen:
+        seen = (weight > 0).float()
+    texture = fill + seen * (observed - fill)
+    lut = torch.as_tensor(SRGB8_OF_LINEAR, device=observed.device)
+    index = (texture.clamp(0, 1) * (SRGB_LUT_SIZE - 1) + 0.5).long()
+    return lut[index].permute(0, 2, 3, 1).contiguous()
 
 
 def _padded_photo(rgb: np.ndarray, height: int, width: int, device: torch.device) -> torch.Tensor:
@@ -143,13 +258,14 @@ def _padded_photo(rgb: np.ndarray, height: int, width: int, device: torch.device
     return F.pad(photo, (0, width - rgb.shape[1], 0, height - rgb.shape[0]), mode="replicate")[0]
 
 
-def pull_push_fill_gpu(image: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
-    """`bake.pull_push_fill` for (B, C, S, S) images, S a power of two: known pixels keep their values.
+def pull_push_fill_gpu(image: torch.Tensor, known: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """`bake.pull_push_fill` for (B, C, S, S) images, S a power of two: known pixels keep their values;
+    weights (B, 1, S, S): how much each known pixel counts in the coarser levels (default 1).
 
     Pull: 2x2 area averages of colour*weight and weight (cv2 INTER_AREA halving); push: bilinear
     upsampling with half-pixel centres (cv2 INTER_LINEAR), blended by the level's weight.
     """
-    weight = known.float()
+    weight = known.float() if weights is None else weights.float()
     colour = image * weight
     levels = []
     while min(weight.shape[-2:]) > 1:

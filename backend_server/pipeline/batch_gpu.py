@@ -34,6 +34,7 @@ from .batch_scheduler import (Action, BakedFace, BatchBaked, BatchFailed, BatchJ
                               Finish, GpuDead, GpuMessage, GpuReady, Prepare, ReleasePixels, SendBatch)
 from .export import export_photo
 from .fit import fit_faces
+from .lighting import Lighting
 from .progress import StageClock
 from .reconstruct import LocatedPhoto, face_model
 
@@ -66,12 +67,16 @@ def _locate(path: Path, stem: str, options: ReconstructOptions) -> tuple[Located
         data = path.read_bytes()
     except OSError as exc:
         raise ProtocolError(ErrorCode.BAD_IMAGE, f"cannot read {path}: {exc}") from None
-    photo, located = _reconstructor.locate(data, stem + path.suffix, options, StageClock())
-    segment = shared_memory.SharedMemory(create=True, size=photo.rgb.nbytes)
-    np.ndarray(photo.rgb.shape, np.uint8, buffer=segment.buf)[...] = photo.rgb
+    photo, located, skin = _reconstructor.locate(data, stem + path.suffix, options, StageClock())
+    height, width = photo.rgb.shape[:2]
+    segment = shared_memory.SharedMemory(create=True, size=height * width * 4)
+    pixels: np.ndarray = np.ndarray((height, width, 4), np.uint8, buffer=segment.buf)   # RGB and the skin probability
+    pixels[..., :3] = photo.rgb
+    pixels[..., 3] = skin.probability
+    del pixels
     name = segment.name
     segment.close()
-    return located, name, photo.rgb.shape
+    return located, name, (height, width, 4)
 
 
 def open_slot(name: str) -> shared_memory.SharedMemory:
@@ -94,7 +99,7 @@ def _export(located: LocatedPhoto, baked: tuple[BakedFace, ...], options: Recons
     photo's stage timings."""
     size = options.texture_size
     bakes = [Bake(np.ndarray((size, size, 3), np.uint8, buffer=_attach(face.slot).buf), face.seen_fraction,
-                  face.mirrored_fraction) for face in baked]
+                  face.mirrored_fraction, face.lighting or Lighting.flat()) for face in baked]
     clock = StageClock(timings={**located.timings_ms, "fit": sum(face.fit_ms for face in baked),
                                 "bake": sum(face.bake_ms for face in baked)})
     exports = export_photo(located.photo, located.faces, located.names, [face.fit for face in baked], bakes,
@@ -141,18 +146,20 @@ def _fit_and_bake(job: BatchJob, device: str, model: FaceModel, baker: Baker, vi
         fitted = fit_faces(model, job.landmarks, job.cameras, device)
         fit_s = time.perf_counter() - start
         segments = {name: open_slot(name) for name, _ in job.pixels}
-        photos: list[np.ndarray] = [np.ndarray(shape, np.uint8, buffer=segments[name].buf)
-                                    for name, shape in job.pixels]
-        bakes = baker.bake(photos, [f.texture_vertices for f in fitted], job.cameras, model.topology, size,
-                           [views[slot] for slot in job.slots])
-        del photos
+        pixels: list[np.ndarray] = [np.ndarray(shape, np.uint8, buffer=segments[name].buf)
+                                    for name, shape in job.pixels]            # (H, W, 4): RGB, skin
+        bakes = baker.bake([p[..., :3] for p in pixels], [f.texture_vertices for f in fitted], job.cameras,
+                           model.topology, size, [views[slot] for slot in job.slots],
+                           skins=[p[..., 3] for p in pixels], delit=not job.lit_texture)
+        del pixels
         for segment in segments.values():
             segment.close()
     except Exception as exc:
         return BatchFailed(job.batch_id, f"{type(exc).__name__}: {exc}")
     return BatchBaked(job.batch_id, tuple(f.fit for f in fitted),
                       tuple((b.seen_fraction, b.mirrored_fraction) for b in bakes),
-                      fit_s, time.perf_counter() - start - fit_s, torch.cuda.max_memory_allocated(device) / 2**20)
+                      fit_s, time.perf_counter() - start - fit_s, torch.cuda.max_memory_allocated(device) / 2**20,
+                      tuple(b.lighting for b in bakes))
 
 
 # --- the runner -------------------------------------------------------------------------------------
@@ -313,7 +320,7 @@ class _Loop:
             cameras.append(photo.located.camera)
             landmarks.append(photo.located.faces[member.face].landmarks)
         return BatchJob(batch.batch_id, tuple(pixels), tuple(cameras), tuple(landmarks),
-                        tuple(member.slot for member in batch.members))
+                        tuple(member.slot for member in batch.members), self.options.lit_texture)
 
     def finish(self, action: Finish) -> None:
         photo = self.photos[action.photo]

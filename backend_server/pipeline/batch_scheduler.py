@@ -23,13 +23,16 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import TYPE_CHECKING, Sequence, Union
 
 import numpy as np
 
 from ..geometry import Camera
 from ..models.face_model import FaceFit
 from .batch import BatchReport, OutcomeStatus
+
+if TYPE_CHECKING:
+    from .lighting import Lighting
 
 PixelsRef = tuple[str, tuple[int, ...]]      # a shared-memory segment's name and the (H, W, 3) shape in it
 
@@ -45,6 +48,7 @@ class BatchJob:
     cameras: tuple[Camera, ...]
     landmarks: tuple[np.ndarray, ...]
     slots: tuple[str, ...]
+    lit_texture: bool = False                 # keep the photo's light in the textures
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,7 @@ class BatchBaked:
     fit_s: float
     bake_s: float
     peak_mb: float
+    lightings: tuple[Lighting, ...] = ()     # per face, for its JSON (empty: none measured)
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,7 @@ class BakedFace:
     mirrored_fraction: float
     fit_ms: float
     bake_ms: float
+    lighting: Lighting | None = None
 
 
 @dataclass(frozen=True)
@@ -262,14 +268,15 @@ class BatchScheduler:
         gpu["peak_mb"] = max(gpu["peak_mb"], message.peak_mb)
         share = 1000.0 / len(members)
         actions: list[Action] = []
-        for member, fit, (seen, mirrored) in zip(members, message.fits, message.fractions):
+        lightings = message.lightings or (None,) * len(members)
+        for member, fit, (seen, mirrored), lighting in zip(members, message.fits, message.fractions, lightings):
             state = self.photos[member.photo]
             state.at_gpu -= 1
             if state.ended:                          # failed meanwhile (another batch of it): drop the texture
                 self.free_slots.append(member.slot)
             else:
                 state.baked[member.face] = BakedFace(member.slot, fit, seen, mirrored, message.fit_s * share,
-                                                     message.bake_s * share)
+                                                     message.bake_s * share, lighting)
             actions += self._release_if_done(member.photo)
         for photo in dict.fromkeys(member.photo for member in members):
             state = self.photos[photo]

@@ -274,7 +274,10 @@ def face_facts(photo: PhotoInfo, face: LocatedFace, fit: FaceFit, model: FaceMod
         "model": options.model,
         "coefficients": facts.coefficients,
         "mesh": {**mesh_facts, "frame": "head frame: metres, +Y up, face toward +Z; camera = pose applied"},
-        "texture": {"size_px": options.texture_size, "uv_origin": "bottom-left", "colour_space": "sRGB"},
+        "texture": {"size_px": options.texture_size, "uv_origin": "bottom-left", "colour_space": "sRGB",
+                    "content": "lit: the photo's colours" if options.lit_texture else
+                    "albedo: the photo's colours divided by the lighting below"},
+        "lighting": bake.lighting.to_json(),
         "photo": {"name": photo.name, "width_px": photo.size[0], "height_px": photo.size[1],
                   "original_width_px": photo.original_size[0], "original_height_px": photo.original_size[1],
                   "scale": photo.scale},

@@ -28,6 +28,7 @@ from .fuse import (CompletedTexture, FusedTexture, appearance_mismatch, complete
 from .fit import fit_faces
 from .landmarks import LandmarkDetector, LocatedFace, iris_colour
 from .progress import StageCallback, StageClock
+from .segment import SkinMap, SkinSegmenter
 
 FIT_DEVICE = "cpu"      # a single job's faces fit on the CPU (launch-bound on a GPU); batches fit on their GPU
 LEFT_OUT_CODES = (ErrorCode.NO_FACE, ErrorCode.FACE_INDEX_OUT_OF_RANGE)   # a person's photo without its face
@@ -130,11 +131,13 @@ class Reconstructor:
         self.device = device
         self.detector = FaceDetector()
         self.landmarker = LandmarkDetector()
+        self.segmenter = SkinSegmenter()
         self.baker = baker_for(device)
 
     def close(self) -> None:
         self.detector.close()
         self.landmarker.close()
+        self.segmenter.close()
 
     def warm_up(self, texture_size: int, subdivision: int = 1, models: tuple[str, ...] = ("builtin",)) -> None:
         """Load the models and build the cached UV rasterizations so the first job is as fast as the rest."""
@@ -144,8 +147,9 @@ class Reconstructor:
             self.baker.warm_up(model.topology, texture_size)
 
     def locate(self, data: bytes, photo_name: str, options: ReconstructOptions, clock: StageClock
-               ) -> tuple[Photo, LocatedPhoto]:
-        """Stages 1-3: decode, detect and landmarks."""
+               ) -> tuple[Photo, LocatedPhoto, SkinMap]:
+        """Stages 1-3: decode, detect and landmarks, with the skin map (segment.py; timed with the
+        landmarks: the protocol's stage names stay as they are)."""
         clock.enter("decode", 0.0)
         photo = decode_photo(data, photo_name)
         clock.enter("detect", 0.1)
@@ -154,24 +158,26 @@ class Reconstructor:
         marks = [self.landmarker(photo.rgb, box, photo_name) for _, box in chosen]
         faces = tuple(LocatedFace(index, box, points, iris_colour(photo.rgb, points))
                       for (index, box), points in zip(chosen, marks))
+        skin = self.segmenter(photo.rgb, marks)
         clock.stop()
         stem = safe_stem(photo_name)
         names = tuple(stem if options.face != -1 else f"{stem}_face{face.index}" for face in faces)
         camera = Camera.for_photo(*photo.size)
-        return photo, LocatedPhoto(photo.info(), faces, names, camera, dict(clock.timings))
+        return photo, LocatedPhoto(photo.info(), faces, names, camera, dict(clock.timings)), skin
 
     def run(self, data: bytes, photo_name: str, options: ReconstructOptions | None = None,
             on_stage: StageCallback | None = None) -> PhotoReconstruction:
         options = options or ReconstructOptions()
         model = face_model(options)                  # an unknown model fails before any work
         clock = StageClock(on_stage)
-        photo, located = self.locate(data, photo_name, options, clock)
+        photo, located, skin = self.locate(data, photo_name, options, clock)
         count = len(located.faces)
         clock.enter("fit", 0.3)
         fitted = fit_faces(model, [face.landmarks for face in located.faces], [located.camera] * count, FIT_DEVICE)
         clock.enter("bake", 0.4)
         bakes = self.baker.bake([photo.rgb] * count, [f.texture_vertices for f in fitted], [located.camera] * count,
-                                model.topology, options.texture_size)
+                                model.topology, options.texture_size, skins=[skin.probability] * count,
+                                delit=not options.lit_texture)
         exports = export_photo(located.photo, located.faces, located.names, [f.fit for f in fitted], bakes, model,
                                options, clock)
         faces = tuple(ReconstructedFace(face, name, f.fit, f.texture_vertices, bake, export.files, export.facts)
@@ -203,7 +209,7 @@ class Reconstructor:
         for k, item in enumerate(photos):
             current[0], span[:] = k, [0.3 * k / count, 1.0 / count]
             try:
-                photo, where = self.locate(item.data, item.name, options, clock)
+                photo, where, _skin = self.locate(item.data, item.name, options, clock)
             except ProtocolError as exc:
                 clock.stop()
                 if exc.code not in LEFT_OUT_CODES:

@@ -19,6 +19,7 @@ same layout directly for ICT-FaceKit; other layouts through the surface: each te
 aligned reconstruction -> the nearest truth texel on the true posed surface (texels ~0.4 mm apart,
 within SURFACE_MATCH_M) -> its truth colour):
 - psnr/ssim over the texels the view saw (photo-sampled) and over those it did not (filled);
+  psnr_face over the whole face area (seen and filled);
 - seam: RMS colour step across the border between seen and filled texels, over the RMS step
   inside them (1 = no seam; the truth texture gives ~1 on the same texel pairs);
 - flat_psnr: a flat texture of the seen texels' median colour, the texture baseline.
@@ -313,6 +314,7 @@ def texture(recon: Reconstruction, truth: HeadTruth, k: int) -> dict:
     mine = np.where(valid[..., None], recon.texture, reference)            # equal outside: fair SSIM windows
     flat = np.where(valid[..., None], np.median(recon.texture[seen], axis=0) if seen.any() else 0, reference)
     return {"psnr_seen": psnr(mine, reference, seen), "psnr_filled": psnr(mine, reference, filled),
+            "psnr_face": psnr(mine, reference, valid),
             "ssim_seen": ssim(mine, reference, seen), "ssim_filled": ssim(mine, reference, filled),
             "seam": seam_ratio(recon.texture, recon.texel_seen, valid),
             "seam_truth": seam_ratio(reference, recon.texel_seen, valid),

@@ -53,7 +53,8 @@ GEOMETRY = [("vertex rigid", "vertex_rigid", 2), ("vertex sim.", "vertex_sim", 2
             ("468-pt sim.", "points_sim", 2), ("surface", "surface", 2), ("neutral 468-pt", "neutral_points", 2),
             ("neutral vertex", "neutral_vertex", 2), ("expression 468-pt", "expression_points", 2),
             ("expr. weights MAE", "expression_weights", 3)]
-TEXTURE = [("PSNR seen", "psnr_seen", 2), ("PSNR filled", "psnr_filled", 2), ("SSIM seen", "ssim_seen", 3),
+TEXTURE = [("PSNR seen", "psnr_seen", 2), ("PSNR filled", "psnr_filled", 2), ("PSNR face", "psnr_face", 2),
+           ("SSIM seen", "ssim_seen", 3),
            ("SSIM filled", "ssim_filled", 3), ("seam", "seam", 1), ("seam of truth", "seam_truth", 2),
            ("flat colour PSNR seen", "flat_psnr_seen", 2), ("flat colour PSNR filled", "flat_psnr_filled", 2),
            ("seen share", "seen_fraction", 2)]
