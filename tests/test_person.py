@@ -150,26 +150,40 @@ def observation(size, value, seen_columns, weight=1.0):
 
 
 def test_fusion_equalises_colours_blends_the_best_view_and_mirrors_only_what_nobody_saw():
-    from backend_server.pipeline.fuse import appearance_mismatch, complete_texture, fuse_observations, odd_photo_out
+    """Linear colours (the bake's observations): the brighter photo is scaled to the reference's,
+    the better-seen photo dominates, and main's completion mirrors only what no photo saw."""
+    from backend_server.pipeline.complete import complete_texture, srgb8_of_linear
+    from backend_server.pipeline.fuse import (appearance_mismatch, completed, fuse_observations,
+                                              odd_photo_out)
     size = 64
     covered = np.ones((size, size), bool)
-    left = observation(size, (100, 80, 60), slice(0, 40))
-    right = observation(size, (150, 120, 90), slice(24, 48), 0.8)          # 1.5 x brighter: exposure
+    skin = np.array([0.20, 0.12, 0.06], np.float32)
+    left = observation(size, skin, slice(0, 40))
+    right = observation(size, 1.5 * skin, slice(24, 48), 0.8)              # 1.5 x brighter: exposure
     fused = fuse_observations([left, right], covered)
     assert np.allclose(fused.gains[1], 1 / 1.5, atol=1e-3) and np.allclose(fused.gains[0], 1)
-    assert np.allclose(fused.observed[:, :48], (100, 80, 60), atol=0.5)     # no step where the views meet
+    assert np.allclose(fused.observed[:, :48], skin, atol=1e-4)              # no step where the views meet
     assert (fused.texel_weight[:, :48] > 0).all() and (fused.texel_weight[:, 48:] == 0).all()
     assert fused.contribution.sum() == pytest.approx(1.0) and fused.contribution[0] > fused.contribution[1]
     assert fused.seen_fraction.tolist() == pytest.approx([40 / 64, 24 / 64])
-    completed = complete_texture(fused.observed, fused.texel_weight, covered, True)
-    assert completed.seen_fraction == pytest.approx(48 / 64)
-    assert completed.mirrored_fraction == pytest.approx(16 / 64)            # columns 48..63 <- 15..0
-    assert np.abs(completed.texture[:, 48:].astype(int) - (100, 80, 60)).max() <= 1
-    stranger = observation(size, (120, 60, 40), slice(0, 40))                # redder skin, any brightness
-    same = observation(size, (200, 160, 120), slice(8, 40))
+    texture = complete_texture(fused.observed, fused.texel_weight, True)
+    done = completed(texture, fused, True)
+    assert done.seen_fraction == pytest.approx(48 / 64)
+    assert done.mirrored_fraction == pytest.approx(16 / 64)                 # columns 48..63 <- 15..0
+    expected = srgb8_of_linear(skin[None].copy())[0].astype(int)
+    assert np.abs(texture.astype(int) - expected).max() <= 1               # one colour, seen, mirrored and filled
+    stranger = observation(size, (0.26, 0.08, 0.04), slice(0, 40))            # redder skin
+    same = observation(size, 2.0 * skin, slice(8, 40))                          # any brightness
     mismatch = appearance_mismatch([left, same, stranger])
     assert mismatch[0] < 1 and mismatch[1] < 1 and mismatch[2] > 1
     assert odd_photo_out(mismatch) == 2 and odd_photo_out(mismatch[[0, 1]]) is None
+
+
+def test_a_bake_that_kept_no_observation_cannot_be_fused():
+    from backend_server.pipeline.bake import Bake
+    from backend_server.pipeline.fuse import Observation
+    with pytest.raises(ValueError, match="keep_observation"):
+        Observation.of(Bake(np.zeros((4, 4, 3), np.uint8), 0.5, 0.0))
 
 
 def png_bytes(rgb: np.ndarray) -> bytes:
@@ -203,10 +217,43 @@ def test_run_person_makes_one_head_leaves_out_another_person_and_lists_every_pho
     assert [p["used"] for p in photos] == [True, True, False] and photos[2]["left_out"]
     assert sum(p["texture_contribution"] for p in photos[:2]) == pytest.approx(1.0, abs=1e-3)
     gains = [np.array(p["colour_gain"]) for p in photos[:2]]
-    assert (gains[1] / gains[0]) == pytest.approx(1 / 0.85, abs=0.05)      # the darker copy equalised
+    # The darker copy equalised: sRGB levels x 0.85 are linear x 0.70 at skin levels (0.716 at 0.4,
+    # 0.696 at 0.8; the copy's levels were floored), and the de-lit albedo keeps each photo's mean.
+    assert (gains[1] / gains[0]) == pytest.approx(1 / 0.70, abs=0.05)
     assert {k: v for k, v in facts["pose"].items() if k != "frame"} == photos[0]["pose"]   # posed as photo 1
+    assert facts["texture"]["content"].startswith("albedo") and facts["lighting"] == photos[0]["lighting"]
+    assert np.array(photos[1]["lighting"]["sh"]).shape == (3, 9) and photos[1]["lighting"]["points"] > 100
+    assert "lighting" not in photos[2]                                      # left out: never baked
     alone = reconstructor.run(person_photos[0].data, "me.jpg", QUICK).faces[0].bake
     assert facts["quality"]["texture_seen_fraction"] > alone.seen_fraction + 0.05   # the mirror saw more
+
+
+@pytest.mark.parametrize("lit", [False, True], ids=["albedo", "lit"])
+def test_one_photo_given_twice_is_baked_and_completed_as_that_photo_alone(reconstructor, person_photos, lit):
+    """The person path is the single photo's bake and completion: the same photo twice fuses into
+    that photo's own observation (gains 1, equal blend), so the head's texture is the single
+    photo's bake on the same mesh (its skin map, its lighting; the lit texture keeps every seen
+    texel's photo colour), and the JSON's lighting is that bake's."""
+    from dataclasses import replace
+    from backend_server.geometry import Camera
+    from backend_server.pipeline.bake import CpuBaker
+    from backend_server.pipeline.decode import decode_photo
+    from backend_server.pipeline.segment import SkinSegmenter
+    options = replace(QUICK, lit_texture=lit)
+    twice = [person_photos[0], replace(person_photos[0], name="again.jpg")]
+    result = reconstructor.run_person(twice, options)
+    assert result.kept == [0, 1] and np.allclose(result.fused.gains, 1.0)
+    photo = decode_photo(person_photos[0].data, "me.jpg").rgb
+    skin = SkinSegmenter()(photo, [result.located[0].landmarks])
+    camera = Camera.for_photo(*result.photos[0].size)
+    [alone] = CpuBaker().bake([photo], [result.texture_vertices], [camera], result.model.topology,
+                              QUICK.texture_size, skins=[skin.probability], delit=not lit)
+    difference = np.abs(result.completed.texture.astype(int) - alone.texture.astype(int))
+    assert difference.max() <= 1, f"the person's texture differs from the photo's own bake by {difference.max()}"
+    facts = json.loads(next(f.data for f in result.files if f.name == "me.json"))
+    assert facts["lighting"]["sh"] == alone.lighting.to_json()["sh"]
+    assert facts["texture"]["content"].startswith("lit" if lit else "albedo")
+    assert result.completed.seen_fraction == pytest.approx(alone.seen_fraction)
 
 
 def test_a_persons_head_goes_out_in_every_format_with_its_eye_textures(reconstructor, person_photos, ict_model,
@@ -290,6 +337,33 @@ def test_joint_fit_and_person_bake_on_the_gpu_match_the_cpu(ict_model, person_ph
     on_cpu, on_gpu = face.fit_person(marks, cameras, "cpu"), face.fit_person(marks, cameras, "cuda:0")
     assert on_gpu.kept == on_cpu.kept
     assert np.abs(on_gpu.fits[0].identity - on_cpu.fits[0].identity).max() < 0.05
-    gpu = Reconstructor("cuda:0")
-    result = gpu.run_person(person_photos[:2], QUICK)
-    assert result.kept == [0, 1] and result.completed.texture.shape == (256, 256, 3)
+    gpu, cpu = Reconstructor("cuda:0"), Reconstructor("cpu")
+    for lit in (False, True):
+        options = ReconstructOptions(texture_size=512, subdivision=0, lit_texture=lit)
+        ours, theirs = gpu.run_person(person_photos, options), cpu.run_person(person_photos, options)
+        assert ours.kept == theirs.kept == [0, 1] and ours.completed.texture.shape == (512, 512, 3)
+        assert np.abs(ours.fused.gains - theirs.fused.gains).max() < 0.02
+        for mine, its in zip(ours.lightings, theirs.lightings):
+            assert np.abs(mine.sh - its.sh).max() < 0.02 * np.abs(its.sh).max()
+        # the GPU baker's completion of the fused arrays (complete_texture_gpu), as its bakes compare
+        difference = np.abs(ours.completed.texture.astype(int) - theirs.completed.texture.astype(int))
+        assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 8, (difference.mean(),
+                                                                                np.percentile(difference, 99))
+        assert ours.completed.seen_fraction == pytest.approx(theirs.completed.seen_fraction, abs=0.01)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the lent GPU machine)")
+def test_the_gpu_bakers_completion_of_fused_arrays_is_complete_texture_gpu():
+    from backend_server.pipeline.bake import CpuBaker
+    from backend_server.pipeline.bake_gpu import GpuBaker
+    rng = np.random.default_rng(3)
+    observed = rng.uniform(0.05, 0.6, (256, 256, 3)).astype(np.float32)
+    weight = np.zeros((256, 256), np.float32)
+    weight[40:200, 30:120] = rng.uniform(0.2, 1.0, (160, 90))
+    observed[weight == 0] = 0
+    for keep_seen in (False, True):
+        ours = GpuBaker("cuda:0").complete(observed, weight, True, keep_seen)
+        theirs = CpuBaker().complete(observed, weight, True, keep_seen)
+        assert ours.dtype == np.uint8 and ours.shape == (256, 256, 3)
+        assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 2

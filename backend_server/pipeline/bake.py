@@ -289,7 +289,9 @@ class Baker(Protocol):
     camera-frame metres of `topology`'s texture vertices, one per photo; targets: optional
     (size, size, 3) uint8 arrays that receive the textures (the Bakes then hold them); skins:
     optional (H, W) uint8 skin probabilities, one per photo (segment.SkinMap; None: all skin);
-    delit: divide the light out; keep_observation: keep `observed` and `texel_weight`."""
+    delit: divide the light out; keep_observation: keep `observed` and `texel_weight`.
+    `complete` is step 3 alone on this device, for observations combined elsewhere (a fusion of
+    several photos, fuse.py): `complete.complete_texture`'s arguments and result."""
 
     def warm_up(self, topology: MeshTopology, size: int) -> None: ...
 
@@ -297,6 +299,9 @@ class Baker(Protocol):
              topology: MeshTopology, size: int, targets: Sequence[np.ndarray] | None = None,
              skins: Sequence[np.ndarray | None] | None = None, delit: bool = True,
              keep_observation: bool = False) -> list[Bake]: ...
+
+    def complete(self, observed: np.ndarray, texel_weight: np.ndarray, mirror_symmetric: bool,
+                 keep_seen: bool = False) -> np.ndarray: ...
 
 
 class CpuBaker:
@@ -318,6 +323,11 @@ class CpuBaker:
         for bake, target in zip(bakes, targets):
             target[...] = bake.texture
         return [replace(bake, texture=target) for bake, target in zip(bakes, targets)]
+
+    def complete(self, observed: np.ndarray, texel_weight: np.ndarray, mirror_symmetric: bool,
+                 keep_seen: bool = False) -> np.ndarray:
+        from .complete import complete_texture
+        return complete_texture(observed, texel_weight, mirror_symmetric, keep_seen)
 
 
 def baker_for(device: str) -> Baker:

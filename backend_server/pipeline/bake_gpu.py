@@ -93,6 +93,17 @@ class GpuBaker:
         return bakes
 
     @torch.inference_mode()
+    def complete(self, observed: np.ndarray, texel_weight: np.ndarray, mirror_symmetric: bool,
+                 keep_seen: bool = False) -> np.ndarray:
+        """`complete.complete_texture` on this device (`complete_texture_gpu`): observed (S, S, 3)
+        float32 linear RGB, texel_weight (S, S) float32 -> (S, S, 3) uint8 sRGB."""
+        observed_t = torch.from_numpy(np.ascontiguousarray(observed, np.float32)).to(self.device)
+        weight_t = torch.from_numpy(np.ascontiguousarray(texel_weight, np.float32)).to(self.device)
+        texture = complete_texture_gpu(observed_t.permute(2, 0, 1)[None], weight_t[None, None], mirror_symmetric,
+                                       keep_seen)
+        return texture[0].cpu().numpy()
+
+    @torch.inference_mode()
     def _bake_pass(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
                    topology: MeshTopology, size: int, targets: Sequence[np.ndarray],
                    skins: Sequence[np.ndarray | None], delit: bool, keep_observation: bool) -> list[Bake]:

@@ -19,14 +19,15 @@ from shared_protocol import ErrorCode, PersonPhoto, ProtocolError, ReconstructOp
 from ..geometry import Camera
 from ..models import registry
 from ..models.face_model import FaceFit, FaceModel, PersonFit
-from .bake import Bake, CpuBaker, baker_for
+from .bake import Bake, baker_for
 from .decode import Photo, PhotoInfo, decode_photo
 from .detect import FaceBox, FaceDetector, select_faces
 from .export import export_person, export_photo, safe_stem
-from .fuse import (CompletedTexture, FusedTexture, appearance_mismatch, complete_texture, covered_texels,
-                   fuse_observations, observe, odd_photo_out)
+from .fuse import (CompletedTexture, FusedTexture, Observation, appearance_mismatch, completed, covered_texels,
+                   fuse_observations, odd_photo_out)
 from .fit import fit_faces
 from .landmarks import LandmarkDetector, LocatedFace, iris_colour
+from .lighting import Lighting
 from .progress import StageCallback, StageClock
 from .segment import SkinMap, SkinSegmenter
 
@@ -104,8 +105,9 @@ class PersonReconstruction:
     not be decoded is impossible: that is an error); located: per photo its face, None where none
     was found; fit: the joint fit (one FaceFit per kept photo); reference: the photo the head is
     posed as (the first kept one); texture_vertices: (model.topology.vertex_count, 3) camera-frame
-    metres of the reference photo; fused / completed: the texture before and after completion;
-    files / facts: the one head's result files and JSON."""
+    metres of the reference photo; lightings: each kept photo's light (its bake's, in `kept`
+    order); fused / completed: the texture before and after completion; files / facts: the one
+    head's result files and JSON."""
 
     photos: tuple[PhotoInfo, ...]
     located: tuple[LocatedFace | None, ...]
@@ -113,6 +115,7 @@ class PersonReconstruction:
     fit: PersonFit
     reference: int
     texture_vertices: np.ndarray
+    lightings: tuple[Lighting, ...]
     fused: FusedTexture
     completed: CompletedTexture
     files: tuple[ResultFile, ...]
@@ -189,7 +192,10 @@ class Reconstructor:
         """Several photos of one person -> one head, its files named `name` (default: the first
         photo's stem). A photo that cannot be decoded (or is too
         small or large) is an error naming it; one without a face, or whose face does not fit the
-        others', is left out (its reason in the JSON); none left: ProtocolError NO_USABLE_PHOTO."""
+        others', is left out (its reason in the JSON); none left: ProtocolError NO_USABLE_PHOTO.
+        Each kept photo is baked as a single photo is (its skin map, its lighting; de-lit unless
+        options.lit_texture), its observation kept; fuse.py combines them and the baker completes
+        the fused texture (`Baker.complete`, keep_seen for the lit texture)."""
         options = options or ReconstructOptions()
         model = face_model(options)
         count = len(photos)
@@ -203,13 +209,14 @@ class Reconstructor:
         clock = StageClock(tell)
         infos: list[PhotoInfo] = []
         pixels: list[np.ndarray] = []
+        skins: list[np.ndarray | None] = []
         located: list[LocatedFace | None] = []
         cameras: list[Camera] = []
         reasons: dict[int, str] = {}
         for k, item in enumerate(photos):
             current[0], span[:] = k, [0.3 * k / count, 1.0 / count]
             try:
-                photo, where, _skin = self.locate(item.data, item.name, options, clock)
+                photo, where, skin = self.locate(item.data, item.name, options, clock)
             except ProtocolError as exc:
                 clock.stop()
                 if exc.code not in LEFT_OUT_CODES:
@@ -220,9 +227,11 @@ class Reconstructor:
                 cameras.append(Camera.for_photo(64, 64))          # unused: the photo has no face
                 infos.append(PhotoInfo(item.name, (0, 0), (0, 0), 1.0))
                 pixels.append(np.zeros((1, 1, 3), np.uint8))
+                skins.append(None)
                 continue
             infos.append(photo.info())
             pixels.append(photo.rgb)
+            skins.append(skin.probability)
             located.append(where.faces[0])
             cameras.append(where.camera)
         if all(face is None for face in located):
@@ -237,18 +246,13 @@ class Reconstructor:
             kept = person.kept
             fits = [person.fits[k] for k in kept]
             vertices = model.texture_vertices(fits, FIT_DEVICE)
-            if isinstance(self.baker, CpuBaker):
-                observations = []
-                for n, (k, v) in enumerate(zip(kept, vertices)):
-                    current[0], span[:] = k, [0.4 + 0.4 * n / len(kept), 1.0]
-                    clock.enter("bake", 0.0)
-                    observations.append(observe(pixels[k], v, model.topology, cameras[k], size))
-            else:                                   # every photo at once on this process's GPU
-                from .fuse_gpu import observe_gpu
-                current[0], span[:] = None, [0.0, 1.0]
-                clock.enter("bake", 0.4)
-                observations = observe_gpu(self.baker, [pixels[k] for k in kept], vertices,  # type: ignore[arg-type]
-                                           [cameras[k] for k in kept], model.topology, size)
+            bakes: list[Bake] = []
+            for n, (k, v) in enumerate(zip(kept, vertices)):     # one photo at a time: progress names it
+                current[0], span[:] = k, [0.4 + 0.4 * n / len(kept), 1.0]
+                clock.enter("bake", 0.0)
+                bakes += self.baker.bake([pixels[k]], [v], [cameras[k]], model.topology, size, skins=[skins[k]],
+                                         delit=not options.lit_texture, keep_observation=True)
+            observations = [Observation.of(bake) for bake in bakes]
             # Another person's skin: left out, and the rest fitted again without it.
             appearance = appearance_mismatch(observations)
             odd = odd_photo_out(appearance)
@@ -262,10 +266,13 @@ class Reconstructor:
         current[0], span[:] = None, [0.0, 1.0]
         clock.enter("bake", 0.8)
         fused = fuse_observations(observations, covered_texels(model.topology, size))
-        completed = complete_texture(fused.observed, fused.texel_weight, fused.covered,
-                                     model.topology.uv_mirror_symmetric)
+        lightings = tuple(bake.lighting for bake in bakes)
+        del observations, bakes                     # the per-photo arrays: the fused ones replace them
+        symmetric = model.topology.uv_mirror_symmetric
+        texture = completed(self.baker.complete(fused.observed, fused.texel_weight, symmetric,
+                                                keep_seen=options.lit_texture), fused, symmetric)
         reference = kept[0]
-        export = export_person(infos, located, person, reference, model, fused, completed, options,
+        export = export_person(infos, located, person, reference, model, fused, texture, lightings, options,
                                name or safe_stem(photos[0].name), clock)
-        return PersonReconstruction(tuple(infos), tuple(located), model, person, reference, vertices[0], fused,
-                                    completed, export.files, export.facts, clock.timings)
+        return PersonReconstruction(tuple(infos), tuple(located), model, person, reference, vertices[0], lightings,
+                                    fused, texture, export.files, export.facts, clock.timings)
