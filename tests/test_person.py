@@ -141,7 +141,7 @@ def test_builtin_combines_its_per_vertex_shapes_weighted_by_how_each_photo_saw_t
 
 
 def observation(size, value, seen_columns, weight=1.0):
-    from backend_server.pipeline.fuse import Observation
+    from backend_server.pipeline.bake import Observation
     observed = np.zeros((size, size, 3), np.float32)
     texel_weight = np.zeros((size, size), np.float32)
     observed[:, seen_columns] = value
@@ -180,8 +180,7 @@ def test_fusion_equalises_colours_blends_the_best_view_and_mirrors_only_what_nob
 
 
 def test_a_bake_that_kept_no_observation_cannot_be_fused():
-    from backend_server.pipeline.bake import Bake
-    from backend_server.pipeline.fuse import Observation
+    from backend_server.pipeline.bake import Bake, Observation
     with pytest.raises(ValueError, match="keep_observation"):
         Observation.of(Bake(np.zeros((4, 4, 3), np.uint8), 0.5, 0.0))
 
@@ -250,6 +249,12 @@ def test_one_photo_given_twice_is_baked_and_completed_as_that_photo_alone(recons
                               QUICK.texture_size, skins=[skin.probability], delit=not lit)
     difference = np.abs(result.completed.texture.astype(int) - alone.texture.astype(int))
     assert difference.max() <= 1, f"the person's texture differs from the photo's own bake by {difference.max()}"
+    [kept] = CpuBaker().bake([photo], [result.texture_vertices], [camera], result.model.topology,
+                             QUICK.texture_size, skins=[skin.probability], delit=not lit, keep_observation=True)
+    [observed] = CpuBaker().observe([photo], [result.texture_vertices], [camera], result.model.topology,
+                                    QUICK.texture_size, skins=[skin.probability], delit=not lit)
+    assert np.array_equal(observed.observed, kept.observed) and np.array_equal(observed.texel_weight, kept.texel_weight)
+    assert np.array_equal(observed.lighting.sh, kept.lighting.sh)               # observe: the bake less step 3
     facts = json.loads(next(f.data for f in result.files if f.name == "me.json"))
     assert facts["lighting"]["sh"] == alone.lighting.to_json()["sh"]
     assert facts["texture"]["content"].startswith("lit" if lit else "albedo")

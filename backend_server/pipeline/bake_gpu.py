@@ -21,7 +21,8 @@ from ..models.topology import MeshTopology
 from ..render.rasterize_cuda import rasterize_batch
 from ..geometry import Camera, uv_to_texture_px, vertex_normals
 from .bake import (CLIP_END_LINEAR, CLIP_START_LINEAR, DEPTH_TOLERANCE_M, FULL_FACING_COS, LINEAR_OF_SRGB8,
-                   MIN_FACING_COS, SHADOW_SHADING, Bake, channel_max, facing_cosines, ramp, vertex_areas)
+                   MIN_FACING_COS, SHADOW_SHADING, Bake, Observation, channel_max, facing_cosines, ramp,
+                   vertex_areas)
 from .complete import (DETAIL_GAIN, DETAIL_PATCH_FRACTION, FEATHER_FRACTION, FULL_WEIGHT, LOW_CELLS, SRGB8_OF_LINEAR,
                        SRGB_LUT_SIZE)
 from .lighting import MIN_SHADING, fit_lighting
@@ -91,6 +92,13 @@ class GpuBaker:
             bakes += self._bake_pass(photos[start:stop], vertices[start:stop], cameras[start:stop],
                                      topology, size, targets[start:stop], skins[start:stop], delit, keep_observation)
         return bakes
+
+    def observe(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
+                topology: MeshTopology, size: int, skins: Sequence[np.ndarray | None] | None = None,
+                delit: bool = True) -> list[Observation]:
+        """Steps 1 and 2 (the bake's kept observations; its completion here costs little)."""
+        return [Observation.of(bake) for bake in self.bake(photos, vertices, cameras, topology, size, skins=skins,
+                                                           delit=delit, keep_observation=True)]
 
     @torch.inference_mode()
     def complete(self, observed: np.ndarray, texel_weight: np.ndarray, mirror_symmetric: bool,

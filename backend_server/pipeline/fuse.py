@@ -1,7 +1,8 @@
 """Texture fusion: one UV texture from several photos of one person, from each photo's bake.
 
-Input per photo (`Observation.of`): its bake's step-2 arrays (bake.py; the baker asked to
-`keep_observation`), with that photo's skin map and lighting:
+Input per photo: its bake's steps 1 and 2 (`bake.Observation`, from a baker's `observe`: the
+arrays a bake keeps as `Bake.observed` / `Bake.texel_weight`), with that photo's skin map and
+lighting:
     observed      (S, S, 3) float32  linear RGB per texel, de-lit (divided by that photo's
                                      lighting) unless the lit texture was asked for; 0 where
                                      texel_weight is 0
@@ -21,8 +22,9 @@ Texture frame: that of bake.py (row 0 at the top; UV origin bottom-left).
    (`complete.seen_border`, over the side / FEATHER_FRACTION: no photo's edge shows as a seam),
    then the weighted mean of the equalised colours;
 3. the fused weight: the best photo's texel_weight (0 where no photo saw the texel).
-The completion is then the single photo's (`complete.complete_texture`, or its GPU twin through
-`Baker.complete`), with the lit texture's `keep_seen` likewise; `completed` reports its fractions.
+The completion is then the single photo's (`complete.complete_texture`, or its GPU twin, through
+the baker's `complete`), with the lit texture's `keep_seen` likewise; `completed` reports its
+fractions.
 
 `appearance_mismatch` / `odd_photo_out`: another person's photo, told by its skin's chroma on the
 texels it shares with the others (in sRGB levels of the observations).
@@ -35,9 +37,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
-from ..models.topology import MeshTopology
 from ..render.shade import linear_to_srgb
-from .bake import Bake, texel_maps
+from .bake import Observation
 from .complete import mirrored_fraction, seen_border
 
 SHARPNESS = 4.0                 # blend weight = texel_weight ** SHARPNESS
@@ -52,21 +53,6 @@ APPEARANCE_PAIR_LIMIT = 4.0   # of two photos, the second is left out only this 
 APPEARANCE_TEXELS = 256       # the skin's chroma is compared on a 256² sample of the texels
 CLIPPED_LEVEL = 240.0         # sRGB level: clipped highlights change a texel's chroma
 SHADOW_LEVEL = 12.0           # and so does deep shadow (noise)
-
-
-@dataclass(frozen=True)
-class Observation:
-    """One photo's colours in the UV layout before completion (see the module's docstring)."""
-
-    observed: np.ndarray        # (S, S, 3) float32, linear RGB
-    texel_weight: np.ndarray    # (S, S) float32 in [0, 1]
-
-    @classmethod
-    def of(cls, bake: Bake) -> Observation:
-        """A bake's kept observation (ValueError if the baker was not asked to keep it)."""
-        if bake.observed is None or bake.texel_weight is None:
-            raise ValueError("the bake kept no observation: bake with keep_observation=True")
-        return cls(bake.observed, bake.texel_weight)
 
 
 @dataclass(frozen=True)
@@ -92,14 +78,6 @@ class CompletedTexture:
     texture: np.ndarray
     seen_fraction: float
     mirrored_fraction: float
-
-
-def covered_texels(topology: MeshTopology, size: int) -> np.ndarray:
-    """(S, S) bool: texels inside the UV islands."""
-    covered = np.zeros(size * size, bool)
-    for band in texel_maps(topology, size):
-        covered[band.texel] = True
-    return covered.reshape(size, size)
 
 
 def completed(texture: np.ndarray, fused: FusedTexture, mirror_symmetric: bool) -> CompletedTexture:

@@ -19,12 +19,11 @@ from shared_protocol import ErrorCode, PersonPhoto, ProtocolError, ReconstructOp
 from ..geometry import Camera
 from ..models import registry
 from ..models.face_model import FaceFit, FaceModel, PersonFit
-from .bake import Bake, baker_for
+from .bake import Bake, Observation, baker_for, covered_texels
 from .decode import Photo, PhotoInfo, decode_photo
 from .detect import FaceBox, FaceDetector, select_faces
 from .export import export_person, export_photo, safe_stem
-from .fuse import (CompletedTexture, FusedTexture, Observation, appearance_mismatch, completed, covered_texels,
-                   fuse_observations, odd_photo_out)
+from .fuse import CompletedTexture, FusedTexture, appearance_mismatch, completed, fuse_observations, odd_photo_out
 from .fit import fit_faces
 from .landmarks import LandmarkDetector, LocatedFace, iris_colour
 from .lighting import Lighting
@@ -193,9 +192,9 @@ class Reconstructor:
         photo's stem). A photo that cannot be decoded (or is too
         small or large) is an error naming it; one without a face, or whose face does not fit the
         others', is left out (its reason in the JSON); none left: ProtocolError NO_USABLE_PHOTO.
-        Each kept photo is baked as a single photo is (its skin map, its lighting; de-lit unless
-        options.lit_texture), its observation kept; fuse.py combines them and the baker completes
-        the fused texture (`Baker.complete`, keep_seen for the lit texture)."""
+        Each kept photo is observed as a single photo's bake observes it (`Baker.observe`: its skin
+        map, its lighting; de-lit unless options.lit_texture); fuse.py combines them and the baker
+        completes the fused texture (`Baker.complete`, keep_seen for the lit texture)."""
         options = options or ReconstructOptions()
         model = face_model(options)
         count = len(photos)
@@ -246,13 +245,12 @@ class Reconstructor:
             kept = person.kept
             fits = [person.fits[k] for k in kept]
             vertices = model.texture_vertices(fits, FIT_DEVICE)
-            bakes: list[Bake] = []
+            observations: list[Observation] = []
             for n, (k, v) in enumerate(zip(kept, vertices)):     # one photo at a time: progress names it
                 current[0], span[:] = k, [0.4 + 0.4 * n / len(kept), 1.0]
                 clock.enter("bake", 0.0)
-                bakes += self.baker.bake([pixels[k]], [v], [cameras[k]], model.topology, size, skins=[skins[k]],
-                                         delit=not options.lit_texture, keep_observation=True)
-            observations = [Observation.of(bake) for bake in bakes]
+                observations += self.baker.observe([pixels[k]], [v], [cameras[k]], model.topology, size,
+                                                   skins=[skins[k]], delit=not options.lit_texture)
             # Another person's skin: left out, and the rest fitted again without it.
             appearance = appearance_mismatch(observations)
             odd = odd_photo_out(appearance)
@@ -266,8 +264,8 @@ class Reconstructor:
         current[0], span[:] = None, [0.0, 1.0]
         clock.enter("bake", 0.8)
         fused = fuse_observations(observations, covered_texels(model.topology, size))
-        lightings = tuple(bake.lighting for bake in bakes)
-        del observations, bakes                     # the per-photo arrays: the fused ones replace them
+        lightings = tuple(observation.lighting for observation in observations)
+        del observations                            # the per-photo arrays: the fused ones replace them
         symmetric = model.topology.uv_mirror_symmetric
         texture = completed(self.baker.complete(fused.observed, fused.texel_weight, symmetric,
                                                 keep_seen=options.lit_texture), fused, symmetric)
