@@ -16,9 +16,10 @@ GIB = 1024 ** 3
 WORKER_BASE_BYTES = 1 * GIB
 JOB_FIXED_BYTES = 300 * 1024 ** 2
 JOB_BYTES_PER_TEXEL = 56
-PHOTO_BYTES_PER_TEXEL = 20          # each further photo of one person: its observed colours and weight,
-                                    # its blend weight (ICT-FaceKit, 2048²: 0.99 GB for one photo, 1.09 GB
-                                    # for three, `facerecon reconstruct --person`)
+PHOTO_BYTES_PER_TEXEL = 20          # each further photo of one person: its Observation (observed colours
+                                    # and weight, 16 B) and its blend weight; measured after the merge of
+                                    # issue 17 (ICT-FaceKit, 2048², peak RSS of `facerecon reconstruct`):
+                                    # 1.00 GB for one photo, 1.09 GB for three (--person)
 
 
 def worker_peak_bytes(options: ReconstructOptions, photos: int = 1) -> int:
