@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-CELL_PX = 160
+CELL_PX = 150
 LABEL_PX = 160
 
 
