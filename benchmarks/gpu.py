@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--latency-runs", type=int, default=40, help="0 skips the latency part")
     parser.add_argument("--cpu-workers-per-gpu", type=int,
                         help="give each GPU this many CPU workers (default: every core for any device set)")
-    parser.add_argument("--cpu-photos", type=int, default=96)
+    parser.add_argument("--cpu-photos", type=int, default=96, help="0 skips the CPU batch")
     parser.add_argument("--work", type=Path, default=Path("/tmp/facerecon_bench"))
     parser.add_argument("--json", type=Path)
     parser.add_argument("--model", default="builtin", help="an installed model ($FACERECON_MODELS)")
@@ -148,8 +148,11 @@ def main() -> None:
         one, last = results["batch"][0], results["batch"][-1]
         results["scaling_efficiency"] = (last["steady_photos_per_s"] /
                                          (len(last["devices"]) * one["steady_photos_per_s"]))
-    results["cpu_batch"] = cpu_throughput(many[:args.cpu_photos], args.work / "out_cpu", os.cpu_count(), args.model)
-    results["gpu_vs_cpu_throughput"] = results["batch"][0]["steady_photos_per_s"] / results["cpu_batch"]["photos_per_s"]
+    if args.cpu_photos:
+        results["cpu_batch"] = cpu_throughput(many[:args.cpu_photos], args.work / "out_cpu", os.cpu_count(),
+                                              args.model)
+        results["gpu_vs_cpu_throughput"] = (results["batch"][0]["steady_photos_per_s"]
+                                            / results["cpu_batch"]["photos_per_s"])
     if args.latency_runs:
         results["gpu_vs_cpu_latency"] = results["latency_cpu"]["p50_ms"] / results["latency_gpu"]["p50_ms"]
     save()

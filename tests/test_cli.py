@@ -121,3 +121,21 @@ def test_a_photo_link_that_leads_nowhere_is_reported(tmp_path, grace_hopper_byte
     assert done.returncode == 1
     assert "1 done, 2 failed, 0 skipped" in done.stdout, done.stdout  # before: the loop was silently left out
     assert "loop.jpg: cannot read" in done.stdout and "gone.jpg: cannot read" in done.stdout
+
+
+def test_a_ctrl_c_that_python_drops_inside_a_destructor_still_stops_the_batch():
+    """A KeyboardInterrupt raised while a __del__ runs is printed and dropped by Python; CtrlC notes
+    the key press, so the batch's next check stops it (the CLI checks after every photo and at the end)."""
+    from backend_server.pipeline.batch import CtrlC
+
+    class SignalsInItsDestructor:
+        def __del__(self) -> None:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.2)                            # the handler runs here, inside __del__
+
+    with CtrlC() as ctrl_c:
+        SignalsInItsDestructor()                       # dropped at once: __del__ runs, its interrupt is lost
+        assert ctrl_c.pressed
+        with pytest.raises(KeyboardInterrupt):
+            ctrl_c.check()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -152,7 +152,8 @@ def observation(size, value, seen_columns, weight=1.0):
 def test_fusion_equalises_colours_blends_the_best_view_and_mirrors_only_what_nobody_saw():
     """Linear colours (the bake's observations): the brighter photo is scaled to the reference's,
     the better-seen photo dominates, and main's completion mirrors only what no photo saw."""
-    from backend_server.pipeline.complete import complete_texture, srgb8_of_linear
+    from backend_server.pipeline.complete import complete_texture
+    from backend_server.render.shade import srgb8_of_linear
     from backend_server.pipeline.fuse import (appearance_mismatch, completed, fuse_observations,
                                               odd_photo_out)
     size = 64

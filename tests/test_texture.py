@@ -9,7 +9,7 @@ import torch
 
 from backend_server.pipeline.bake import bake_texture
 from backend_server.pipeline.complete import complete_texture
-from backend_server.pipeline.lighting import fit_lighting
+from backend_server.pipeline.lighting import fit_lighting, fit_lighting_torch
 from backend_server.pipeline.progress import StageClock
 from backend_server.render.shade import Light, Sun, fibonacci_sphere, sh_basis
 from shared_protocol import ReconstructOptions
@@ -53,6 +53,34 @@ def test_lighting_fit_recovers_a_light_and_dividing_it_out_leaves_the_albedo():
 def test_lighting_fit_without_weight_is_flat():
     lighting = fit_lighting(np.ones((5, 3)), np.tile([0.0, 0.0, 1.0], (5, 1)), np.zeros(5))
     assert np.allclose(lighting.shading(np.array([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])), 1.0, atol=1e-4)
+
+
+def test_the_batched_torch_lighting_fit_equals_the_numpy_fit_face_by_face():
+    """fit_lighting_torch (the GPU bake's) gives each face of a batch fit_lighting's result, including
+    the flat lighting for a face with no weight; and the GPU bake's normals and areas are the CPU's."""
+    from backend_server.geometry import vertex_normals
+    from backend_server.pipeline.bake import vertex_areas
+    from backend_server.pipeline.bake_gpu import _normals_and_areas
+    rng = np.random.default_rng(3)
+    normals = fibonacci_sphere(3000)
+    light = Light.ambient((0.3, 0.25, 0.2), (Sun(np.array([0.0, 0.6, 0.8]), np.array([0.8, 0.7, 0.6]), 20.0),))
+    colours = np.stack([light.shading(normals) * [0.5, 0.4, 0.3] * rng.uniform(0.7, 1.3, (3000, 1)) for _ in range(3)])
+    weights = np.stack([np.clip(normals[:, 2], 0, None), rng.uniform(0, 1, 3000) * (normals[:, 2] > 0.3),
+                        np.zeros(3000)])
+    sh, rms, points = fit_lighting_torch(torch.tensor(colours), torch.tensor(np.stack([normals] * 3)),
+                                         torch.tensor(weights))
+    for k in range(3):
+        expected = fit_lighting(colours[k], normals, weights[k])
+        assert np.abs(sh[k].numpy() - expected.sh).max() < 1e-9
+        assert abs(float(rms[k]) - expected.rms_residual) < 1e-9 and int(points[k]) == expected.points
+    assert int(points[2]) == 0 and np.allclose(sh[2].numpy(), fit_lighting(colours[2], normals, weights[2]).sh)
+
+    vertices = rng.normal(size=(2, 40, 3))
+    triangles = np.array([rng.choice(40, 3, replace=False) for _ in range(70)])
+    ours, areas = _normals_and_areas(torch.tensor(vertices), torch.tensor(triangles))
+    for k in range(2):
+        assert np.allclose(ours[k].numpy(), vertex_normals(vertices[k], triangles), atol=1e-9)
+        assert np.allclose(areas[k].numpy(), vertex_areas(vertices[k], triangles), atol=1e-12)
 
 
 def synthetic_observation(size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -182,3 +210,18 @@ def test_bake_keeps_the_observation_for_fusion(reconstructor, located_photo):
     assert np.array_equal(again, bake.texture)                                 # completion is its own step
     assert not np.array_equal(bake_texture(photo.rgb, face.texture_vertices, result.model.topology,
                                            face.fit.camera, 512).texture, bake.texture)   # the skin map matters
+
+
+def test_skin_distance_through_opencv_equals_the_feature_definition():
+    """segment.skin_distance (cv2 tables and transforms) gives the distance that skin_features defines,
+    on a real photo, for a skin model of realistic spread."""
+    import cv2
+    from backend_server.pipeline.segment import skin_distance, skin_features
+    path = shared_photo("d3d_000002.jpg")
+    rgb = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+    mean, spread = np.array([0.35, -0.45, -1.6], np.float32), np.array([0.07, 0.09, 0.4], np.float32)
+    expected = np.sqrt((((skin_features(rgb) - mean) / spread) ** 2).sum(-1))
+    distance = skin_distance(rgb, mean, spread)
+    assert distance.shape == rgb.shape[:2]
+    assert np.abs(distance - expected).max() < 1e-3 * expected.max()
+    assert (expected < 2.5).mean() > 0.02 and (expected > 4.5).mean() > 0.02     # both ends of the ramp occur

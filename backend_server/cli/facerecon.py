@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from backend_server.pipeline.batch import OutcomeStatus, Person, PhotoOutcome
+from backend_server.pipeline.batch import CtrlC, OutcomeStatus, Person, PhotoOutcome
 from shared_protocol import DEFAULT_OUTPUTS, OUTPUT_KINDS, ProtocolError, ReconstructOptions, limits
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -136,15 +136,20 @@ def run_reconstruct(args: argparse.Namespace) -> int:
             todo.append((item, stem))
     progress = tqdm(total=len(todo), unit="head" if people else "photo", disable=args.quiet or not todo)
 
+    ctrl_c = CtrlC()
+
     def on_outcome(outcome: PhotoOutcome) -> None:
         outcomes.append(outcome)
         progress.update(1)
         if outcome.status is OutcomeStatus.FAILED:
             progress.write(f"failed: {outcome.photo}: {outcome.detail}")
+        ctrl_c.check()
 
     try:
-        report = run_batch(args.device, todo, out_dir, options, on_outcome, workers=args.workers,
-                           batch_size=max(1, args.batch_size))
+        with ctrl_c:
+            report = run_batch(args.device, todo, out_dir, options, on_outcome, workers=args.workers,
+                               batch_size=max(1, args.batch_size))
+            ctrl_c.check()
     except KeyboardInterrupt:
         progress.close()
         remove_partial_files(out_dir)

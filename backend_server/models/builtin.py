@@ -249,7 +249,11 @@ class BuiltinFaceModel(FaceModel[LandmarkFit]):
         """Closed form, numpy, a face at a time (about 0.5 ms each): `device` is not needed. With a
         `correction` (models/calibration.py) the mesh is its prediction, placed by the same pose."""
         reference = self.data.reference_vertices
-        return [corrected_fit(marks, reference, camera, self.correction) for marks, camera in zip(landmarks, cameras)]
+        fits = [fit_landmarks(marks, reference, camera) for marks, camera in zip(landmarks, cameras)]
+        if self.correction is None:
+            return fits
+        predicted = self.correction.predict_many(landmarks, reference, cameras)
+        return [replace(fit, landmark_points=fit.pose.apply(points)) for fit, points in zip(fits, predicted)]
 
     def fit_person(self, landmarks: Sequence[np.ndarray | None], cameras: Sequence[Camera], device: str = "cpu"
                    ) -> PersonFit[LandmarkFit]:

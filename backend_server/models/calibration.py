@@ -24,6 +24,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -114,8 +115,16 @@ class ShapeCorrection:
 
     def predict(self, landmarks: np.ndarray, reference: np.ndarray, camera: Camera) -> np.ndarray:
         """(468, 3) reference-frame metres for (478, 3) landmarks (photo pixels)."""
-        features = canonical_landmarks(landmarks, reference, camera).ravel() - self.feature_mean
-        return (features @ self.weights + self.bias).reshape(-1, 3).astype(np.float64)
+        return self.predict_many([landmarks], reference, [camera])[0]
+
+    def predict_many(self, landmarks: Sequence[np.ndarray], reference: np.ndarray, cameras: Sequence[Camera]
+                     ) -> np.ndarray:
+        """(B, 468, 3) float64 for B faces' (478, 3) landmarks, one matrix product in the weights'
+        float32 (a float64 product would first copy the 8 MB of weights: 7 ms a face)."""
+        features = np.stack([canonical_landmarks(marks, reference, camera).ravel()
+                             for marks, camera in zip(landmarks, cameras)]) - self.feature_mean
+        predicted = features.astype(self.weights.dtype) @ self.weights + self.bias
+        return predicted.reshape(len(features), -1, 3).astype(np.float64)
 
     def save(self, path: Path) -> None:
         save_arrays(path, self.facts, {"weights": self.weights.astype(np.float32), "bias": self.bias,

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 from ..render.rasterize import rasterize
+from ..render.shade import srgb8_of_linear
 from .face_model import triangulate
 from .morphable import MorphableModel
 
@@ -108,6 +110,21 @@ class EyeTextureLayout:
     iris_radius: np.ndarray        # (size, size) float32: 0 at the pupil's centre, 1 at the limbus
     azimuth: np.ndarray            # (size, size) float32 radians
 
+    @cached_property
+    def paint(self) -> tuple[np.ndarray, np.ndarray]:
+        """What `paint_eye` needs of the layout, whatever the iris colour: the iris colour's gain
+        (size, size, 1) and the base (size, size, 3), float32, linear RGB = iris x gain + base."""
+        r = np.nan_to_num(self.iris_radius, nan=9.0)[..., None].astype(np.float64)
+        fibres = (0.55 * np.sin(self.azimuth * 37.0) + 0.3 * np.sin(self.azimuth * 91.0 + 1.3)
+                  + 0.15 * np.sin(self.azimuth * 173.0 + 0.4))[..., None]
+        shade = 1.0 + 0.18 * fibres + 0.25 * (0.7 - r)                    # lighter near the pupil
+        sclera_blend = smoothstep(0.97, 1.03, r)
+        ring = 1 - 0.7 * np.exp(-(((r - 1.0) / LIMBUS_WIDTH) ** 2))        # a dark ring at the edge
+        pupil = 1 - smoothstep(PUPIL_FRACTION - 0.03, PUPIL_FRACTION + 0.03, r)
+        gain = shade * (1 - sclera_blend) * ring * (1 - pupil)
+        base = SCLERA_LINEAR * sclera_blend * ring * (1 - pupil) + PUPIL_LINEAR * pupil
+        return gain.astype(np.float32), base.astype(np.float32)
+
 
 def eye_texture_layout(model: MorphableModel, eye: Eye, size: int = EYE_TEXTURE_SIZE) -> EyeTextureLayout:
     polygons = model.polygon_part == eye.part
@@ -126,11 +143,6 @@ def srgb_to_linear(srgb: np.ndarray) -> np.ndarray:
     return np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
 
 
-def linear_to_srgb(linear: np.ndarray) -> np.ndarray:
-    linear = np.clip(linear, 0, 1)
-    return np.where(linear <= 0.0031308, linear * 12.92, 1.055 * linear ** (1 / 2.4) - 0.055)
-
-
 def smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
     t = np.clip((x - edge0) / (edge1 - edge0), 0, 1)
     return t * t * (3 - 2 * t)
@@ -138,19 +150,12 @@ def smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:
 
 def paint_eye(layout: EyeTextureLayout, iris_srgb: tuple[int, int, int]) -> np.ndarray:
     """(size, size, 3) uint8 sRGB: sclera, limbal ring, iris whose mean colour is `iris_srgb`
-    (radial fibres, lighter toward the pupil), pupil. Texels outside the layout take the sclera."""
-    r = np.nan_to_num(layout.iris_radius, nan=9.0)[..., None]
-    iris = srgb_to_linear(np.asarray(iris_srgb, np.float64) / 255.0)
-    fibres = (0.55 * np.sin(layout.azimuth * 37.0) + 0.3 * np.sin(layout.azimuth * 91.0 + 1.3)
-              + 0.15 * np.sin(layout.azimuth * 173.0 + 0.4))[..., None]
-    shade = 1.0 + 0.18 * fibres + 0.25 * (0.7 - r)                        # lighter near the pupil
-    sclera_blend = smoothstep(0.97, 1.03, r)
-    colour = iris * shade * (1 - sclera_blend) + SCLERA_LINEAR * sclera_blend
-    limbus = np.exp(-(((r - 1.0) / LIMBUS_WIDTH) ** 2))                   # a dark ring at the edge
-    colour = colour * (1 - 0.7 * limbus)
-    pupil = 1 - smoothstep(PUPIL_FRACTION - 0.03, PUPIL_FRACTION + 0.03, r)
-    colour = colour * (1 - pupil) + PUPIL_LINEAR * pupil
-    return np.rint(linear_to_srgb(colour) * 255).astype(np.uint8)
+    (radial fibres, lighter toward the pupil), pupil. Texels outside the layout take the sclera.
+    The linear colour is iris x gain + base, both the layout's (`layout.paint`), so a photo pays
+    one multiply-add and a table lookup per texel."""
+    gain, base = layout.paint
+    iris = srgb_to_linear(np.asarray(iris_srgb, np.float64) / 255.0).astype(np.float32)
+    return srgb8_of_linear(gain * iris + base)
 
 
 # --- gaze ------------------------------------------------------------------------------------------

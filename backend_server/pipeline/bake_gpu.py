@@ -1,10 +1,11 @@
 """Stage 5 on a CUDA GPU: the same bake as `bake.bake_texture`, batched over faces, with nvdiffrast.
 
 Per batch: the UV layout's raster (cached per topology and size), one z-buffer render of every
-face in its own photo's camera, per-vertex photo samples for the lighting fit (the fit itself in
-numpy, `lighting.fit_lighting`, as on the CPU), per-texel observation and weight, and the
-completion (`complete_texture_gpu`, the torch twin of `complete.complete_texture`), all as torch
-operations on the GPU; only the uint8 textures (and, on request, the observations) come back.
+face in its own photo's camera, per-vertex photo samples for the lighting fit
+(`lighting.fit_lighting_torch`, the batched twin of the CPU's fit), per-texel observation and
+weight, and the completion (`complete_texture_gpu`, the torch twin of `complete.complete_texture`),
+all as torch operations on the GPU with no host synchronisation before the end; only the uint8
+textures, the lightings and the seen shares (and, on request, the observations) come back.
 Frames and conventions are those of `bake.py`. Precision: float32 throughout (float16 photo
 samples moved the texture by up to 1 level, and the bake is not the bottleneck).
 """
@@ -19,15 +20,15 @@ import torch.nn.functional as F
 
 from ..models.topology import MeshTopology
 from ..render.rasterize_cuda import rasterize_batch
-from ..geometry import Camera, uv_to_texture_px, vertex_normals
+from ..geometry import Camera, uv_to_texture_px
+from ..render.shade import SRGB8_OF_LINEAR, SRGB_LUT_SIZE, sh_basis_torch
 from .bake import (CLIP_END_LINEAR, CLIP_START_LINEAR, DEPTH_TOLERANCE_M, FULL_FACING_COS, LINEAR_OF_SRGB8,
-                   MIN_FACING_COS, SHADOW_SHADING, Bake, Observation, channel_max, facing_cosines, ramp,
-                   vertex_areas)
-from .complete import (DETAIL_GAIN, DETAIL_PATCH_FRACTION, FEATHER_FRACTION, FULL_WEIGHT, LOW_CELLS, SRGB8_OF_LINEAR,
-                       SRGB_LUT_SIZE)
-from .lighting import MIN_SHADING, fit_lighting
+                   MIN_FACING_COS, SHADOW_SHADING, Bake, Observation)
+from .complete import DETAIL_GAIN, DETAIL_PATCH_FRACTION, FEATHER_FRACTION, FULL_WEIGHT, LOW_CELLS
+from .lighting import MIN_SHADING, Lighting, fit_lighting_torch
 
-FACES_PER_PASS = 4          # faces baked together: bounds GPU memory (~250 MB a face at 2048²)
+FACES_PER_PASS = 8          # faces baked together: ~250 MB of GPU memory a face at 2048²; a pass launches
+                            # ~700 kernels whatever its size, so larger passes keep the GPU fed
 
 
 @dataclass(frozen=True)
@@ -45,11 +46,13 @@ class UvMap:
 class GpuBaker:
     """Bakes textures on one CUDA device; keeps UV rasters and triangle buffers per topology."""
 
-    def __init__(self, device: str) -> None:
+    def __init__(self, device: str, faces_per_pass: int = FACES_PER_PASS) -> None:
         self.device = torch.device(device)
+        self.faces_per_pass = faces_per_pass
         torch.cuda.set_device(self.device)
         self._uv_maps: dict[tuple[int, int], UvMap] = {}
         self._triangles: dict[int, torch.Tensor] = {}
+        self._triangle_indices: dict[int, torch.Tensor] = {}
 
     def warm_up(self, topology: MeshTopology, size: int) -> None:
         self.uv_map(topology, size)
@@ -87,8 +90,8 @@ class GpuBaker:
         targets = targets or [np.empty((size, size, 3), np.uint8) for _ in photos]
         skins = skins if skins is not None else [None] * len(photos)
         bakes: list[Bake] = []
-        for start in range(0, len(photos), FACES_PER_PASS):
-            stop = start + FACES_PER_PASS
+        for start in range(0, len(photos), self.faces_per_pass):
+            stop = start + self.faces_per_pass
             bakes += self._bake_pass(photos[start:stop], vertices[start:stop], cameras[start:stop],
                                      topology, size, targets[start:stop], skins[start:stop], delit, keep_observation)
         return bakes
@@ -111,19 +114,29 @@ class GpuBaker:
                                        keep_seen)
         return texture[0].cpu().numpy()
 
+    def triangle_indices(self, topology: MeshTopology) -> torch.Tensor:
+        """(T, 3) int64 triangles on the device (for index_add_ and gathers)."""
+        key = id(topology)
+        if key not in self._triangle_indices:
+            self._triangle_indices[key] = self.triangles(topology).long()
+        return self._triangle_indices[key]
+
     @torch.inference_mode()
     def _bake_pass(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
                    topology: MeshTopology, size: int, targets: Sequence[np.ndarray],
                    skins: Sequence[np.ndarray | None], delit: bool, keep_observation: bool) -> list[Bake]:
+        """Everything on the GPU with no host synchronisation until the textures come back."""
         device, count = self.device, len(photos)
         uv = self.uv_map(topology, size)
         height = -(-max(c.height for c in cameras) // 8) * 8
         width = -(-max(c.width for c in cameras) // 8) * 8
-        normals = [vertex_normals(v, topology.triangles) for v in vertices]
-        screen_np = np.stack([c.project(v) for v, c in zip(vertices, cameras)]).astype(np.float32)      # (B, V, 2)
-        depth_np = np.stack([-v[:, 2] for v in vertices]).astype(np.float32)                              # (B, V)
-        facing_np = np.stack([facing_cosines(v, n) for v, n in zip(vertices, normals)]).astype(np.float32)
-        screen, depth = torch.as_tensor(screen_np, device=device), torch.as_tensor(depth_np, device=device)
+        mesh = torch.as_tensor(np.stack(vertices), dtype=torch.float32, device=device)                  # (B, V, 3)
+        camera = torch.tensor([[c.focal_px, c.cx, c.cy] for c in cameras], dtype=torch.float32, device=device)
+        normals, areas = _normals_and_areas(mesh, self.triangle_indices(topology))
+        depth = -mesh[..., 2]                                                                            # (B, V)
+        screen = torch.stack([camera[:, 1, None] + camera[:, 0, None] * mesh[..., 0] / depth,
+                              camera[:, 2, None] - camera[:, 0, None] * mesh[..., 1] / depth], -1)      # (B, V, 2)
+        facing = -(normals * mesh).sum(-1) / mesh.norm(dim=-1).clamp_min(1e-12)
         zbuffer = rasterize_batch(screen, depth, self.triangles(topology), width, height).depth      # (B, H, W)
 
         lut = torch.as_tensor(LINEAR_OF_SRGB8, device=device)
@@ -144,28 +157,24 @@ class GpuBaker:
             depth_there = zbuffer.reshape(count, -1).gather(1, row * width + col)
             return colour, skin, torch.where(inside, depth_there, torch.full_like(depth_there, -1e9))
 
-        # Step 1: the lighting, fitted per face on its vertices (numpy, as bake.lighting_from_vertices).
-        colour_v, skin_v, depth_there = (t.cpu().numpy() for t in sample(screen))
-        lightings = []
-        for k in range(count):
-            seen = (facing_np[k] > MIN_FACING_COS) & (depth_np[k] <= depth_there[k] + DEPTH_TOLERANCE_M)
-            weight = vertex_areas(vertices[k], topology.triangles) * seen * ramp(facing_np[k], MIN_FACING_COS,
-                                                                                 FULL_FACING_COS)
-            weight *= ramp(channel_max(colour_v[k]), CLIP_END_LINEAR, CLIP_START_LINEAR) * skin_v[k]
-            lightings.append(fit_lighting(colour_v[k], normals[k], weight))
-        shading = np.stack([light.shading(n) for light, n in zip(lightings, normals)])               # (B, V, 3)
-        attributes = torch.as_tensor(np.concatenate([screen_np, depth_np[..., None], facing_np[..., None], shading],
-                                                    axis=2), device=device)                           # (B, V, 7)
+        # Step 1: the lighting, fitted per face on its vertices (as bake.lighting_from_vertices).
+        colour_v, skin_v, depth_there = sample(screen)
+        seen_v = (facing > MIN_FACING_COS) & (depth <= depth_there + DEPTH_TOLERANCE_M)
+        weight_v = (areas * seen_v * _ramp(facing, MIN_FACING_COS, FULL_FACING_COS)
+                    * _ramp(colour_v.amax(-1), CLIP_END_LINEAR, CLIP_START_LINEAR) * skin_v)
+        sh, rms, points = fit_lighting_torch(colour_v, normals, weight_v)
+        shading = (sh_basis_torch(normals) @ sh.float().transpose(1, 2)).clamp_min(MIN_SHADING)    # (B, V, 3)
+        attributes = torch.cat([screen, depth[..., None], facing[..., None], shading], 2)            # (B, V, 7)
 
         # Step 2: observe every covered texel.
         per_texel = (attributes[:, uv.corners[:, 0]] * uv.bary[None, :, 0, None]
                      + attributes[:, uv.corners[:, 1]] * uv.bary[None, :, 1, None]
                      + attributes[:, uv.corners[:, 2]] * uv.bary[None, :, 2, None])
-        xy, texel_depth, facing, texel_shading = (per_texel[..., :2], per_texel[..., 2], per_texel[..., 3],
-                                                  per_texel[..., 4:7])
+        xy, texel_depth, texel_facing, texel_shading = (per_texel[..., :2], per_texel[..., 2], per_texel[..., 3],
+                                                        per_texel[..., 4:7])
         colours, skin, depth_at = sample(xy)
-        seen = (facing > MIN_FACING_COS) & (texel_depth <= depth_at + DEPTH_TOLERANCE_M)
-        weight = seen * _ramp(facing, MIN_FACING_COS, FULL_FACING_COS)
+        seen = (texel_facing > MIN_FACING_COS) & (texel_depth <= depth_at + DEPTH_TOLERANCE_M)
+        weight = seen * _ramp(texel_facing, MIN_FACING_COS, FULL_FACING_COS)
         if delit:                   # the lit texture weighs by the view angle only (bake.observe_texels)
             weight = (weight * _ramp(colours.amax(-1), CLIP_END_LINEAR, CLIP_START_LINEAR)
                       * _ramp(texel_shading.amin(-1), 0.0, SHADOW_SHADING) * skin)
@@ -178,27 +187,43 @@ class GpuBaker:
         texel_weight.scatter_(1, texel, weight)
         del per_texel, colours, skin, depth_at
 
-        # Step 3: complete.
+        # Step 3: complete; then the one wait for the GPU, as the textures come back.
         observed_image = observed.reshape(count, size, size, 3).permute(0, 3, 1, 2)
         weight_image = texel_weight.reshape(count, 1, size, size)
         textures = complete_texture_gpu(observed_image, weight_image, topology.uv_mirror_symmetric,
                                         keep_seen=not delit)
-        for texture, target in zip(textures, targets):
-            torch.from_numpy(target).copy_(texture)
         covered = max(int(uv.texel.numel()), 1)
         known = texel_weight > 0
-        seen_fraction = (known.sum(1).float() / covered).tolist()
+        fractions = [known.sum(1).float() / covered]
         if topology.uv_mirror_symmetric:
             unseen_with_mirror = ~known.gather(1, texel) & known.gather(1, uv.mirror.expand(count, -1))
-            mirrored_fraction = (unseen_with_mirror.sum(1).float() / covered).tolist()
+            fractions.append(unseen_with_mirror.sum(1).float() / covered)
         else:
-            mirrored_fraction = [0.0] * count
+            fractions.append(torch.zeros(count, device=device))
+        for texture, target in zip(textures, targets):
+            torch.from_numpy(target).copy_(texture)
+        seen_fraction, mirrored_fraction = torch.stack(fractions).cpu().tolist()
+        lightings = Lighting.from_arrays(sh.cpu().numpy(), rms.cpu().numpy(), points.cpu().numpy())
         out = []
         for k in range(count):
             kept = ((observed[k].reshape(size, size, 3).cpu().numpy(),
                      texel_weight[k].reshape(size, size).cpu().numpy()) if keep_observation else (None, None))
             out.append(Bake(targets[k], seen_fraction[k], mirrored_fraction[k], lightings[k], *kept))
         return out
+
+
+def _normals_and_areas(mesh: torch.Tensor, triangles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, V, 3) vertices, (T, 3) int64 triangles -> area-weighted unit normals (B, V, 3) (as
+    geometry.vertex_normals) and a third of the area around each vertex (B, V) (bake.vertex_areas)."""
+    a, b, c = (mesh[:, triangles[:, k]] for k in range(3))
+    face = torch.linalg.cross(b - a, c - a)                                                      # (B, T, 3)
+    third_area = face.norm(dim=-1) / 6.0
+    normals = torch.zeros_like(mesh)
+    areas = torch.zeros(mesh.shape[:2], dtype=mesh.dtype, device=mesh.device)
+    for k in range(3):
+        normals.index_add_(1, triangles[:, k], face)
+        areas.index_add_(1, triangles[:, k], third_area)
+    return normals / normals.norm(dim=-1, keepdim=True).clamp_min(1e-12), areas
 
 
 def _ramp(values: torch.Tensor, start: float, end: float) -> torch.Tensor:
@@ -214,9 +239,18 @@ def _padded_skin(skin: np.ndarray | None, height: int, width: int, device: torch
 
 
 def _box_blur(image: torch.Tensor, kernel: int) -> torch.Tensor:
-    """cv2.blur (normalised box, BORDER_REFLECT_101) of (B, C, S, S)."""
+    """cv2.blur (normalised box, BORDER_REFLECT_101) of (B, C, S, S): a row pass then a column pass."""
     radius = kernel // 2
-    return F.avg_pool2d(F.pad(image, (radius, radius, radius, radius), mode="reflect"), kernel, stride=1)
+    rows = F.avg_pool2d(F.pad(image, (radius, radius, 0, 0), mode="reflect"), (1, kernel), stride=1)
+    return F.avg_pool2d(F.pad(rows, (0, 0, radius, radius), mode="reflect"), (kernel, 1), stride=1)
+
+
+def _area_mean(image: torch.Tensor, cell: int) -> torch.Tensor:
+    """(B, C, S, S) -> (B, C, S / cell, S / cell) means over cell x cell blocks (F.avg_pool2d(image, cell),
+    cv2 INTER_AREA for whole cells) as one reduction: avg_pool2d's kernel loops over the cell per
+    output and took 8.5 ms for 4 x 2048² at cell 128 on an H100, this 0.05 ms."""
+    rows, cols = image.shape[-2] // cell, image.shape[-1] // cell
+    return image.unflatten(-1, (cols, cell)).unflatten(-3, (rows, cell)).mean((-1, -3))
 
 
 def feathered_gpu(weight: torch.Tensor) -> torch.Tensor:
@@ -230,38 +264,44 @@ def feathered_gpu(weight: torch.Tensor) -> torch.Tensor:
 def coarse_band_gpu(observed: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """complete.coarse_band for (B, 3, S, S) and (B, 1, S, S)."""
     cell = weight.shape[-1] // min(LOW_CELLS, weight.shape[-1])
-    colour = F.avg_pool2d(observed * weight, cell)
-    cell_weight = F.avg_pool2d(weight, cell)
+    colour = _area_mean(observed * weight, cell)
+    cell_weight = _area_mean(weight, cell)
     return pull_push_fill_gpu(colour / cell_weight.clamp_min(1e-8), cell_weight > 0, cell_weight), cell_weight
+
+
+def _patches(image: torch.Tensor, top: torch.Tensor, left: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, C, S, S) -> (B, C, patch, patch): each image's patch at its own (top, left) ((B,) int64
+    on the device), gathered without reading the corners back to the host."""
+    steps = torch.arange(patch, device=image.device)
+    rows, cols = top[:, None] + steps, left[:, None] + steps                                  # (B, patch)
+    batch = torch.arange(len(image), device=image.device)[:, None, None]
+    return image[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
 
 
 def complete_texture_gpu(observed: torch.Tensor, weight: torch.Tensor, mirror_symmetric: bool,
                          keep_seen: bool = False) -> torch.Tensor:
     """complete.complete_texture on a batch: observed (B, 3, S, S) float32 linear RGB (finite),
-    weight (B, 1, S, S) float32 -> (B, S, S, 3) uint8 sRGB."""
-    count, size = observed.shape[0], observed.shape[-1]
+    weight (B, 1, S, S) float32 -> (B, S, S, 3) uint8 sRGB; no host synchronisation."""
+    size = observed.shape[-1]
     coarse, cell_weight = coarse_band_gpu(observed, weight)
     low = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
     seen = feathered_gpu(weight)
     patch = size // DETAIL_PATCH_FRACTION
-    cells = F.avg_pool2d(seen, patch).cpu().numpy()
-    fill = low
-    for k in range(count):
-        best = int(np.argmax(np.round(cells[k, 0], 4)))
-        row, col = (best // DETAIL_PATCH_FRACTION) * patch, (best % DETAIL_PATCH_FRACTION) * patch
-        detail = DETAIL_GAIN * (observed[k, :, row:row + patch, col:col + patch] - low[k, :, row:row + patch,
-                                col:col + patch]) * (weight[k, :, row:row + patch, col:col + patch] > 0)
-        block = torch.cat([torch.cat([detail, detail.flip(-1)], -1),
-                           torch.cat([detail.flip(-2), detail.flip(-2).flip(-1)], -1)], -2)
-        reps = -(-size // block.shape[-1])
-        fill[k] += block.repeat(1, reps, reps)[:, :size, :size]
+    cells = torch.round(_area_mean(seen, patch), decimals=4).flatten(1)                 # (B, 16 * 16)
+    best = cells.argmax(1)                                                                 # first of equals
+    top, left = (best // DETAIL_PATCH_FRACTION) * patch, (best % DETAIL_PATCH_FRACTION) * patch
+    detail = DETAIL_GAIN * (_patches(observed, top, left, patch) - _patches(low, top, left, patch)) \
+        * (_patches(weight, top, left, patch) > 0)
+    block = torch.cat([torch.cat([detail, detail.flip(-1)], -1),
+                       torch.cat([detail.flip(-2), detail.flip(-2).flip(-1)], -1)], -2)
+    reps = -(-size // block.shape[-1])
+    fill = low + block.repeat(1, 1, reps, reps)[..., :size, :size]
     if mirror_symmetric:
         both = torch.minimum(cell_weight, cell_weight.flip(-1))
         mirrored = feathered_gpu(weight.flip(-1))
-        step = observed.flip(-1) - fill
-        if bool((both > 0).any()):
-            offset = pull_push_fill_gpu((coarse - coarse.flip(-1)) * (both > 0), both > 0, both)
-            step += F.interpolate(offset, size=(size, size), mode="bilinear", align_corners=False)
+        offset = pull_push_fill_gpu((coarse - coarse.flip(-1)) * (both > 0), both > 0, both)     # 0 if none both saw
+        step = observed.flip(-1) - fill + F.interpolate(offset, size=(size, size), mode="bilinear",
+                                                        align_corners=False)
         fill = fill + mirrored * step
     if keep_seen:
         seen = (weight > 0).float()
@@ -288,7 +328,7 @@ def pull_push_fill_gpu(image: torch.Tensor, known: torch.Tensor, weights: torch.
     colour = image * weight
     levels = []
     while min(weight.shape[-2:]) > 1:
-        colour, weight = F.avg_pool2d(colour, 2), F.avg_pool2d(weight, 2)
+        colour, weight = _area_mean(colour, 2), _area_mean(weight, 2)
         levels.append((colour, weight))
     filled = levels[-1][0] / levels[-1][1].clamp_min(1e-8)
     for colour, weight in reversed(levels[:-1]):

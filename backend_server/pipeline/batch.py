@@ -26,7 +26,7 @@ import signal
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from shared_protocol import ReconstructOptions, ResultFile
 from shared_protocol.shape_keys import NEUTRAL_SUFFIX, SUFFIX as SHAPE_KEYS_SUFFIX
@@ -149,6 +149,32 @@ def ignore_sigint_in_children() -> None:
     process acts on it (it stops the workers itself; a worker dying of it would leave its pool
     waiting forever)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class CtrlC:
+    """Ctrl+C during a batch, noted as well as raised. Python drops an exception that a signal
+    handler raises while a `__del__` or a callback runs ("Exception ignored in ..."), so a bare
+    KeyboardInterrupt can vanish and the batch run on to the end; the runner calls `check` after
+    each photo and once more at the end. Use in the main thread, around the whole batch."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> CtrlC:
+        self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+    def _handler(self, signum: int, frame: object) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
 
 
 @contextmanager

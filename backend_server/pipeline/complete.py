@@ -26,7 +26,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from ..render.shade import linear_to_srgb
+from ..render.shade import srgb8_of_linear
 from .bake import pull_push_fill
 
 LOW_CELLS = 64                  # low band cells across the texture (32 texels each at 2048²)
@@ -34,8 +34,6 @@ FULL_WEIGHT = 0.5               # weights at or above this count fully
 FEATHER_FRACTION = 128          # feather width: the side / this (box filter; 16 texels at 2048²)
 DETAIL_PATCH_FRACTION = 16      # detail patch side: the side / this
 BAND_ROWS = 512                 # rows blended at once (bounds the temporaries at 8192²)
-SRGB_LUT_SIZE = 16384
-SRGB8_OF_LINEAR = np.rint(linear_to_srgb(np.arange(SRGB_LUT_SIZE) / (SRGB_LUT_SIZE - 1)) * 255).astype(np.uint8)
 DETAIL_GAIN = 0.8               # fine texture added to the filled texels, of the patch's own amplitude
 
 
@@ -133,15 +131,6 @@ def complete_texture(observed: np.ndarray, texel_weight: np.ndarray, mirror_symm
         band += step
         texture[rows] = srgb8_of_linear(band)
     return texture
-
-
-def srgb8_of_linear(linear: np.ndarray) -> np.ndarray:
-    """float32 linear RGB -> uint8 sRGB through a SRGB_LUT_SIZE table (within 0.2 of a level);
-    `linear` is overwritten."""
-    np.clip(linear, 0.0, 1.0, out=linear)
-    linear *= SRGB_LUT_SIZE - 1
-    linear += 0.5
-    return SRGB8_OF_LINEAR[linear.astype(np.int32)]
 
 
 def mirrored_fraction(texel_weight: np.ndarray, covered: np.ndarray, mirror_symmetric: bool) -> float:

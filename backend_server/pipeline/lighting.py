@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
-from ..render.shade import sh_basis
+from ..render.shade import sh_basis, sh_basis_torch
 
 SH_COUNT = 9
 RIDGE_BAND1 = 2e-2            # ridge on band-1 coefficients, relative to the normal equations' trace / 9
@@ -45,6 +46,11 @@ class Lighting:
     def shading(self, normals: np.ndarray) -> np.ndarray:
         """(N, 3) unit normals, camera frame -> (N, 3) float32 shading, clamped to MIN_SHADING."""
         return np.maximum(sh_basis(normals.astype(np.float32)) @ self.sh.T.astype(np.float32), MIN_SHADING)
+
+    @classmethod
+    def from_arrays(cls, sh: np.ndarray, rms_residual: np.ndarray, points: np.ndarray) -> list[Lighting]:
+        """The faces of `fit_lighting_torch`'s (B, 3, 9), (B,), (B,) results (as numpy)."""
+        return [cls(np.asarray(s, np.float64), float(r), int(n)) for s, r, n in zip(sh, rms_residual, points)]
 
     def to_json(self) -> dict[str, Any]:
         return {"sh": np.round(self.sh, 5).tolist(), "rms_residual": round(self.rms_residual, 4),
@@ -88,3 +94,49 @@ def fit_lighting(colours_linear: np.ndarray, normals: np.ndarray, weights: np.nd
     relative = np.minimum(np.abs(colours - predicted) / np.maximum(np.abs(predicted), 1e-3), 1.0)
     rms = float(np.sqrt((relative ** 2 * w[:, None]).sum() / (3 * w.sum())))
     return Lighting(coefficients / mean[:, None], rms, int(used.sum()))
+
+
+def fit_lighting_torch(colours_linear: torch.Tensor, normals: torch.Tensor, weights: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`fit_lighting` for a batch of faces, in torch on their device, with no host synchronisation.
+
+    colours_linear: (B, N, 3) linear RGB; normals: (B, N, 3) unit, camera frame; weights: (B, N) >= 0
+    (0 = not used), any float dtype. Returns sh (B, 3, 9) float64 (normalised as `fit_lighting`'s),
+    rms_residual (B,) float64 and points (B,) int64; a face with too little weight gets the flat
+    lighting (`Lighting.flat`: rms 0, points 0). The same maths in float64 (the median of the
+    robust spread over each face's used points, as numpy's), so the two agree to rounding.
+    """
+    weights = weights.double()
+    used = weights > 0
+    count = used.sum(1)
+    total = weights.sum(1)
+    valid = (total >= MIN_FIT_WEIGHT) & (count >= 2 * SH_COUNT)
+    basis = sh_basis_torch(normals.double())                                          # (B, N, 9)
+    colours = colours_linear.double()
+    prior = weights / total.clamp_min(MIN_FIT_WEIGHT)[:, None]
+    ridge = torch.tensor([0.0] + [RIDGE_BAND1] * 3 + [RIDGE_BAND2] * 5, dtype=torch.float64, device=basis.device)
+    identity = torch.eye(SH_COUNT, dtype=torch.float64, device=basis.device)
+    robust = torch.ones_like(prior)
+    coefficients = torch.zeros((len(basis), 3, SH_COUNT), dtype=torch.float64, device=basis.device)
+    for _ in range(ROBUST_ROUNDS + 1):
+        w = prior * robust
+        weighted = basis * w[..., None]                                                    # (B, N, 9)
+        normal_matrix = weighted.transpose(1, 2) @ basis
+        scale = normal_matrix.diagonal(dim1=1, dim2=2).sum(1) / SH_COUNT
+        system = normal_matrix + torch.diag_embed(ridge * scale[:, None])
+        system = torch.where(valid[:, None, None], system, identity)               # a face without weight: no solve
+        right = weighted.transpose(1, 2) @ colours
+        coefficients = torch.linalg.solve_ex(system, right)[0].transpose(1, 2)        # (B, 3, 9)
+        predicted = basis @ coefficients.transpose(1, 2)                                   # (B, N, 3)
+        relative = (colours - predicted).abs().sum(2) / predicted.abs().sum(2).clamp_min(1e-6)
+        median = torch.nanquantile(torch.where(used, relative, torch.nan), 0.5, dim=1)
+        spread = (1.4826 * torch.nan_to_num(median)).clamp_min(0.02)
+        robust = 1.0 / (1.0 + (relative / (2.0 * spread[:, None])) ** 2)
+    w = prior * robust
+    predicted = basis @ coefficients.transpose(1, 2)
+    mean = ((predicted * w[..., None]).sum(1) / w.sum(1).clamp_min(1e-300)[:, None]).clamp_min(1e-6)   # (B, 3)
+    relative = ((colours - predicted).abs() / predicted.abs().clamp_min(1e-3)).clamp(max=1.0)
+    rms = ((relative ** 2 * w[..., None]).sum((1, 2)) / (3 * w.sum(1)).clamp_min(1e-300)).sqrt()
+    flat = torch.as_tensor(Lighting.flat().sh, device=basis.device)
+    sh = torch.where(valid[:, None, None], coefficients / mean[..., None], flat)
+    return sh, torch.where(valid, rms, 0.0), torch.where(valid, count, 0)

@@ -46,18 +46,33 @@ class SkinMap:
     probability: np.ndarray
 
 
+LUMINANCE_WEIGHTS = np.array([0.2126, 0.7152, 0.0722], np.float32)
+_SRGB = np.arange(256, dtype=np.float64) / 255.0
+LINEAR_OF_SRGB8 = (np.where(_SRGB <= 0.04045, _SRGB / 12.92, ((_SRGB + 0.055) / 1.055) ** 2.4)
+                   + 1e-3).astype(np.float32)                         # linear light, + 1e-3 before any log
+LOG_LINEAR_LUT = np.repeat(np.log(LINEAR_OF_SRGB8)[None, :, None], 3, axis=2)          # (1, 256, 3) for cv2.LUT
+LUMINANCE_LUT = (LINEAR_OF_SRGB8[None, :, None] * LUMINANCE_WEIGHTS).astype(np.float32)   # (1, 256, 3)
+
+
 def skin_features(rgb: np.ndarray) -> np.ndarray:
     """(..., 3) uint8 sRGB -> (..., 3) float32 (log r/g, log b/g, log luminance), linear light."""
-    lut = _linear_lut()
-    linear = lut[rgb] + 1e-3
-    luminance = linear @ np.array([0.2126, 0.7152, 0.0722], np.float32)
+    linear = LINEAR_OF_SRGB8[rgb]
     g = linear[..., 1]
-    return np.stack([np.log(linear[..., 0] / g), np.log(linear[..., 2] / g), np.log(luminance)], axis=-1)
+    return np.stack([np.log(linear[..., 0] / g), np.log(linear[..., 2] / g),
+                     np.log(linear @ LUMINANCE_WEIGHTS)], axis=-1)
 
 
-def _linear_lut() -> np.ndarray:
-    srgb = np.arange(256, dtype=np.float64) / 255.0
-    return np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4).astype(np.float32)
+def skin_distance(rgb: np.ndarray, mean: np.ndarray, spread: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 sRGB -> (H, W) float32: each pixel's `skin_features` distance from `mean`
+    in units of `spread` (3,). The same numbers as from skin_features, through OpenCV's table
+    lookups and channel transforms (about 5x faster than numpy on a photo's face window)."""
+    image = np.ascontiguousarray(rgb)
+    logs = cv2.LUT(image, LOG_LINEAR_LUT)                                 # log linear R, G, B
+    chroma = cv2.transform(logs, np.array([[1.0, -1.0, 0.0, -mean[0]], [0.0, -1.0, 1.0, -mean[1]]])
+                           / np.array([[spread[0]], [spread[1]]]))        # (log r/g, log b/g), normalised
+    luminance = cv2.transform(cv2.LUT(image, LUMINANCE_LUT), np.ones((1, 3)))
+    brightness = (cv2.log(luminance) - mean[2]) / spread[2]
+    return np.sqrt(chroma[..., 0] ** 2 + chroma[..., 1] ** 2 + brightness.reshape(chroma.shape[:2]) ** 2)
 
 
 def skin_model(rgb: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -96,13 +111,11 @@ def skin_probability(rgb: np.ndarray, landmarks: Sequence[np.ndarray], person: n
         r0, r1 = max(0, int(y0 - WINDOW_TOP * h)), min(height, int(y1 + WINDOW_BOTTOM * h) + 1)
         if c1 <= c0 or r1 <= r0:
             continue
-        distance = np.sqrt((((skin_features(rgb[r0:r1, c0:c1]) - mean) / spread) ** 2).sum(-1))
+        distance = skin_distance(rgb[r0:r1, c0:c1], mean, spread)
         probability = np.clip((SKIN_FAR - distance) / (SKIN_FAR - SKIN_NEAR), 0.0, 1.0)
         np.maximum(out[r0:r1, c0:c1], probability, out=out[r0:r1, c0:c1])
-        features = np.zeros((height, width), np.uint8)       # brows, eyes and lips are the face's own: kept
         hull = cv2.convexHull(np.rint(points[list(FEATURE_LANDMARKS), :2]).astype(np.int32))
-        cv2.fillConvexPoly(features, hull, (1,))
-        out[features.astype(bool)] = 1.0
+        cv2.fillConvexPoly(out, hull, (1.0,))                 # brows, eyes and lips are the face's own: kept
     if person is not None:
         out *= np.clip(person, 0.0, 1.0)
     return SkinMap(np.rint(out * 255).astype(np.uint8))
