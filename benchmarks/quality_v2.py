@@ -103,6 +103,11 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda:N (bake, fast renderer)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a shared 2-core CPU)")
     parser.add_argument("--json", type=Path, help="write every record here")
+    parser.add_argument("--multiview", action="store_true",
+                        help="several photos of one person instead (issue 18): front + ±60° against the front "
+                             "photo alone and the mean face, and another person's photo flagged (--tries)")
+    parser.add_argument("--tries", type=int, default=10, help="--multiview: outlier tries per model")
+    parser.add_argument("--results", type=Path, help="--multiview: also write each head's result files here")
     parser.add_argument("--figure", type=Path, help="write the first head's renders and albedo here (an image)")
     args = parser.parse_args()
     started = time.perf_counter()
@@ -120,6 +125,16 @@ def main() -> None:
         peer = None
 
     folders = generate(args)
+    if args.multiview:
+        from benchmarks.quality import multiview
+        records = multiview.run(folders, args.models, args.texture_size, args.tries, results=args.results)
+        print(f"\n## Several photos of one person: {args.heads} heads, front + ±{multiview.SIDE_YAW_DEG}°, "
+              f"texture {args.texture_size}²\n")
+        print(multiview.table(records, args.models))
+        print(f"total {time.perf_counter() - started:.0f} s")
+        if args.json:
+            args.json.write_text(json.dumps(records, indent=1, default=float))
+        return
     if args.figure:
         head_figure(folders[0], args.figure)
     synthetic = synthetic_v2.run(folders, args.models, peer, args.device, args.texture_size)

@@ -15,7 +15,7 @@ import bpy
 from . import preferences, properties
 from .blender_import import import_result
 from .properties import FACERECON_PG_settings, offer_default_model, set_models
-from .protocol import ReconstructOptions
+from .protocol import ReconstructOptions, limits
 from .result_files import write_result
 from .transport import ReconstructJob, StatusCheck, best_model, describe_status
 
@@ -23,6 +23,7 @@ if TYPE_CHECKING:                                 # a type alias of the stubs on
     from bpy.stub_internal.rna_enums import OperatorReturnItems
 
 TICK_S = 0.1
+MAX_PERSON_PHOTOS = limits.MAX_PERSON_PHOTOS
 _job: ReconstructJob | None = None
 _job_scene = ""
 _check: StatusCheck | None = None
@@ -47,9 +48,18 @@ def _show(message: str, error: bool) -> None:
 
 
 def job_options(settings: FACERECON_PG_settings) -> ReconstructOptions:
-    return ReconstructOptions(face=-1 if settings.all_faces else settings.face_index,
+    several = len(settings.person_photos) > 1                 # one head per person: never every face
+    return ReconstructOptions(face=-1 if settings.all_faces and not several else settings.face_index,
                               texture_size=int(settings.texture_size), model=settings.model or "builtin",
                               lit_texture=bool(settings.lit_texture))
+
+
+def job_photos(settings: FACERECON_PG_settings) -> tuple[str, tuple[str, ...]]:
+    """(the first photo, the further photos of the same person): Pick Photos' list, else the photo."""
+    paths = [bpy.path.abspath(p.path) for p in settings.person_photos]
+    if paths:
+        return paths[0], tuple(paths[1:])
+    return bpy.path.abspath(settings.photo_path), ()
 
 
 def start_job(context: bpy.types.Context) -> str | None:
@@ -58,8 +68,8 @@ def start_job(context: bpy.types.Context) -> str | None:
     if job_running():
         return "a reconstruction is already running; cancel it first"
     settings = properties.settings(context)
-    job = ReconstructJob(preferences.connection(context), bpy.path.abspath(settings.photo_path),
-                         job_options(settings))
+    first, more = job_photos(settings)
+    job = ReconstructJob(preferences.connection(context), first, job_options(settings), more)
     job.start()
     if job.finished:
         _show(job.error, True)
@@ -68,7 +78,8 @@ def start_job(context: bpy.types.Context) -> str | None:
     _job, _job_scene = job, context.scene.name
     state = properties.state(context)
     state.running, state.stage, state.progress = True, "connecting", 0.0
-    _show(f"Sending {Path(job.photo_path).name} to {job.connection.address}", False)
+    what = Path(job.photo_path).name + (f" and {len(more)} more photo(s)" if more else "")
+    _show(f"Sending {what} to {job.connection.address}", False)
     if not bpy.app.timers.is_registered(tick_job):
         bpy.app.timers.register(tick_job, first_interval=TICK_S)
     return None
@@ -126,8 +137,12 @@ def finish_job(job: ReconstructJob) -> None:
     faces = result.summary.get("faces", len(objects))
     mesh = objects[0].data
     assert isinstance(mesh, bpy.types.Mesh)       # import_result makes mesh objects
-    _show(f"Imported {', '.join(o.name for o in objects)} ({faces} face{'s' * (faces != 1)}, "
-          f"{len(mesh.vertices)} vertices) from {folder}", False)
+    left_out = result.summary.get("left_out") or {}
+    person = (f", {len(result.summary.get('used_photos', []))} of {result.summary['photos']} photos"
+              if "photos" in result.summary else "")
+    _show(f"Imported {', '.join(o.name for o in objects)} ({faces} face{'s' * (faces != 1)}{person}, "
+          f"{len(mesh.vertices)} vertices) from {folder}"
+          + "".join(f". Left out {name}: {why}" for name, why in left_out.items()), False)
 
 
 def _push_undo(message: str) -> None:
@@ -200,6 +215,46 @@ class FACERECON_OT_reconstruct(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class FACERECON_OT_pick_photos(bpy.types.Operator):
+    """Pick several photos of one person (front and sides): Reconstruct Face makes one head from them"""
+
+    bl_idname = "facerecon.pick_photos"
+    bl_label = "Pick Photos of One Person"
+
+    directory: bpy.props.StringProperty(subtype="DIR_PATH")
+    files: bpy.props.CollectionProperty(type=bpy.types.OperatorFileListElement)
+    filter_image: bpy.props.BoolProperty(default=True, options={"HIDDEN"})
+
+    def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
+        names = sorted(f.name for f in self.files if f.name)
+        if not 1 <= len(names) <= MAX_PERSON_PHOTOS:
+            self.report({"ERROR"}, f"pick 1 to {MAX_PERSON_PHOTOS} photos of one person ({len(names)} picked)")
+            return {"CANCELLED"}
+        photos = properties.settings(context).person_photos
+        photos.clear()
+        for name in names:
+            photos.add().path = str(Path(self.directory) / name)
+        _show(f"{len(names)} photo(s) of one person: Reconstruct Face makes one head from them", False)
+        return {"FINISHED"}
+
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[OperatorReturnItems]:
+        window_manager = context.window_manager
+        assert window_manager is not None
+        window_manager.fileselect_add(self)
+        return {"RUNNING_MODAL"}
+
+
+class FACERECON_OT_clear_photos(bpy.types.Operator):
+    """Forget the picked photos (back to one photo)"""
+
+    bl_idname = "facerecon.clear_photos"
+    bl_label = "Clear Photos"
+
+    def execute(self, context: bpy.types.Context) -> set[OperatorReturnItems]:
+        properties.settings(context).person_photos.clear()
+        return {"FINISHED"}
+
+
 class FACERECON_OT_cancel(bpy.types.Operator):
     """Cancel the running reconstruction (queued: at once; running: at the next stage)"""
 
@@ -237,7 +292,8 @@ class FACERECON_OT_test_connection(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (FACERECON_OT_reconstruct, FACERECON_OT_cancel, FACERECON_OT_test_connection)
+CLASSES = (FACERECON_OT_reconstruct, FACERECON_OT_pick_photos, FACERECON_OT_clear_photos, FACERECON_OT_cancel,
+           FACERECON_OT_test_connection)
 
 
 def unregister() -> None:

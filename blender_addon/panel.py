@@ -18,10 +18,23 @@ class FACERECON_PT_panel(bpy.types.Panel):
         assert layout is not None                 # Blender sets it before calling draw()
         settings = properties.settings(context)
         state = properties.state(context)
-        layout.prop(settings, "photo_path", text="")
-        preview = photo_preview(bpy.path.abspath(settings.photo_path))
-        if preview is not None and preview.icon_id:      # icon ids exist only with a UI
-            layout.template_icon(icon_value=preview.icon_id, scale=6.0)
+        if len(settings.person_photos):
+            header = layout.row(align=True)
+            header.label(text=f"{len(settings.person_photos)} photos of one person", icon="COMMUNITY")
+            header.operator("facerecon.clear_photos", text="", icon="X")
+            grid = layout.grid_flow(columns=3, even_columns=True, align=True)
+            for photo in settings.person_photos:
+                cell = grid.column(align=True)
+                preview = photo_preview(bpy.path.abspath(photo.path))
+                if preview is not None and preview.icon_id:   # icon ids exist only with a UI
+                    cell.template_icon(icon_value=preview.icon_id, scale=3.0)
+                cell.label(text=bpy.path.basename(photo.path))
+        else:
+            layout.prop(settings, "photo_path", text="")
+            preview = photo_preview(bpy.path.abspath(settings.photo_path))
+            if preview is not None and preview.icon_id:      # icon ids exist only with a UI
+                layout.template_icon(icon_value=preview.icon_id, scale=6.0)
+        layout.operator("facerecon.pick_photos", icon="FILEBROWSER")
         options = layout.column(align=True)
         options.enabled = not state.running
         row = options.row(align=True)

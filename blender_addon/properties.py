@@ -52,11 +52,19 @@ def offer_default_model(settings: "FACERECON_PG_settings", best: str) -> None:
         _choosing_default = False
 
 
+class FACERECON_PG_photo(bpy.types.PropertyGroup):
+    """One of several photos of one person (Pick Photos)."""
+
+    path: bpy.props.StringProperty(name="Photo", subtype="FILE_PATH")
+
+
 class FACERECON_PG_settings(bpy.types.PropertyGroup):
-    """What the artist picks in the panel (per scene)."""
+    """What the artist picks in the panel (per scene). `person_photos`: several photos of one person
+    (Pick Photos): when there are any, Reconstruct Face makes one head from all of them."""
 
     photo_path: bpy.props.StringProperty(name="Photo", subtype="FILE_PATH",
                                          description="A photo with a face (JPEG, PNG, WebP, BMP, TIFF)")
+    person_photos: bpy.props.CollectionProperty(type=FACERECON_PG_photo)
     face_index: bpy.props.IntProperty(name="Face", default=0, min=0, max=63,
                                       description="Which face: 0 is the largest in the photo")
     all_faces: bpy.props.BoolProperty(name="All faces", default=False,
@@ -88,7 +96,7 @@ class FACERECON_PG_state(bpy.types.PropertyGroup):
     status_is_error: bpy.props.BoolProperty(default=False)
 
 
-CLASSES = (FACERECON_PG_settings, FACERECON_PG_state)
+CLASSES = (FACERECON_PG_photo, FACERECON_PG_settings, FACERECON_PG_state)
 
 
 def settings(context: bpy.types.Context) -> FACERECON_PG_settings:

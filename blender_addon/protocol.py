@@ -9,14 +9,14 @@ import importlib.util
 from typing import TYPE_CHECKING
 
 if not TYPE_CHECKING and importlib.util.find_spec(f"{__package__}.shared_protocol") is not None:
-    from .shared_protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, ErrorCode, Message, Ping, Progress,
-                                  ProtocolError, ReconstructOptions, Result, ResultFile, Status,
+    from .shared_protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, ErrorCode, Message, PersonPhoto, Ping,
+                                  Progress, ProtocolError, ReconstructOptions, Result, ResultFile, Status,
                                   StatusRequest, limits)
     from .shared_protocol.client import Client, load_curve_keys, read_server_public_key
     from .shared_protocol.shape_keys import NEUTRAL_SUFFIX, SUFFIX as SHAPE_KEYS_SUFFIX, decode_shape_keys
 else:
-    from shared_protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, ErrorCode, Message, Ping, Progress,  # noqa: F401
-                                 ProtocolError, ReconstructOptions, Result, ResultFile, Status,
+    from shared_protocol import (PROTOCOL_VERSION, Accepted, Cancel, Error, ErrorCode, Message, PersonPhoto, Ping,  # noqa: F401
+                                 Progress, ProtocolError, ReconstructOptions, Result, ResultFile, Status,
                                  StatusRequest, limits)
     from shared_protocol.client import Client, load_curve_keys, read_server_public_key  # noqa: F401
     from shared_protocol.shape_keys import NEUTRAL_SUFFIX, SUFFIX as SHAPE_KEYS_SUFFIX, decode_shape_keys  # noqa: F401

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .protocol import (Accepted, Cancel, Client, Error, ErrorCode, Message, Progress, ProtocolError,
+from .protocol import (Accepted, Cancel, Client, Error, ErrorCode, Message, PersonPhoto, Progress, ProtocolError,
                        ReconstructOptions, Result, Status, StatusRequest, limits, load_curve_keys,
                        read_server_public_key)
 
@@ -115,12 +115,16 @@ class _Exchange:
 
 
 class ReconstructJob(_Exchange):
-    """One photo to the backend and its result back. States: starting -> queued -> running -> done |
-    failed | cancelled. `stage` and `fraction` (0..1) follow the backend's progress."""
+    """One photo (or, with more_photo_paths, several photos of one person: one head) to the backend
+    and its result back. States: starting -> queued -> running -> done | failed | cancelled. `stage`
+    and `fraction` (0..1) follow the backend's progress; `photo` the photo a stage works on (1-based
+    in `stage`'s text when there are several)."""
 
-    def __init__(self, connection: Connection, photo_path: str, options: ReconstructOptions) -> None:
+    def __init__(self, connection: Connection, photo_path: str, options: ReconstructOptions,
+                 more_photo_paths: tuple[str, ...] = ()) -> None:
         super().__init__(connection)
         self.photo_path = photo_path
+        self.more_photo_paths = more_photo_paths
         self.options = options
         self.job_id: str | None = None
         self.request_id: str | None = None
@@ -133,14 +137,18 @@ class ReconstructJob(_Exchange):
     def start(self) -> None:
         """Read the photo and send it; a bad path or key file fails the job at once (state 'failed')."""
         path = Path(self.photo_path)
-        if not self.photo_path or not path.is_file():
-            return self._fail(ErrorCode.BAD_IMAGE.value, f"photo {self.photo_path or '(none)'} does not exist; "
-                              "pick a photo file")
+        for item in (self.photo_path, *self.more_photo_paths):
+            if not item or not Path(item).is_file():
+                return self._fail(ErrorCode.BAD_IMAGE.value, f"photo {item or '(none)'} does not exist; "
+                                  "pick a photo file")
         try:
-            Client.check_photo_size(path.name, path.stat().st_size)     # before reading it into memory
+            for item in (self.photo_path, *self.more_photo_paths):
+                Client.check_photo_size(Path(item).name, Path(item).stat().st_size)   # before reading them
+            more = tuple(PersonPhoto(Path(p).name[:limits.MAX_NAME_CHARS], Path(p).read_bytes())
+                         for p in self.more_photo_paths)
             self.client = self.connection.open()
             self.request_id = self.client.submit(path.read_bytes(), path.name[:limits.MAX_NAME_CHARS],
-                                                 self.options)
+                                                 self.options, more)
         except ProtocolError as exc:
             return self._fail(exc.code.value, exc.message)
         except OSError as exc:
@@ -175,6 +183,8 @@ class ReconstructJob(_Exchange):
                 self._send(Cancel(self.job_id))
         elif isinstance(message, Progress) and message.job_id == self.job_id:
             self.state, self.stage, self.fraction = "running", message.stage, message.fraction
+            if message.photo is not None and self.more_photo_paths:
+                self.stage += f" (photo {message.photo + 1}/{1 + len(self.more_photo_paths)})"
         elif isinstance(message, Result) and message.job_id == self.job_id:
             self.result, self.state, self.fraction, self.stage = message, "done", 1.0, "done"
             self.close()

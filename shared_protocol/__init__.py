@@ -4,11 +4,12 @@
 """
 from .errors import ErrorCode, ProtocolError
 from .messages import (DEFAULT_OUTPUTS, MESSAGE_TYPES, OUTPUT_KINDS, PROTOCOL_VERSION, STAGES, Accepted, Cancel,
-                       Error, Message, Ping, Pong, Progress, ReconstructOptions, ReconstructRequest,
+                       Error, Message, PersonPhoto, Ping, Pong, Progress, ReconstructOptions, ReconstructRequest,
                        Result, ResultFile, Status, StatusRequest, decode, encode)
 from . import limits
 
 __all__ = ["ErrorCode", "ProtocolError", "DEFAULT_OUTPUTS", "MESSAGE_TYPES", "OUTPUT_KINDS", "PROTOCOL_VERSION",
-           "STAGES", "Accepted", "Cancel", "Error", "Message", "Ping", "Pong", "Progress", "ReconstructOptions",
+           "STAGES", "Accepted", "Cancel", "Error", "Message", "PersonPhoto", "Ping", "Pong", "Progress",
+           "ReconstructOptions",
            "ReconstructRequest", "Result", "ResultFile", "Status", "StatusRequest", "decode", "encode",
            "limits"]

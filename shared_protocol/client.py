@@ -20,13 +20,13 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import zmq
 
 from . import limits
 from .errors import ErrorCode, ProtocolError
-from .messages import (Accepted, Cancel, Error, Message, Ping, Pong, Progress, ReconstructOptions,
+from .messages import (Accepted, Cancel, Error, Message, PersonPhoto, Ping, Pong, Progress, ReconstructOptions,
                        ReconstructRequest, Result, Status, StatusRequest, decode, encode)
 
 HEARTBEAT_S = 1.0          # blocking waits ping this often while nothing arrives
@@ -174,12 +174,25 @@ class Client:
                                 f"{limits.MAX_PHOTO_BYTES:,} bytes ({limits.MAX_PHOTO_BYTES // limits.MIB} MiB) "
                                 "per photo; resize it or save it as JPEG")
 
-    def submit(self, photo: bytes, photo_name: str, options: ReconstructOptions | None = None) -> str:
+    def submit(self, photo: bytes, photo_name: str, options: ReconstructOptions | None = None,
+               more_photos: Sequence[PersonPhoto] = ()) -> str:
         """Send a reconstruct request; returns its request_id (answers carry it, then the job_id).
-        A photo over limits.MAX_PHOTO_BYTES raises ProtocolError PAYLOAD_TOO_LARGE, unsent."""
+        more_photos: further photos of the same person (protocol 1.2: one head from all of them).
+        A photo over limits.MAX_PHOTO_BYTES raises ProtocolError PAYLOAD_TOO_LARGE, unsent; more
+        than limits.MAX_PERSON_PHOTOS photos, BAD_FIELD."""
         self.check_photo_size(photo_name, len(photo))
+        for extra in more_photos:
+            self.check_photo_size(extra.name, len(extra.data))
+        if 1 + len(more_photos) > limits.MAX_PERSON_PHOTOS:
+            raise ProtocolError(ErrorCode.BAD_FIELD, f"{1 + len(more_photos)} photos of one person, over the "
+                                f"limit of {limits.MAX_PERSON_PHOTOS}")
+        total = len(photo) + sum(len(extra.data) for extra in more_photos)
+        if total > limits.MAX_PERSON_BYTES:
+            raise ProtocolError(ErrorCode.PAYLOAD_TOO_LARGE, f"the photos are {total:,} bytes together, over "
+                                f"the backend's limit of {limits.MAX_PERSON_BYTES:,}")
         request_id = uuid.uuid4().hex
-        self.send(ReconstructRequest(request_id, photo_name, photo, options or ReconstructOptions()))
+        self.send(ReconstructRequest(request_id, photo_name, photo, options or ReconstructOptions(),
+                                     tuple(more_photos)))
         self._pending[request_id] = _Pending(self._sent)
         return request_id
 
@@ -245,10 +258,12 @@ class Client:
 
     def reconstruct(self, photo: bytes, photo_name: str, options: ReconstructOptions | None = None,
                     timeout_s: float = 300.0,
-                    on_progress: Callable[[Progress], None] | None = None) -> Result:
-        """Blocking round trip. Raises ProtocolError with the backend's code on failure, JOB_LOST
-        within seconds when the backend restarts (or never got the request), TIMEOUT after timeout_s."""
-        request_id = self.submit(photo, photo_name, options)
+                    on_progress: Callable[[Progress], None] | None = None,
+                    more_photos: Sequence[PersonPhoto] = ()) -> Result:
+        """Blocking round trip. Raises ProtocolError with the backend's code on failure (its
+        photo_name set when one photo of several failed), JOB_LOST within seconds when the backend
+        restarts (or never got the request), TIMEOUT after timeout_s."""
+        request_id = self.submit(photo, photo_name, options, more_photos)
         job_id: str | None = None
 
         def mine(message: Message) -> bool:
@@ -272,6 +287,6 @@ class Client:
         finally:
             self._pending.pop(request_id, None)
         if isinstance(message, Error):
-            raise ProtocolError(message.code, message.message)
+            raise ProtocolError(message.code, message.message, message.photo_name)
         assert isinstance(message, Result)             # what `mine` let through
         return message

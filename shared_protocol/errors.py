@@ -34,6 +34,8 @@ class ErrorCode(str, Enum):
     OVER_MEMORY_BUDGET = "over_memory_budget"  # the job would need more memory than a worker has here
     NO_FACE = "no_face"                        # no face found in the photo
     FACE_INDEX_OUT_OF_RANGE = "face_index_out_of_range"  # asked for face N of fewer faces
+    NO_USABLE_PHOTO = "no_usable_photo"        # several photos of one person (1.2), none gave a usable
+                                               # face; the message names each photo and why
     # Anything else: a bug; the message says what happened.
     INTERNAL = "internal"
 
@@ -41,10 +43,11 @@ class ErrorCode(str, Enum):
 class ProtocolError(Exception):
     """The one exception type of the protocol layer: a stable code and a human message."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, photo_name: str | None = None) -> None:
         super().__init__(f"{code.value}: {message}")
         self.code = code
         self.message = message
+        self.photo_name = photo_name          # the photo of a several-photo request that failed (1.2)
 
     def __reduce__(self) -> tuple:            # picklable across worker processes
-        return (ProtocolError, (self.code, self.message))
+        return (ProtocolError, (self.code, self.message, self.photo_name))

@@ -13,3 +13,5 @@ MAX_NAME_CHARS = 255                  # file names carried in messages
 MIN_TEXTURE_SIZE = 256                # pixels per side
 MAX_TEXTURE_SIZE = 8192
 DEFAULT_TEXTURE_SIZE = 2048
+MAX_PERSON_PHOTOS = 8                 # photos of one person in one reconstruct request (1.2)
+MAX_PERSON_BYTES = 160 * MIB          # their encoded bytes together

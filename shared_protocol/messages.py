@@ -12,6 +12,10 @@ Fields a decoder does not know are ignored, so a minor version adds optional fie
 
     1.1   `server_id` (one per server start) in accepted, pong and status: a client whose job the
           answering server never accepted knows the job is lost (the backend restarted)
+    1.2   several photos of one person in one `reconstruct` (`photo_names`, one `photo` payload per
+          name, at most limits.MAX_PERSON_PHOTOS): one head from all of them; `photo` (the photo's
+          index) in progress; `photo_name` in error; error code `no_usable_photo`. A request without
+          `photo_names` is the single-photo request of 1.0, answered as before
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ from typing import Any, ClassVar, Sequence, Union
 from .errors import ErrorCode, ProtocolError
 from . import limits
 
-PROTOCOL_VERSION = "1.1"
+PROTOCOL_VERSION = "1.2"
 SERVER_ID_CHARS = 64
 PROTOCOL_MAJOR = 1
 
@@ -142,35 +146,86 @@ class ReconstructOptions:
 
 
 @dataclass(frozen=True)
+class PersonPhoto:
+    """One more photo of the person in a ReconstructRequest (1.2): a bare file name and its bytes."""
+
+    name: str
+    data: bytes
+
+
+def _check_photo(data: bytes, label: str) -> bytes:
+    if not data:
+        raise _fail(f"{label} is empty")
+    if len(data) > limits.MAX_PHOTO_BYTES:
+        raise _fail(f"{label} is {len(data)} bytes, over the limit of {limits.MAX_PHOTO_BYTES}",
+                    ErrorCode.PAYLOAD_TOO_LARGE)
+    return data
+
+
+@dataclass(frozen=True)
 class ReconstructRequest:
-    """Client -> server: reconstruct the face(s) in one photo. request_id is chosen by the client."""
+    """Client -> server: reconstruct the face(s) in one photo, or (1.2, `more_photos` not empty) one
+    head from several photos of one person (the largest face of each, or face `options.face`).
+    request_id is chosen by the client."""
 
     TYPE: ClassVar[str] = "reconstruct"
     request_id: str
     photo_name: str
     photo: bytes
     options: ReconstructOptions = field(default_factory=ReconstructOptions)
+    more_photos: tuple[PersonPhoto, ...] = ()
+
+    @property
+    def photos(self) -> tuple[PersonPhoto, ...]:
+        """Every photo of the request, the first one (`photo_name`, `photo`) first."""
+        return (PersonPhoto(self.photo_name, self.photo), *self.more_photos)
+
+    @property
+    def is_person(self) -> bool:
+        return bool(self.more_photos)
+
+    @property
+    def photo_bytes(self) -> int:
+        return sum(len(p.data) for p in self.photos)
 
     def header(self) -> dict[str, Any]:
-        return {"request_id": self.request_id, "photo_name": self.photo_name,
-                "options": self.options.to_json()}
+        header = {"request_id": self.request_id, "photo_name": self.photo_name, "options": self.options.to_json()}
+        if self.more_photos:
+            header["photo_names"] = [p.name for p in self.photos]
+        return header
 
     def payloads(self) -> list[tuple[str, bytes]]:
-        return [("photo", self.photo)]
+        return [("photo", p.data) for p in self.photos]
 
     @classmethod
     def parse(cls, f: _Fields, payloads: list[tuple[str, bytes]]) -> "ReconstructRequest":
-        if len(payloads) != 1 or payloads[0][0] != "photo":
-            raise _fail("'reconstruct' carries exactly one payload named 'photo'", ErrorCode.BAD_FRAMES)
-        photo = payloads[0][1]
-        if not photo:
-            raise _fail("the photo payload is empty")
-        if len(photo) > limits.MAX_PHOTO_BYTES:
-            raise _fail(f"photo is {len(photo)} bytes, over the limit of {limits.MAX_PHOTO_BYTES}",
+        names = f.text_list("photo_names") if f.header.get("photo_names") is not None else None
+        count = 1 if names is None else len(names)
+        if names is not None and not 1 <= count <= limits.MAX_PERSON_PHOTOS:
+            raise _fail(f"field 'photo_names' must list 1 to {limits.MAX_PERSON_PHOTOS} photos")
+        if len(payloads) != count or any(name != "photo" for name, _ in payloads):
+            raise _fail(f"'reconstruct' carries exactly {count} payload(s) named 'photo', one per photo",
+                        ErrorCode.BAD_FRAMES)
+        photo_name = _check_file_name(f.text("photo_name", max_chars=limits.MAX_NAME_CHARS))
+        if names is None:
+            _check_photo(payloads[0][1], "the photo payload")
+            return cls(request_id=f.text("request_id", max_chars=128), photo_name=photo_name,
+                       photo=payloads[0][1], options=ReconstructOptions.from_json(f.obj("options")))
+        for name in names:
+            _check_file_name(name)
+        if names[0] != photo_name:
+            raise _fail("field 'photo_names' must start with 'photo_name'")
+        for k, (name, (_, data)) in enumerate(zip(names, payloads)):
+            _check_photo(data, f"photo {k + 1} ({name})")
+        total = sum(len(data) for _, data in payloads)
+        if total > limits.MAX_PERSON_BYTES:
+            raise _fail(f"the photos are {total} bytes together, over the limit of {limits.MAX_PERSON_BYTES}",
                         ErrorCode.PAYLOAD_TOO_LARGE)
-        return cls(request_id=f.text("request_id", max_chars=128),
-                   photo_name=_check_file_name(f.text("photo_name", max_chars=limits.MAX_NAME_CHARS)),
-                   photo=photo, options=ReconstructOptions.from_json(f.obj("options")))
+        options = ReconstructOptions.from_json(f.obj("options"))
+        if count > 1 and options.face == -1:
+            raise _fail("field 'face' cannot be -1 (every face) with several photos of one person")
+        return cls(request_id=f.text("request_id", max_chars=128), photo_name=photo_name, photo=payloads[0][1],
+                   options=options, more_photos=tuple(PersonPhoto(n, d) for n, (_, d) in zip(names[1:], payloads[1:])))
 
 
 def _with_server_id(header: dict[str, Any], server_id: str | None) -> dict[str, Any]:
@@ -200,20 +255,27 @@ class Accepted:
 
 @dataclass(frozen=True)
 class Progress:
-    """Server -> client: job_id entered `stage` (one of STAGES); fraction of the whole job, 0..1."""
+    """Server -> client: job_id entered `stage` (one of STAGES); fraction of the whole job, 0..1.
+    photo (1.2): in a request with several photos, the index of the photo the stage works on (None:
+    all of them, e.g. their joint fit)."""
 
     TYPE: ClassVar[str] = "progress"
     job_id: str
     stage: str
     fraction: float
+    photo: int | None = None
 
     def header(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "stage": self.stage, "fraction": self.fraction}
+        header: dict[str, Any] = {"job_id": self.job_id, "stage": self.stage, "fraction": self.fraction}
+        if self.photo is not None:
+            header["photo"] = self.photo
+        return header
 
     @classmethod
     def parse(cls, f: _Fields, payloads: list) -> "Progress":
+        photo = None if f.header.get("photo") is None else f.integer("photo", 0, limits.MAX_PERSON_PHOTOS - 1)
         return cls(f.text("job_id", max_chars=128), f.choice("stage", STAGES),
-                   f.number("fraction", 0.0, 1.0))
+                   f.number("fraction", 0.0, 1.0), photo)
 
 
 @dataclass(frozen=True)
@@ -255,17 +317,22 @@ class Result:
 
 @dataclass(frozen=True)
 class Error:
-    """Either direction: a failure with a stable code. job_id/request_id say what failed, if known."""
+    """Either direction: a failure with a stable code. job_id/request_id say what failed, if known;
+    photo_name (1.2): the photo of a several-photo request that failed, if one did."""
 
     TYPE: ClassVar[str] = "error"
     code: ErrorCode
     message: str
     job_id: str | None = None
     request_id: str | None = None
+    photo_name: str | None = None
 
     def header(self) -> dict[str, Any]:
-        return {"code": self.code.value, "message": self.message, "job_id": self.job_id,
-                "request_id": self.request_id}
+        header = {"code": self.code.value, "message": self.message, "job_id": self.job_id,
+                  "request_id": self.request_id}
+        if self.photo_name is not None:
+            header["photo_name"] = self.photo_name
+        return header
 
     @classmethod
     def parse(cls, f: _Fields, payloads: list) -> "Error":
@@ -275,7 +342,8 @@ class Error:
         for name, value in (("job_id", job_id), ("request_id", request_id)):
             if value is not None and (not isinstance(value, str) or len(value) > 128):
                 raise _fail(f"field '{name}' must be null or a short string")
-        return cls(ErrorCode(code), f.text("message", max_chars=8192), job_id, request_id)
+        return cls(ErrorCode(code), f.text("message", max_chars=8192), job_id, request_id,
+                   f.optional_text("photo_name", limits.MAX_NAME_CHARS))
 
 
 @dataclass(frozen=True)

@@ -5,8 +5,8 @@ add-on zip like a user would, drives it like the panel's button does, prints fac
 
 BLENDER_USER_RESOURCES must point into WORK_DIR so nothing touches the real user profile.
 Scenarios: `import` (reconstruct twice, save, reload), `model` (reconstruct with the backend's
-ICT-FaceKit model: shape keys, materials) and `errors` (one reconstruct per photo, each expected to
-fail). The last stdout line is `RESULT <json>`.
+ICT-FaceKit model: shape keys, materials), `errors` (one reconstruct per photo, each expected to
+fail) and `person` (several photos picked at once, one head). The last stdout line is `RESULT <json>`.
 """
 from __future__ import annotations
 
@@ -196,6 +196,29 @@ def scenario_model(zip_path: str, address: str, work: Path, photos: list[str]) -
             "result_folder": obj.get("facerecon_result_folder"), "model_property": obj.get("facerecon_model")}
 
 
+def scenario_person(zip_path: str, address: str, work: Path, photos: list[str]) -> dict:
+    """Pick several photos in one file browser call (the operator's execute, as the browser ends),
+    draw the panel, press Reconstruct Face once."""
+    install(zip_path, address, work / "results")
+    folder = str(Path(photos[0]).parent)
+    picked = bpy.ops.facerecon.pick_photos(directory=folder, files=[{"name": Path(p).name} for p in photos])
+    settings = bpy.context.scene.facerecon
+    listed = [p.path for p in settings.person_photos]
+    previews = sys.modules[f"{ADDON}.properties"].photo_preview
+    thumbnails = [list(previews(p).image_size) for p in listed]
+    panel = draw_panel()
+    before = counts()
+    run = reconstruct("")
+    objects = describe_objects()
+    try:
+        too_many = bpy.ops.facerecon.pick_photos(directory=folder, files=[{"name": f"p{k}.jpg"} for k in range(9)])
+    except RuntimeError as report:
+        too_many = {"CANCELLED", f"report: {report}"}
+    return {"picked": sorted(picked), "listed": listed, "thumbnails": thumbnails, "panel": panel, "run": run,
+            "before": before, "after": counts(), "objects": objects, "too_many": sorted(too_many),
+            "still_listed": [p.path for p in settings.person_photos]}
+
+
 def scenario_errors(zip_path: str, address: str, work: Path, photos: list[str]) -> dict:
     install(zip_path, address, work / "results")
     before = counts()
@@ -205,5 +228,6 @@ def scenario_errors(zip_path: str, address: str, work: Path, photos: list[str]) 
 
 if __name__ == "__main__":
     scenario, zip_arg, address_arg, work_arg, *photo_args = sys.argv[1:]
-    run = {"import": scenario_import, "model": scenario_model, "errors": scenario_errors}[scenario]
+    run = {"import": scenario_import, "model": scenario_model, "errors": scenario_errors,
+           "person": scenario_person}[scenario]
     print("RESULT " + json.dumps(run(zip_arg, address_arg, Path(work_arg), photo_args)))

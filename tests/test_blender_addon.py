@@ -180,3 +180,30 @@ def test_obj_reader_and_unique_result_folders(tmp_path, reconstructor, grace_hop
     broken.write_text("v 0 0 0\nv 1 0 0\nf 1 2 7\n")
     with pytest.raises(ValueError, match="line 3"):
         read_obj(broken)
+
+
+def test_several_photos_picked_at_once_make_one_head(addon_zip, backend, tmp_path):
+    from conftest import shared_photo
+    me = Image.open(shared_photo("d3d_000006.jpg")).convert("RGB")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    me.save(photos / "a_front.jpg")
+    me.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(photos / "b_mirrored.png")
+    (photos / "c_other.jpg").write_bytes(shared_photo("deca_exp1.jpg").read_bytes())
+    paths = [str(p) for p in sorted(photos.iterdir())]
+    facts = run_blender("person", addon_zip, backend.address, tmp_path, *paths)
+    assert facts["picked"] == ["FINISHED"] and facts["listed"] == paths
+    assert [t[0] > 0 for t in facts["thumbnails"]] == [True] * 3                # a thumbnail of each photo
+    labels = [args for kind, args, kwargs in facts["panel"] if kind == "label"]
+    drawn = [(kind, kwargs.get("text", "")) for kind, args, kwargs in facts["panel"] if kind == "label"]
+    assert ("label", "3 photos of one person") in drawn, drawn
+    assert all(("label", Path(p).name) in drawn for p in paths), labels
+    run = facts["run"]
+    assert run["operator"] == ["FINISHED"] and not run["error"], run
+    assert facts["after"]["objects"] == facts["before"]["objects"] + 1          # one head
+    [head] = [o for o in facts["objects"] if o["name"].startswith("a_front")]
+    assert "3 photos" in run["message"]
+    facts_json = json.loads((Path(head["result_folder"]) / "a_front.json").read_text())
+    assert [p["name"] for p in facts_json["person"]["photos"]] == [Path(p).name for p in paths]
+    assert facts_json["person"]["photos"][1]["used"]
+    assert "CANCELLED" in facts["too_many"] and facts["still_listed"] == paths

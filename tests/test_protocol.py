@@ -8,7 +8,7 @@ import sys
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from shared_protocol import (Accepted, Cancel, Error, ErrorCode, Ping, Pong, Progress, ProtocolError,
+from shared_protocol import (Accepted, Cancel, Error, ErrorCode, PersonPhoto, Ping, Pong, Progress, ProtocolError,
                              PROTOCOL_VERSION, ReconstructOptions, ReconstructRequest, Result, ResultFile, Status,
                              StatusRequest, decode, encode, limits, MESSAGE_TYPES)
 from tests.conftest import ROOT
@@ -18,12 +18,16 @@ EXAMPLES = [
     ReconstructRequest("r2", "me.jpg", b"\xff\xd8", ReconstructOptions(outputs=("glb", "usdc", "png", "json"))),
     Accepted("r1", "j1", 3),
     Accepted("r1", "j1", 3, server_id="5f1c0e"),
+    ReconstructRequest("r2", "front.jpg", b"\xff\xd8front", ReconstructOptions(),
+                       (PersonPhoto("left.jpg", b"\xff\xd8left"), PersonPhoto("right.png", b"\x89PNGright"))),
     Progress("j1", "bake", 0.5),
+    Progress("j1", "landmarks", 0.2, photo=2),
     Result("j1", (ResultFile("me.obj", "obj", b"v 0 0 0\n"), ResultFile("me.png", "png", b"\x89PNG")),
            {"faces": 1}),
     Result("j2", (ResultFile("me.glb", "glb", b"glTF"), ResultFile("me.usdc", "usdc", b"PXR-USDC")), {"faces": 1}),
     Error(ErrorCode.NO_FACE, "no face", job_id="j1", request_id="r1"),
     Error(ErrorCode.BAD_HEADER, "bad"),
+    Error(ErrorCode.BAD_IMAGE, "photo 2 of 3 (left.jpg): not an image", job_id="j1", photo_name="left.jpg"),
     Cancel("j1"),
     Ping(7),
     Pong(7),
@@ -65,7 +69,7 @@ def test_outputs_default_to_today_s_set_and_stay_strict():
     for outputs in (["glb", "fbx"], ["GLB"], ["usdz"], "glb", [["glb"]]):
         broken = request | {"options": request["options"] | {"outputs": outputs}}
         assert rejected(frames_with(broken, EXAMPLES[0].photo)) == ErrorCode.BAD_FIELD
-    result = header_of(EXAMPLES[5])
+    result = header_of(EXAMPLES[7])          # the Result with .obj and .png
     assert rejected(frames_with(result | {"kinds": ["glb", "fbx"]}, b"v 0 0 0\n", b"\x89PNG")) == ErrorCode.BAD_FIELD
 
 
@@ -89,8 +93,8 @@ def test_rejects_other_major_version_with_protocol_mismatch():
     assert decode(frames_with(header_of(Ping(1)) | {"protocol_version": "1.9"})) == Ping(1)
 
 
-def test_version_1_1_adds_only_optional_server_ids_and_unknown_fields_are_ignored():
-    assert PROTOCOL_VERSION == "1.1"
+def test_version_1_1_and_1_2_add_only_optional_fields_and_unknown_fields_are_ignored():
+    assert PROTOCOL_VERSION == "1.2"                                   # 1.2: several photos of one person
     # A 1.0 peer's messages (no server_id) still decode; so do fields this side does not know.
     old = header_of(Accepted("r", "j", 0)) | {"protocol_version": "1.0"}
     assert decode(frames_with(old)) == Accepted("r", "j", 0, server_id=None)
@@ -208,3 +212,50 @@ def test_shape_keys_file_round_trips_and_refuses_damage():
             decode_shape_keys(damaged)
     with pytest.raises(ValueError, match="offsets"):
         encode_shape_keys(10, [ShapeKey("x", 0.0, array("I", [1]), array("f", [0.0]))])
+
+
+PERSON = ReconstructRequest("r", "a.jpg", b"aa", ReconstructOptions(),
+                            (PersonPhoto("b.jpg", b"bb"), PersonPhoto("c.jpg", b"cc")))
+
+
+def test_several_photos_keep_the_single_photo_request_and_add_optional_fields_only():
+    single = header_of(ReconstructRequest("r", "a.jpg", b"aa"))
+    person = header_of(PERSON)
+    assert "photo_names" not in single and person["photo_names"] == ["a.jpg", "b.jpg", "c.jpg"]
+    assert person["photo_name"] == "a.jpg"                       # a 1.x peer reads the first photo's name
+    assert {k: v for k, v in person.items() if k not in ("photo_names", "payloads", "request_id")} == \
+        {k: v for k, v in single.items() if k not in ("payloads", "request_id")}
+    assert decode(encode(PERSON)).photos == PERSON.photos and decode(encode(PERSON)).is_person
+    assert "photo" not in header_of(Progress("j", "fit", 0.3)) and "photo_name" not in header_of(Error(
+        ErrorCode.NO_FACE, "x"))
+    assert ErrorCode.NO_USABLE_PHOTO.value == "no_usable_photo"
+    assert PROTOCOL_VERSION.split(".")[0] == "1"
+
+
+def test_several_photos_are_checked_each_and_errors_name_the_photo():
+    frames = encode(PERSON)
+    header = json.loads(frames[0])
+    assert rejected(frames[:-1] + [b""]) == ErrorCode.PAYLOAD_SIZE_MISMATCH
+    empty = {**header, "payloads": [*header["payloads"][:2], {"name": "photo", "size": 0}]}
+    with pytest.raises(ProtocolError) as info:
+        decode(frames_with(empty, b"aa", b"bb", b""))
+    assert info.value.code == ErrorCode.BAD_FIELD and "photo 3 (c.jpg)" in info.value.message
+    big = b"x" * (limits.MAX_PHOTO_BYTES + 1)
+    oversize = {**header, "payloads": [*header["payloads"][:1], {"name": "photo", "size": len(big)},
+                                       header["payloads"][2]]}
+    with pytest.raises(ProtocolError) as info:
+        decode(frames_with(oversize, b"aa", big, b"cc"))
+    assert info.value.code == ErrorCode.PAYLOAD_TOO_LARGE and "photo 2 (b.jpg)" in info.value.message
+    assert rejected(frames_with({**header, "photo_names": ["a.jpg", "b.jpg"]}, *frames[1:])) == ErrorCode.BAD_FRAMES
+    assert rejected(frames_with({**header, "photo_names": ["x.jpg", "b.jpg", "c.jpg"]}, *frames[1:])) \
+        == ErrorCode.BAD_FIELD
+    assert rejected(frames_with({**header, "photo_names": ["a.jpg", "../b.jpg", "c.jpg"]}, *frames[1:])) \
+        == ErrorCode.BAD_FIELD
+    many = limits.MAX_PERSON_PHOTOS + 1
+    too_many = {**header, "photo_names": ["a.jpg"] + [f"p{k}.jpg" for k in range(1, many)],
+                "payloads": [{"name": "photo", "size": 2}] * many}
+    assert rejected(frames_with(too_many, *[b"aa"] * many)) == ErrorCode.BAD_FIELD
+    every_face = {**header, "options": {**header["options"], "face": -1}}
+    assert rejected(frames_with(every_face, *frames[1:])) == ErrorCode.BAD_FIELD
+    assert rejected(frames_with({**json.loads(encode(Progress("j", "fit", 0.3))[0]),
+                                 "photo": limits.MAX_PERSON_PHOTOS})) == ErrorCode.BAD_FIELD

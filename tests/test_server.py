@@ -1,6 +1,7 @@
 """The backend server end to end: real `facerecon-backend serve` processes, real sockets on 127.0.0.1."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -10,6 +11,7 @@ from collections import Counter, defaultdict
 
 import pytest
 import zmq
+from PIL import Image
 
 from backend_process import BackendProcess, accepted_job, wait_for
 from shared_protocol import (Accepted, Error, ErrorCode, PROTOCOL_VERSION, Progress, ProtocolError,
@@ -302,3 +304,27 @@ def test_network_bind_without_keys_is_refused(capsys):
     from backend_server.cli.backend import main as backend_main
     assert backend_main(["serve", "--bind", "tcp://*:5555"]) == 2
     assert "without authentication" in capsys.readouterr().err
+
+
+def test_several_photos_of_one_person_make_one_head_with_progress_per_photo(backend, grace_hopper_bytes):
+    from shared_protocol import PersonPhoto
+    mirrored = io.BytesIO()
+    Image.open(io.BytesIO(grace_hopper_bytes)).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(mirrored, "PNG")
+    progress = []
+    with Client(backend.address) as client:
+        result = client.reconstruct(grace_hopper_bytes, "grace.jpg", QUICK, on_progress=progress.append,
+                                    more_photos=(PersonPhoto("grace_mirrored.png", mirrored.getvalue()),))
+        with pytest.raises(ProtocolError) as info:
+            client.reconstruct(grace_hopper_bytes, "grace.jpg", QUICK,
+                               more_photos=(PersonPhoto("notes.jpg", b"not a photo"),))
+    assert info.value.code == ErrorCode.BAD_IMAGE and info.value.photo_name == "notes.jpg"
+    assert "notes.jpg" in info.value.message
+    seen = [(p.stage, p.photo) for p in progress]
+    assert seen[0] == ("queued", None)
+    assert [s for s in seen if s[0] == "landmarks"] == [("landmarks", 0), ("landmarks", 1)]
+    assert ("fit", None) in seen and ("bake", 1) in seen and seen[-1] == ("export", None)
+    fractions = [p.fraction for p in progress]
+    assert fractions == sorted(fractions)
+    assert [f.name for f in result.files] == ["grace.json"] and result.summary["used_photos"] == [0, 1]
+    facts = json.loads(result.files[0].data)
+    assert [p["name"] for p in facts["person"]["photos"]] == ["grace.jpg", "grace_mirrored.png"]

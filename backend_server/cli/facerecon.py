@@ -4,6 +4,8 @@
     facerecon reconstruct --demo -o OUT        # matplotlib's sample portrait
     facerecon reconstruct PHOTOS... --format obj,glb,usdc  # also glTF 2.0 and USD
     facerecon reconstruct PHOTOS... --model ict-facekit   # an installed morphable model
+    facerecon reconstruct --person A.jpg B.jpg C.jpg -o OUT   # one head from photos of one person
+    facerecon reconstruct --people DIR -o OUT  # each sub-folder of DIR: one person, one head
     facerecon evaluate PHOTO_OR_DIR... [--model NAME] [--json FILE]
 """
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from backend_server.pipeline.batch import CtrlC, OutcomeStatus, PhotoOutcome
+from backend_server.pipeline.batch import CtrlC, OutcomeStatus, Person, PhotoOutcome
 from shared_protocol import DEFAULT_OUTPUTS, OUTPUT_KINDS, ProtocolError, ReconstructOptions, limits
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -64,6 +66,29 @@ def output_stems(photos: list[Path]) -> dict[Path, str]:
     return stems
 
 
+def gather_people(args: argparse.Namespace) -> list[tuple[Person, str]]:
+    """--person (one person, named after its first photo) and --people (a person per sub-folder,
+    named after it; its photos sorted): (Person, output stem) pairs. Raises ValueError for a
+    person with no photo or more than limits.MAX_PERSON_PHOTOS."""
+    from backend_server.pipeline.export import safe_stem
+    people: list[tuple[Person, str]] = []
+    if args.person:
+        photos = tuple(Path(p) for p in args.person)
+        people.append((Person(photos, photos[0]), safe_stem(photos[0].name)))
+    if args.people:
+        root = Path(args.people)
+        if not root.is_dir():
+            raise ValueError(f"--people {root}: not a folder")
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            photos = tuple(sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES))
+            people.append((Person(photos, folder), safe_stem(folder.name)))
+    for person, _ in people:
+        if not 1 <= len(person.photos) <= limits.MAX_PERSON_PHOTOS:
+            raise ValueError(f"{person.source}: {len(person.photos)} photos; a person takes 1 to "
+                             f"{limits.MAX_PERSON_PHOTOS}")
+    return people
+
+
 def parse_device(value: str) -> list[str]:
     from backend_server.devices import parse_devices
     try:
@@ -78,8 +103,18 @@ def run_reconstruct(args: argparse.Namespace) -> int:
     from backend_server.pipeline.batch import marker_name, photo_is_done, remove_partial_files, run_batch
     if args.demo:
         args.inputs = [str(demo_photo())] + args.inputs
-    if not args.inputs:
-        print("facerecon reconstruct: give photos or folders, or --demo", file=sys.stderr)
+    if not args.inputs and not args.person and not args.people:
+        print("facerecon reconstruct: give photos or folders, --person PHOTOS, --people DIR, or --demo",
+              file=sys.stderr)
+        return 2
+    if (args.person or args.people) and args.face == -1:
+        print("facerecon reconstruct: --face all does not go with --person/--people (one head per person)",
+              file=sys.stderr)
+        return 2
+    try:
+        people = gather_people(args)
+    except ValueError as exc:
+        print(f"facerecon reconstruct: {exc}", file=sys.stderr)
         return 2
     if not model_is_available(args):
         return 2
@@ -90,14 +125,16 @@ def run_reconstruct(args: argparse.Namespace) -> int:
                                  subdivision=args.subdivision, lit_texture=args.lit_texture)
     stems = output_stems(photos)
     outcomes: list[PhotoOutcome] = []
-    todo = []
-    for photo in photos:
-        if not args.overwrite and photo_is_done(out_dir, stems[photo], options):
-            outcomes.append(PhotoOutcome(photo, OutcomeStatus.SKIPPED, f"already done "
-                                         f"({marker_name(stems[photo], options)}); --overwrite redoes it"))
+    todo: list[tuple[Path | Person, str]] = []
+    items: list[tuple[Path | Person, str]] = [(photo, stems[photo]) for photo in photos]
+    for item, stem in items + list(people):
+        source = item.source if isinstance(item, Person) else item
+        if not args.overwrite and photo_is_done(out_dir, stem, options):
+            outcomes.append(PhotoOutcome(source, OutcomeStatus.SKIPPED, f"already done "
+                                         f"({marker_name(stem, options)}); --overwrite redoes it"))
         else:
-            todo.append((photo, stems[photo]))
-    progress = tqdm(total=len(todo), unit="photo", disable=args.quiet or not todo)
+            todo.append((item, stem))
+    progress = tqdm(total=len(todo), unit="head" if people else "photo", disable=args.quiet or not todo)
 
     ctrl_c = CtrlC()
 
@@ -247,6 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     rec = commands.add_parser("reconstruct", help="photos -> .obj/.mtl/.png/.json per face (also .glb, .usdc)")
     rec.add_argument("inputs", nargs="*", help="photos or folders (searched recursively)")
+    rec.add_argument("--person", nargs="+", metavar="PHOTO",
+                     help=f"1 to {limits.MAX_PERSON_PHOTOS} photos of one person: one head from all of them "
+                          "(named after the first; posed as it)")
+    rec.add_argument("--people", metavar="DIR",
+                     help="a folder with a sub-folder of photos per person: one head per person, named after "
+                          "its folder")
     rec.add_argument("-o", "--output", default="out", help="output folder (default: out)")
     rec.add_argument("--demo", action="store_true", help="also reconstruct matplotlib's sample portrait")
     rec.add_argument("--face", type=face_choice, default=0, help="face index, largest first, or 'all'")

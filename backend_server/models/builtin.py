@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ..geometry import Camera, Pose, similarity_fit
-from .face_model import FaceFit, FaceModel, HeadMesh, MeshLayout, ModelFacts, Part
+from ..geometry import Camera, Pose, rigid_fit, similarity_fit, vertex_normals
+from .face_model import FaceFit, FaceModel, HeadMesh, MeshLayout, ModelFacts, Part, PersonFit
 from .topology import MeshTopology, SparseRows
 
 if TYPE_CHECKING:
@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 DATA_FILE = Path(__file__).parent / "data" / "builtin_topology.json"
 NAME = "builtin"
+PERSON_MISMATCH_LIMIT_M = 0.010   # a photo's shape farther than this (RMS over its well-seen points,
+                                  # metres) from the others' combined shape is left out
 
 
 @dataclass(frozen=True)
@@ -158,6 +160,76 @@ def fit_landmarks(landmarks: np.ndarray, reference: np.ndarray, camera: Camera) 
     return LandmarkFit(Pose(rotation, translation), camera, vertices, rigid_rms)
 
 
+def corrected_fit(landmarks: np.ndarray, reference: np.ndarray, camera: Camera,
+                  correction: ShapeCorrection | None) -> LandmarkFit:
+    """`fit_landmarks`, its mesh replaced by the correction's prediction (models/calibration.py),
+    placed by the same pose, where there is a correction."""
+    fit = fit_landmarks(landmarks, reference, camera)
+    if correction is None:
+        return fit
+    return replace(fit, landmark_points=fit.pose.apply(correction.predict(landmarks, reference, camera)))
+
+
+def seen_weights(fit: LandmarkFit, triangles: np.ndarray) -> np.ndarray:
+    """(468,) how well a photo saw each vertex: cos² of the angle between its normal and the ray to
+    the camera (0 where it faces away). MediaPipe's depth is weakest where the surface turns away."""
+    points = fit.landmark_points
+    normals = vertex_normals(points, triangles)
+    facing = np.einsum("nc,nc->n", normals, -points) / np.maximum(np.linalg.norm(points, axis=1), 1e-12)
+    return np.clip(facing, 0.0, 1.0) ** 2 + 1e-3
+
+
+def combine_shapes(shapes: list[np.ndarray], weights: list[np.ndarray], rounds: int = 2) -> np.ndarray:
+    """(468, 3) head-frame shapes of one face from several photos -> their per-vertex weighted mean,
+    each shape rigidly aligned to the mean first (their head frames come from separate fits)."""
+    total = np.sum(weights, axis=0)[:, None]
+    mean = np.sum([w[:, None] * s for s, w in zip(shapes, weights)], axis=0) / total
+    for _ in range(rounds):
+        aligned = [rigid_fit(s, mean).apply(s) for s in shapes]
+        mean = np.sum([w[:, None] * s for s, w in zip(aligned, weights)], axis=0) / total
+    return mean
+
+
+def person_fit(landmarks: list[np.ndarray | None], cameras: list[Camera], reference: np.ndarray,
+               triangles: np.ndarray, correction: ShapeCorrection | None = None) -> PersonFit[LandmarkFit]:
+    """The built-in model's fit of several photos of one person: each photo's own per-vertex shape
+    (`fit_landmarks`, head frame; with a `correction` its prediction, as `BuiltinFaceModel.fit`
+    makes it), combined per vertex weighted by how frontally each photo saw it
+    (`seen_weights`); a photo whose shape lies farther than PERSON_MISMATCH_LIMIT_M from the others'
+    combination is left out (of two that disagree, the second). Each kept photo's fit is the
+    combined shape, placed by a similarity fit to its landmarks (scale: the reference's size)."""
+    count = len(landmarks)
+    left_out = {k: "no face was found in it" for k, marks in enumerate(landmarks) if marks is None}
+    mismatch = [float("nan")] * count
+    singles = {k: corrected_fit(marks, reference, cameras[k], correction)
+               for k, marks in enumerate(landmarks) if marks is not None}
+    shapes = {k: fit.pose.head_frame(fit.landmark_points) for k, fit in singles.items()}
+    weights = {k: seen_weights(fit, triangles) for k, fit in singles.items()}
+    kept = list(singles)
+    while len(kept) > 1:
+        for k in kept:
+            others = combine_shapes([shapes[j] for j in kept if j != k], [weights[j] for j in kept if j != k])
+            aligned = rigid_fit(shapes[k], others).apply(shapes[k])
+            w = weights[k]
+            rms = float(np.sqrt((w * ((aligned - others) ** 2).sum(1)).sum() / w.sum()))
+            mismatch[k] = rms / PERSON_MISMATCH_LIMIT_M
+        worst = max(kept, key=lambda k: mismatch[k])
+        if mismatch[worst] <= 1.0:
+            break
+        drop = kept[1] if len(kept) == 2 else worst
+        left_out[drop] = (f"its face does not fit the others' shape (mismatch {mismatch[drop]:.1f}, limit 1): "
+                          "another person, or landmarks that missed the face")
+        kept.remove(drop)
+    fits: list[LandmarkFit | None] = [None] * count
+    if not kept:
+        return PersonFit(tuple(fits), left_out, tuple(mismatch))
+    shape = combine_shapes([shapes[k] for k in kept], [weights[k] for k in kept])
+    for k in kept:
+        placed = fit_landmarks(landmarks[k], shape, cameras[k])          # type: ignore[arg-type]
+        fits[k] = LandmarkFit(placed.pose, cameras[k], placed.pose.apply(shape), placed.rigid_rms_px)
+    return PersonFit(tuple(fits), left_out, tuple(mismatch))
+
+
 class BuiltinFaceModel(FaceModel[LandmarkFit]):
     """The built-in model as a FaceModel: no coefficients, one textured part, no expressions."""
 
@@ -182,6 +254,13 @@ class BuiltinFaceModel(FaceModel[LandmarkFit]):
             return fits
         predicted = self.correction.predict_many(landmarks, reference, cameras)
         return [replace(fit, landmark_points=fit.pose.apply(points)) for fit, points in zip(fits, predicted)]
+
+    def fit_person(self, landmarks: Sequence[np.ndarray | None], cameras: Sequence[Camera], device: str = "cpu"
+                   ) -> PersonFit[LandmarkFit]:
+        """One per-vertex shape from all photos (`person_fit`, with this model's `correction`), numpy:
+        `device` is not needed."""
+        return person_fit(list(landmarks), list(cameras), self.data.reference_vertices, self.data.triangles,
+                          self.correction)
 
     def texture_vertices(self, fits: Sequence[LandmarkFit], device: str = "cpu") -> list[np.ndarray]:
         return [self.topology.refine @ fit.landmark_points for fit in fits]

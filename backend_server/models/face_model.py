@@ -5,6 +5,7 @@ need about it, so that the pipeline, the batch paths and the command line never 
 of model they hold:
 
     fits = model.fit(landmarks, cameras, device)          # a batch of faces, one FaceFit each
+    person = model.fit_person(landmarks, cameras, device) # several photos of one person: one shape
     vertices = model.texture_vertices(fits, device)       # camera frame, for the bake
     mesh = model.head_mesh(fit)                           # head frame, for export
     facts = model.facts(fit, name)                        # coefficients and mesh facts for the JSON
@@ -108,6 +109,24 @@ class ModelFacts:
     quality: dict[str, float]
 
 
+@dataclass(frozen=True)
+class PersonFit(Generic[FitT]):
+    """Several photos of one person fitted together: one shape (identity) for all of them, a pose
+    and an expression per photo. fits: one per photo given, in order, None for a photo left out;
+    left_out: photo index -> why, in words; mismatch: per photo, how far its face lies from the
+    shape the others agree on, over the limit that leaves a photo out (1.0 = the limit; NaN where
+    not measured: a single photo, or one with no face)."""
+
+    fits: tuple[FitT | None, ...]
+    left_out: dict[int, str]
+    mismatch: tuple[float, ...]
+
+    @property
+    def kept(self) -> list[int]:
+        """Indices of the photos in the joint fit, in order."""
+        return [k for k, fit in enumerate(self.fits) if fit is not None]
+
+
 class FaceModel(ABC, Generic[FitT]):
     """A face model: fitted to landmarks, baked through `topology`, exported as `HeadMesh`es."""
 
@@ -119,6 +138,16 @@ class FaceModel(ABC, Generic[FitT]):
         """One fit per face. landmarks: (478, 3) photo pixels each (x right, y down, z MediaPipe's
         relative depth in pixels); cameras: one per face; device: where batched work runs (cpu,
         cuda:N). The fits depend only on their own face, not on the batch."""
+
+    @abstractmethod
+    def fit_person(self, landmarks: Sequence[np.ndarray | None], cameras: Sequence[Camera], device: str = "cpu"
+                   ) -> PersonFit[FitT]:
+        """Several photos of one person: one shape for all, a pose (and expression) per photo.
+        landmarks: (478, 3) photo pixels per photo, None for a photo without a face (it is left
+        out); cameras: one per photo. A photo whose face does not fit the others' shape (another
+        person, a failed detection) is left out with the reason; the first usable photo is the
+        reference when two photos disagree and no third decides. At least one photo must have
+        landmarks."""
 
     @abstractmethod
     def texture_vertices(self, fits: Sequence[FitT], device: str = "cpu") -> list[np.ndarray]:

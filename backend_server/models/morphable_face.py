@@ -13,7 +13,8 @@ import numpy as np
 from ..geometry import Camera
 from . import eyes as eye_model
 from .builtin import load_builtin
-from .face_model import FaceModel, HeadMesh, MeshLayout, ModelFacts
+from .face_model import FaceModel, HeadMesh, MeshLayout, ModelFacts, PersonFit
+from . import joint_fit
 from .morphable import MorphableModel, texture_topology
 from .morphable_fit import ModelFit, ModelFitter, Weighting
 from .calibration import Calibration
@@ -48,7 +49,21 @@ class MorphableFaceModel(FaceModel[ModelFit]):
         faces are launch-bound on a GPU (109 ms on an H100 against 55 ms on its CPU): single jobs
         fit on the CPU, batches of many faces on the GPU."""
         fits = self.fitter(device).fit(list(landmarks), list(cameras), self.reference)
-        if not self.eyes:
+        return self._with_gaze(fits, landmarks, device)
+
+    def fit_person(self, landmarks: Sequence[np.ndarray | None], cameras: Sequence[Camera], device: str = "cpu"
+                   ) -> PersonFit[ModelFit]:
+        """One identity, a pose and expression per photo (models/joint_fit.py), then each photo's gaze."""
+        fits, left_out, mismatch = joint_fit.fit_person(self.fitter(device), list(landmarks), list(cameras),
+                                                        self.reference)
+        kept = [k for k, fit in enumerate(fits) if fit is not None]
+        gazed = self._with_gaze([fits[k] for k in kept], [landmarks[k] for k in kept], device)  # type: ignore[misc]
+        for k, fit in zip(kept, gazed):
+            fits[k] = fit
+        return PersonFit(tuple(fits), left_out, tuple(mismatch))
+
+    def _with_gaze(self, fits: list[ModelFit], landmarks: Sequence[np.ndarray], device: str) -> list[ModelFit]:
+        if not self.eyes or not fits:
             return fits
         surfaces = self.fitter(device).camera_points(fits, self.eye_surface_ids)
         return [replace(fit, gaze_deg=self.gaze(fit, marks, points)) for fit, marks, points in

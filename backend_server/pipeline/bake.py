@@ -18,7 +18,9 @@ Three steps, the same maths on the CPU (here) and the GPU (bake_gpu.py):
 3. complete (complete.py): fill, mirror and blend into the whole texture, sRGB uint8 (the lit
    texture keeps every seen texel's photo colour exactly: `keep_seen`).
 `Bake.observed` and `Bake.texel_weight` (step 2, kept on request) are what a fusion of several
-photos combines before calling `complete.complete_texture` itself.
+photos combines before calling `complete.complete_texture` itself; `observe_photo` (a baker's
+`observe`) stops after step 2 and gives them as an `Observation` (with the lighting), not
+completing a texture that a fusion would throw away.
 
 Memory: the per-texel work runs over TEXEL_CHUNK texels at a time and the UV layout is rasterized
 in bands of RASTER_BAND_ROWS rows, so a job's peak grows with the texture (its float32 colour
@@ -231,12 +233,33 @@ def observe_texels(texels: TexelMap, attributes: np.ndarray, zbuffer: np.ndarray
     return colour, weight
 
 
-def bake_texture(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopology, camera: Camera, size: int,
-                 skin: np.ndarray | None = None, delit: bool = True, keep_observation: bool = False) -> Bake:
-    """photo_rgb: (H, W, 3) uint8; vertices: (V, 3) camera-frame metres of `topology`'s mesh;
-    skin: (H, W) uint8 skin probability (segment.SkinMap), None = all skin; delit: divide the
-    light out; keep_observation: keep `observed` and `texel_weight` in the Bake."""
-    from .complete import complete_texture, mirrored_fraction
+@dataclass(frozen=True)
+class Observation:
+    """One photo's steps 1 and 2 without the completion (`observe_photo`; what a fusion of several
+    photos combines, fuse.py): observed (size, size, 3) float32 linear RGB and texel_weight (size,
+    size) float32, as `Bake.observed` / `Bake.texel_weight`; lighting: the photo's light."""
+
+    observed: np.ndarray
+    texel_weight: np.ndarray
+    lighting: Lighting = field(default_factory=Lighting.flat)
+
+    @classmethod
+    def of(cls, bake: Bake) -> Observation:
+        """A bake's kept observation (ValueError if the baker was not asked to keep it)."""
+        if bake.observed is None or bake.texel_weight is None:
+            raise ValueError("the bake kept no observation: bake with keep_observation=True")
+        return cls(bake.observed, bake.texel_weight, bake.lighting)
+
+
+def observe_photo(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopology, camera: Camera, size: int,
+                  skin: np.ndarray | None = None, delit: bool = True) -> Observation:
+    """Steps 1 and 2 of `bake_texture` (same arguments): the photo's lighting and its observation."""
+    return _observe(photo_rgb, vertices, topology, camera, size, skin, delit)[0]
+
+
+def _observe(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopology, camera: Camera, size: int,
+             skin: np.ndarray | None, delit: bool) -> tuple[Observation, np.ndarray]:
+    """`observe_photo`, and the (size, size) bool map of the covered texels."""
     triangles = topology.triangles
     screen = camera.project(vertices)
     distance = -vertices[:, 2]
@@ -256,16 +279,34 @@ def bake_texture(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopo
             part = band.part(start, start + TEXEL_CHUNK)
             observed[part.texel], weight[part.texel] = observe_texels(
                 part, attributes, zbuffer, camera, photo_linear, skin, delit)
-    observed_2d, weight_2d, covered_2d = observed.reshape(size, size, 3), weight.reshape(size, size), \
-        covered.reshape(size, size)
+    return (Observation(observed.reshape(size, size, 3), weight.reshape(size, size), lighting),
+            covered.reshape(size, size))
+
+
+def bake_texture(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopology, camera: Camera, size: int,
+                 skin: np.ndarray | None = None, delit: bool = True, keep_observation: bool = False) -> Bake:
+    """photo_rgb: (H, W, 3) uint8; vertices: (V, 3) camera-frame metres of `topology`'s mesh;
+    skin: (H, W) uint8 skin probability (segment.SkinMap), None = all skin; delit: divide the
+    light out; keep_observation: keep `observed` and `texel_weight` in the Bake."""
+    from .complete import complete_texture, mirrored_fraction
+    observation, covered = _observe(photo_rgb, vertices, topology, camera, size, skin, delit)
+    observed_2d, weight_2d = observation.observed, observation.texel_weight
     covered_count = max(int(covered.sum()), 1)
-    seen_fraction = float((weight > 0).sum()) / covered_count
-    mirrored = mirrored_fraction(weight_2d, covered_2d, topology.uv_mirror_symmetric)
-    del covered, covered_2d
+    seen_fraction = float((weight_2d > 0).sum()) / covered_count
+    mirrored = mirrored_fraction(weight_2d, covered, topology.uv_mirror_symmetric)
+    del covered
     texture = complete_texture(observed_2d, weight_2d, topology.uv_mirror_symmetric, keep_seen=not delit)
     if not keep_observation:
-        return Bake(texture, seen_fraction, mirrored, lighting)
-    return Bake(texture, seen_fraction, mirrored, lighting, observed_2d, weight_2d)
+        return Bake(texture, seen_fraction, mirrored, observation.lighting)
+    return Bake(texture, seen_fraction, mirrored, observation.lighting, observed_2d, weight_2d)
+
+
+def covered_texels(topology: MeshTopology, size: int) -> np.ndarray:
+    """(size, size) bool: the texels inside the UV islands."""
+    covered = np.zeros(size * size, bool)
+    for band in texel_maps(topology, size):
+        covered[band.texel] = True
+    return covered.reshape(size, size)
 
 
 def seen_texels(texels: TexelMap, attributes: np.ndarray, zbuffer: np.ndarray, camera: Camera
@@ -289,7 +330,10 @@ class Baker(Protocol):
     camera-frame metres of `topology`'s texture vertices, one per photo; targets: optional
     (size, size, 3) uint8 arrays that receive the textures (the Bakes then hold them); skins:
     optional (H, W) uint8 skin probabilities, one per photo (segment.SkinMap; None: all skin);
-    delit: divide the light out; keep_observation: keep `observed` and `texel_weight`."""
+    delit: divide the light out; keep_observation: keep `observed` and `texel_weight`.
+    For several photos of one person (fuse.py): `observe` is steps 1 and 2 alone (an `Observation`
+    per photo, as `observe_photo`), `complete` step 3 alone on this device for observations
+    combined elsewhere (`complete.complete_texture`'s arguments and result)."""
 
     def warm_up(self, topology: MeshTopology, size: int) -> None: ...
 
@@ -297,6 +341,13 @@ class Baker(Protocol):
              topology: MeshTopology, size: int, targets: Sequence[np.ndarray] | None = None,
              skins: Sequence[np.ndarray | None] | None = None, delit: bool = True,
              keep_observation: bool = False) -> list[Bake]: ...
+
+    def observe(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
+                topology: MeshTopology, size: int, skins: Sequence[np.ndarray | None] | None = None,
+                delit: bool = True) -> list[Observation]: ...
+
+    def complete(self, observed: np.ndarray, texel_weight: np.ndarray, mirror_symmetric: bool,
+                 keep_seen: bool = False) -> np.ndarray: ...
 
 
 class CpuBaker:
@@ -318,6 +369,18 @@ class CpuBaker:
         for bake, target in zip(bakes, targets):
             target[...] = bake.texture
         return [replace(bake, texture=target) for bake, target in zip(bakes, targets)]
+
+    def observe(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
+                topology: MeshTopology, size: int, skins: Sequence[np.ndarray | None] | None = None,
+                delit: bool = True) -> list[Observation]:
+        skins = skins if skins is not None else [None] * len(photos)
+        return [observe_photo(photo, v, topology, camera, size, skin, delit)
+                for photo, v, camera, skin in zip(photos, vertices, cameras, skins)]
+
+    def complete(self, observed: np.ndarray, texel_weight: np.ndarray, mirror_symmetric: bool,
+                 keep_seen: bool = False) -> np.ndarray:
+        from .complete import complete_texture
+        return complete_texture(observed, texel_weight, mirror_symmetric, keep_seen)
 
 
 def baker_for(device: str) -> Baker:

@@ -23,7 +23,7 @@ from ..render.rasterize_cuda import rasterize_batch
 from ..geometry import Camera, uv_to_texture_px
 from ..render.shade import SRGB8_OF_LINEAR, SRGB_LUT_SIZE, sh_basis_torch
 from .bake import (CLIP_END_LINEAR, CLIP_START_LINEAR, DEPTH_TOLERANCE_M, FULL_FACING_COS, LINEAR_OF_SRGB8,
-                   MIN_FACING_COS, SHADOW_SHADING, Bake)
+                   MIN_FACING_COS, SHADOW_SHADING, Bake, Observation)
 from .complete import DETAIL_GAIN, DETAIL_PATCH_FRACTION, FEATHER_FRACTION, FULL_WEIGHT, LOW_CELLS
 from .lighting import MIN_SHADING, Lighting, fit_lighting_torch
 
@@ -95,6 +95,24 @@ class GpuBaker:
             bakes += self._bake_pass(photos[start:stop], vertices[start:stop], cameras[start:stop],
                                      topology, size, targets[start:stop], skins[start:stop], delit, keep_observation)
         return bakes
+
+    def observe(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
+                topology: MeshTopology, size: int, skins: Sequence[np.ndarray | None] | None = None,
+                delit: bool = True) -> list[Observation]:
+        """Steps 1 and 2 (the bake's kept observations; its completion here costs little)."""
+        return [Observation.of(bake) for bake in self.bake(photos, vertices, cameras, topology, size, skins=skins,
+                                                           delit=delit, keep_observation=True)]
+
+    @torch.inference_mode()
+    def complete(self, observed: np.ndarray, texel_weight: np.ndarray, mirror_symmetric: bool,
+                 keep_seen: bool = False) -> np.ndarray:
+        """`complete.complete_texture` on this device (`complete_texture_gpu`): observed (S, S, 3)
+        float32 linear RGB, texel_weight (S, S) float32 -> (S, S, 3) uint8 sRGB."""
+        observed_t = torch.from_numpy(np.ascontiguousarray(observed, np.float32)).to(self.device)
+        weight_t = torch.from_numpy(np.ascontiguousarray(texel_weight, np.float32)).to(self.device)
+        texture = complete_texture_gpu(observed_t.permute(2, 0, 1)[None], weight_t[None, None], mirror_symmetric,
+                                       keep_seen)
+        return texture[0].cpu().numpy()
 
     def triangle_indices(self, topology: MeshTopology) -> torch.Tensor:
         """(T, 3) int64 triangles on the device (for index_add_ and gathers)."""

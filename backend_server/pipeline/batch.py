@@ -5,7 +5,10 @@ the one entry point that picks the path for the devices asked for.
     run_batch(["cuda:0", "cuda:1"], photos, out_dir, options, on_outcome)   # batch_gpu: GPUs + CPU pool
 
 `photos` are (path, output stem) pairs; each photo's files are written as `stem.*` (or
-`stem_faceK.*` for options.face == -1), and `on_outcome` hears of each photo as it ends.
+`stem_faceK.*` for options.face == -1), and `on_outcome` hears of each photo as it ends. An item
+may be a `Person` instead of a path: its photos make one head (`Reconstructor.run_person`), written
+as `stem.*`; on GPUs people run whole on each GPU's process (one per device), as the CPU path runs
+them, since a person's photos must be fitted together.
 
 A photo's files are written one by one (each through a temporary `.NAME.part` renamed into
 place), every JSON after every other file and the first face's JSON last: that one is the
@@ -52,6 +55,15 @@ class PhotoOutcome:
 OutcomeCallback = Callable[[PhotoOutcome], None]
 
 
+@dataclass(frozen=True)
+class Person:
+    """Several photos of one person for a batch: one head from all of them. source: what the
+    outcome names (the person's folder, or the first photo)."""
+
+    photos: tuple[Path, ...]
+    source: Path
+
+
 @dataclass
 class BatchReport:
     """What a batch run measured: throughput and, per GPU, fit and bake time and peak memory."""
@@ -72,15 +84,21 @@ class BatchReport:
             self.cpu_stage_ms[stage] = self.cpu_stage_ms.get(stage, 0.0) + ms
 
 
-def run_batch(devices: Sequence[str], photos: Sequence[tuple[Path, str]], out_dir: Path, options: ReconstructOptions,
-              on_outcome: OutcomeCallback, workers: int = 1, batch_size: int = 16) -> BatchReport:
-    """Reconstruct every photo on the CPU (`workers` processes) or on CUDA devices (batches of
-    `batch_size` faces per GPU, the CPU stages on the other cores)."""
+def run_batch(devices: Sequence[str], photos: Sequence[tuple[Path | Person, str]], out_dir: Path,
+              options: ReconstructOptions, on_outcome: OutcomeCallback, workers: int = 1,
+              batch_size: int = 16) -> BatchReport:
+    """Reconstruct every photo (or person) on the CPU (`workers` processes) or on CUDA devices
+    (photos: batches of `batch_size` faces per GPU, the CPU stages on the other cores; people: a
+    process per GPU, each running whole people with its GPU's baker)."""
     if list(devices) == ["cpu"]:
         from .batch_cpu import CpuBatchRunner
         return CpuBatchRunner(options, workers).run(photos, out_dir, on_outcome)
+    if any(isinstance(item, Person) for item, _ in photos):
+        from .batch_cpu import CpuBatchRunner
+        return CpuBatchRunner(options, len(devices), list(devices)).run(photos, out_dir, on_outcome)
     from .batch_gpu import GpuBatchRunner
-    return GpuBatchRunner(list(devices), options, batch_size).run(photos, out_dir, on_outcome)
+    return GpuBatchRunner(list(devices), options, batch_size).run(
+        [(item, stem) for item, stem in photos if isinstance(item, Path)], out_dir, on_outcome)
 
 
 def marker_name(stem: str, options: ReconstructOptions) -> str:

@@ -51,12 +51,19 @@ def upsampled(coarse: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(coarse, (size, size), interpolation=cv2.INTER_LINEAR).reshape(size, size, 3)
 
 
+def seen_border(weight: np.ndarray, fraction: int = FEATHER_FRACTION) -> np.ndarray:
+    """(S, S) float32: 1 inside the seen texels (weight > 0), falling to 0 over about the side /
+    `fraction` / 2 texels toward their border (a box filter of the side / `fraction`), 0 outside."""
+    size = weight.shape[0]
+    kernel = 2 * max(1, size // fraction // 2) + 1
+    inside: np.ndarray = cv2.blur((weight > 0).astype(np.float32), (kernel, kernel),
+                                  borderType=cv2.BORDER_REFLECT_101)
+    return np.clip(2 * inside - 1, 0, 1)
+
+
 def feathered(weight: np.ndarray) -> np.ndarray:
     """(S, S) float32 blend factor: min(1, weight / FULL_WEIGHT), falling to 0 at the seen border."""
-    size = weight.shape[0]
-    kernel = 2 * max(1, size // FEATHER_FRACTION // 2) + 1
-    inside = cv2.blur((weight > 0).astype(np.float32), (kernel, kernel), borderType=cv2.BORDER_REFLECT_101)
-    return np.clip(weight / FULL_WEIGHT, 0, 1) * np.clip(2 * inside - 1, 0, 1)
+    return np.clip(weight / FULL_WEIGHT, 0, 1) * seen_border(weight)
 
 
 def detail_origin(weight: np.ndarray) -> tuple[int, int]:

@@ -13,7 +13,9 @@ Every model's head goes out the same way, from its `HeadMesh` (models/face_model
 - `NAME.glb` (export_gltf.py; its images embedded) and `NAME.usdc` (export_usd.py, beside the
   PNGs it names): the same head, materials (eye textures included) and expressions for other
   tools; asked for only (not in DEFAULT_OUTPUTS);
-- `NAME.json`: the facts (`face_facts`).
+- `NAME.json`: the facts (`face_facts`); for several photos of one person (`export_person`) one
+  head, posed as the reference photo, with a `person` section listing every photo (`person_facts`).
+  A person's head goes through the same `face_files` (every format, eye textures included).
 
 Which image and colour each part takes is said once, in `part_looks` (the images' pixels in
 `face_images`, their files from `image_file`), for every format.
@@ -35,10 +37,11 @@ from shared_protocol import ReconstructOptions, ResultFile
 from shared_protocol.shape_keys import NEUTRAL_SUFFIX, SUFFIX as SHAPE_KEYS_SUFFIX, ShapeKey, encode_shape_keys
 from .. import __version__
 from ..geometry import vertex_normals
-from ..models.face_model import FaceFit, FaceModel, HeadMesh, MeshLayout
+from ..models.face_model import FaceFit, FaceModel, HeadMesh, MeshLayout, PersonFit
 from .bake import Bake
 from .decode import PhotoInfo
 from .landmarks import LocatedFace
+from .lighting import Lighting
 from .progress import StageClock
 
 PNG_COMPRESS_LEVEL = 1              # used only where fpng is missing (Pillow fallback)
@@ -316,3 +319,68 @@ def export_photo(photo: PhotoInfo, faces: Sequence[LocatedFace], names: Sequence
             face_files_.append(ResultFile(f"{name}.json", "json", json.dumps(facts, indent=1).encode("utf-8")))
         exports.append(FaceExport(tuple(face_files_), facts))
     return exports
+
+
+def person_facts(photos: Sequence[PhotoInfo], located: Sequence[LocatedFace | None], person: PersonFit,
+                 reference: int, model: FaceModel, contribution: Sequence[float], seen: Sequence[float],
+                 gains: Sequence[Sequence[float]], lightings: Sequence[Lighting]) -> dict[str, Any]:
+    """The JSON's `person` section: per photo (in request order) whether it was used (or why not),
+    its pose, camera, expression and gaze (the model's coefficients less the shared identity), how
+    far its face lay from the others' (`mismatch`, 1 = the limit), its share of the fused texture's
+    seen texels, the colour gain applied to it and its lighting (as a single photo's JSON has it).
+    contribution / seen / gains / lightings: per kept photo."""
+    kept = person.kept
+    entries = []
+    for k, info in enumerate(photos):
+        fit, face = person.fits[k], located[k]
+        entry: dict[str, Any] = {"index": k, "name": info.name, "used": fit is not None,
+                                 "left_out": person.left_out.get(k), "reference": k == reference,
+                                 "mismatch": None if not np.isfinite(person.mismatch[k]) else
+                                 round(float(person.mismatch[k]), 3)}
+        if face is not None:
+            entry["face"] = {"box_px": [face.box.x0, face.box.y0, face.box.width, face.box.height],
+                             "detector_score": face.box.score}
+        if fit is not None:
+            n = kept.index(k)
+            coefficients = model.facts(fit, "").coefficients
+            entry.update({
+                "width_px": info.size[0], "height_px": info.size[1],
+                "camera": fit.camera.to_json(), "pose": fit.pose.to_json(),
+                "expression": coefficients.get("expression"), "gaze_deg": coefficients.get("gaze_deg"),
+                "texture_contribution": round(float(contribution[n]), 4),
+                "texture_seen_fraction": round(float(seen[n]), 4),
+                "colour_gain": [round(float(g), 4) for g in gains[n]],
+                "lighting": lightings[n].to_json()})
+        entries.append(entry)
+    return {"photos": entries, "used": len(kept), "of": len(photos), "reference_photo": reference,
+            "note": "one shape from every used photo; the head is posed as the reference photo (its pose, "
+                    "expression, camera and lighting are the JSON's own); texture_contribution: the photo's "
+                    "share of the texels any photo saw; colour_gain: per linear RGB channel, what the photo's "
+                    "colours were multiplied by to match the reference photo's"}
+
+
+def export_person(photos: Sequence[PhotoInfo], located: Sequence[LocatedFace | None], person: PersonFit,
+                  reference: int, model: FaceModel, fused: Any, completed: Any, lightings: Sequence[Lighting],
+                  options: ReconstructOptions, name: str, clock: StageClock) -> FaceExport:
+    """Stage 6 for one person: the head of the reference photo's fit (its expression and pose; the
+    shared shape) with the fused texture, and the JSON with the `person` section. fused: a
+    fuse.FusedTexture; completed: a fuse.CompletedTexture; lightings: each kept photo's lighting
+    (person.kept order; the reference photo's is the JSON's own `lighting`)."""
+    clock.enter("export", 0.9)
+    fit, face = person.fits[reference], located[reference]
+    assert fit is not None and face is not None
+    mesh = model.head_mesh(fit)
+    files = face_files(name, mesh, completed.texture, options.outputs, model.part_textures(face.iris_srgb))
+    clock.stop()
+    bake = Bake(completed.texture, completed.seen_fraction, completed.mirrored_fraction,
+                lightings[person.kept.index(reference)])
+    facts = face_facts(photos[reference], face, fit, model, mesh, bake, options, clock.timings, 1, name)
+    facts["texture"]["content"] = (
+        "lit: the photos' colours, equalised to the reference photo's" if options.lit_texture else
+        "albedo: each photo's colours divided by its own lighting (person.photos[].lighting; the reference "
+        "photo's is the lighting below), equalised to the reference photo's")
+    facts["person"] = person_facts(photos, located, person, reference, model, fused.contribution,
+                                   fused.seen_fraction, fused.gains, lightings)
+    if "json" in options.outputs:
+        files.append(ResultFile(f"{name}.json", "json", json.dumps(facts, indent=1).encode("utf-8")))
+    return FaceExport(tuple(files), facts)

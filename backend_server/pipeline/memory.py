@@ -16,11 +16,18 @@ GIB = 1024 ** 3
 WORKER_BASE_BYTES = 1 * GIB
 JOB_FIXED_BYTES = 300 * 1024 ** 2
 JOB_BYTES_PER_TEXEL = 56
+PHOTO_BYTES_PER_TEXEL = 20          # each further photo of one person: its Observation (observed colours
+                                    # and weight, 16 B) and its blend weight; measured after the merge of
+                                    # issue 17 (ICT-FaceKit, 2048², peak RSS of `facerecon reconstruct`):
+                                    # 1.00 GB for one photo, 1.09 GB for three (--person)
 
 
-def worker_peak_bytes(options: ReconstructOptions) -> int:
-    """The estimated peak of a worker process running one job with these options."""
-    return WORKER_BASE_BYTES + JOB_FIXED_BYTES + JOB_BYTES_PER_TEXEL * options.texture_size ** 2
+def worker_peak_bytes(options: ReconstructOptions, photos: int = 1) -> int:
+    """The estimated peak of a worker process running one job with these options (and `photos`
+    photos of one person)."""
+    texels = options.texture_size ** 2
+    return (WORKER_BASE_BYTES + JOB_FIXED_BYTES + JOB_BYTES_PER_TEXEL * texels
+            + PHOTO_BYTES_PER_TEXEL * texels * (photos - 1))
 
 
 def largest_texture_within(budget_bytes: int) -> int:

@@ -1,4 +1,6 @@
-"""The whole pipeline for one photo: decode -> detect -> landmarks -> fit -> bake -> export.
+"""The whole pipeline for one photo: decode -> detect -> landmarks -> fit -> bake -> export; and
+for several photos of one person (`run_person`): decode, detect and landmarks per photo, one joint
+fit (`FaceModel.fit_person`), a bake per photo fused into one texture (fuse.py), one head exported.
 
 A `Reconstructor` holds one process's detectors and its baker (CPU, or a CUDA device) and runs
 photos one at a time (`run`). The batch paths call its stages apart: `locate` (decode, detect,
@@ -9,24 +11,29 @@ process (models/registry.py): nothing here asks which kind of model it holds.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from shared_protocol import ErrorCode, ProtocolError, ReconstructOptions, ResultFile
+from shared_protocol import ErrorCode, PersonPhoto, ProtocolError, ReconstructOptions, ResultFile
 from ..geometry import Camera
 from ..models import registry
-from ..models.face_model import FaceFit, FaceModel
-from .bake import Bake, baker_for
+from ..models.face_model import FaceFit, FaceModel, PersonFit
+from .bake import Bake, Observation, baker_for, covered_texels
 from .decode import Photo, PhotoInfo, decode_photo
 from .detect import FaceBox, FaceDetector, select_faces
-from .export import export_photo, safe_stem
+from .export import export_person, export_photo, safe_stem
+from .fuse import CompletedTexture, FusedTexture, appearance_mismatch, completed, fuse_observations, odd_photo_out
 from .fit import fit_faces
 from .landmarks import LandmarkDetector, LocatedFace, iris_colour
+from .lighting import Lighting
 from .progress import StageCallback, StageClock
 from .segment import SkinMap, SkinSegmenter
 
 FIT_DEVICE = "cpu"      # a single job's faces fit on the CPU (launch-bound on a GPU); batches fit on their GPU
+LEFT_OUT_CODES = (ErrorCode.NO_FACE, ErrorCode.FACE_INDEX_OUT_OF_RANGE)   # a person's photo without its face
+                                                                           # is left out, not an error
+PersonStageCallback = Callable[[str, float, "int | None"], None]   # stage, fraction, photo index (None: all)
 
 
 def face_model(options: ReconstructOptions) -> FaceModel:
@@ -91,6 +98,34 @@ class PhotoReconstruction:
         return [f for face in self.faces for f in face.files]
 
 
+@dataclass(frozen=True)
+class PersonReconstruction:
+    """One head from several photos of one person. photos: every photo given (None where it could
+    not be decoded is impossible: that is an error); located: per photo its face, None where none
+    was found; fit: the joint fit (one FaceFit per kept photo); reference: the photo the head is
+    posed as (the first kept one); texture_vertices: (model.topology.vertex_count, 3) camera-frame
+    metres of the reference photo; lightings: each kept photo's light (its bake's, in `kept`
+    order); fused / completed: the texture before and after completion; files / facts: the one
+    head's result files and JSON."""
+
+    photos: tuple[PhotoInfo, ...]
+    located: tuple[LocatedFace | None, ...]
+    model: FaceModel
+    fit: PersonFit
+    reference: int
+    texture_vertices: np.ndarray
+    lightings: tuple[Lighting, ...]
+    fused: FusedTexture
+    completed: CompletedTexture
+    files: tuple[ResultFile, ...]
+    facts: dict[str, Any]
+    timings_ms: dict[str, float]
+
+    @property
+    def kept(self) -> list[int]:
+        return self.fit.kept
+
+
 class Reconstructor:
     """One per worker process: the face detector, the landmark detector and a baker for `device`."""
 
@@ -150,3 +185,92 @@ class Reconstructor:
         faces = tuple(ReconstructedFace(face, name, f.fit, f.texture_vertices, bake, export.files, export.facts)
                       for face, name, f, bake, export in zip(located.faces, located.names, fitted, bakes, exports))
         return PhotoReconstruction(photo, model, faces, clock.timings)
+
+    def run_person(self, photos: Sequence[PersonPhoto], options: ReconstructOptions | None = None,
+                   on_stage: PersonStageCallback | None = None, name: str | None = None) -> PersonReconstruction:
+        """Several photos of one person -> one head, its files named `name` (default: the first
+        photo's stem). A photo that cannot be decoded (or is too
+        small or large) is an error naming it; one without a face, or whose face does not fit the
+        others', is left out (its reason in the JSON); none left: ProtocolError NO_USABLE_PHOTO.
+        Each kept photo is observed as a single photo's bake observes it (`Baker.observe`: its skin
+        map, its lighting; de-lit unless options.lit_texture); fuse.py combines them and the baker
+        completes the fused texture (`Baker.complete`, keep_seen for the lit texture)."""
+        options = options or ReconstructOptions()
+        model = face_model(options)
+        count = len(photos)
+        current: list[int | None] = [None]
+        span = [0.0, 1.0]            # the running stage's share of the job: photo k's part of it
+
+        def tell(stage: str, fraction: float) -> None:
+            if on_stage is not None:
+                on_stage(stage, min(1.0, span[0] + fraction * span[1]), current[0])
+
+        clock = StageClock(tell)
+        infos: list[PhotoInfo] = []
+        pixels: list[np.ndarray] = []
+        skins: list[np.ndarray | None] = []
+        located: list[LocatedFace | None] = []
+        cameras: list[Camera] = []
+        reasons: dict[int, str] = {}
+        for k, item in enumerate(photos):
+            current[0], span[:] = k, [0.3 * k / count, 1.0 / count]
+            try:
+                photo, where, skin = self.locate(item.data, item.name, options, clock)
+            except ProtocolError as exc:
+                clock.stop()
+                if exc.code not in LEFT_OUT_CODES:
+                    raise ProtocolError(exc.code, f"photo {k + 1} of {count} ({item.name}): {exc.message}",
+                                        item.name) from None
+                reasons[k] = exc.message
+                located.append(None)
+                cameras.append(Camera.for_photo(64, 64))          # unused: the photo has no face
+                infos.append(PhotoInfo(item.name, (0, 0), (0, 0), 1.0))
+                pixels.append(np.zeros((1, 1, 3), np.uint8))
+                skins.append(None)
+                continue
+            infos.append(photo.info())
+            pixels.append(photo.rgb)
+            skins.append(skin.probability)
+            located.append(where.faces[0])
+            cameras.append(where.camera)
+        if all(face is None for face in located):
+            raise ProtocolError(ErrorCode.NO_USABLE_PHOTO, "no photo of the person gave a face: " + "; ".join(
+                f"photo {k + 1} ({photos[k].name}): {why}" for k, why in reasons.items()))
+        landmarks: list[np.ndarray | None] = [f.landmarks if f is not None else None for f in located]
+        size = options.texture_size
+        while True:
+            current[0], span[:] = None, [0.0, 1.0]
+            clock.enter("fit", 0.3)
+            person = model.fit_person(landmarks, cameras, FIT_DEVICE)
+            kept = person.kept
+            fits = [person.fits[k] for k in kept]
+            vertices = model.texture_vertices(fits, FIT_DEVICE)
+            observations: list[Observation] = []
+            for n, (k, v) in enumerate(zip(kept, vertices)):     # one photo at a time: progress names it
+                current[0], span[:] = k, [0.4 + 0.4 * n / len(kept), 1.0]
+                clock.enter("bake", 0.0)
+                observations += self.baker.observe([pixels[k]], [v], [cameras[k]], model.topology, size,
+                                                   skins=[skins[k]], delit=not options.lit_texture)
+            # Another person's skin: left out, and the rest fitted again without it.
+            appearance = appearance_mismatch(observations)
+            odd = odd_photo_out(appearance)
+            if odd is None:
+                break
+            reasons[kept[odd]] = (f"its skin colour does not match the other photos' (mismatch "
+                                  f"{appearance[odd]:.1f}, limit 1): another person?")
+            landmarks[kept[odd]] = None
+        left_out = {**person.left_out, **reasons}
+        person = PersonFit(person.fits, dict(sorted(left_out.items())), person.mismatch)
+        current[0], span[:] = None, [0.0, 1.0]
+        clock.enter("bake", 0.8)
+        fused = fuse_observations(observations, covered_texels(model.topology, size))
+        lightings = tuple(observation.lighting for observation in observations)
+        del observations                            # the per-photo arrays: the fused ones replace them
+        symmetric = model.topology.uv_mirror_symmetric
+        texture = completed(self.baker.complete(fused.observed, fused.texel_weight, symmetric,
+                                                keep_seen=options.lit_texture), fused, symmetric)
+        reference = kept[0]
+        export = export_person(infos, located, person, reference, model, fused, texture, lightings, options,
+                               name or safe_stem(photos[0].name), clock)
+        return PersonReconstruction(tuple(infos), tuple(located), model, person, reference, vertices[0], lightings,
+                                    fused, texture, export.files, export.facts, clock.timings)

@@ -262,9 +262,9 @@ class Server:
         elif request.options.model not in self.config.models:
             refusal = (ErrorCode.UNKNOWN_MODEL, f"model {request.options.model!r} is not installed on "
                        f"this server; installed: {', '.join(self.config.models)}")
-        elif (why := self._over_memory(request.options)) is not None:
+        elif (why := self._over_memory(request.options, len(request.photos))) is not None:
             refusal = (ErrorCode.OVER_MEMORY_BUDGET, why)
-        elif (why := self.queue.refusal(client, len(request.photo))) is not None:
+        elif (why := self.queue.refusal(client, request.photo_bytes)) is not None:
             refusal = (ErrorCode.BUSY, f"{why} (queue depth {len(self.queue)})")
         if refusal is not None:
             self.counters.refused += 1
@@ -276,12 +276,12 @@ class Server:
         log.debug("job %s accepted: %s from %s, queue %d", job.job_id, request.photo_name, client.hex(),
                   len(self.queue))
 
-    def _over_memory(self, options: ReconstructOptions) -> str | None:
-        """Why a job with these options would not fit a worker's memory budget, or None."""
+    def _over_memory(self, options: ReconstructOptions, photos: int = 1) -> str | None:
+        """Why a job with these options (and photos) would not fit a worker's memory budget, or None."""
         budget = self.config.worker_memory_bytes
         if budget is None:
             return None
-        need = worker_peak_bytes(options)
+        need = worker_peak_bytes(options, photos)
         if need <= budget:
             return None
         largest = largest_texture_within(budget)
@@ -344,7 +344,7 @@ class Server:
                 job.started_at, job.worker = time.monotonic(), worker.name
                 worker.job, worker.state = job, WorkerState.BUSY
                 request = ReconstructRequest(job.job_id, job.request.photo_name, job.request.photo,
-                                             job.request.options)
+                                             job.request.options, job.request.more_photos)
                 self.link.send_multipart([worker.identity, *encode(request)], copy=False)
 
     # --- workers -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ class Job:
 
     @property
     def photo_bytes(self) -> int:
-        return len(self.request.photo)
+        return self.request.photo_bytes
 
 
 class FairQueue:

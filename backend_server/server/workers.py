@@ -86,8 +86,8 @@ def run_job(reconstructor: Any, link: zmq.Socket, request: ReconstructRequest) -
     """Run one job; Progress goes out as each stage starts; returns its Result or Error."""
     job_id = request.request_id
 
-    def on_stage(stage: str, fraction: float) -> None:
-        link.send_multipart(encode(Progress(job_id, stage, fraction)))
+    def on_stage(stage: str, fraction: float, photo: int | None = None) -> None:
+        link.send_multipart(encode(Progress(job_id, stage, fraction, photo)))
         while link.poll(0):
             incoming = decode(link.recv_multipart())
             if isinstance(incoming, Cancel) and incoming.job_id == job_id:
@@ -95,9 +95,17 @@ def run_job(reconstructor: Any, link: zmq.Socket, request: ReconstructRequest) -
 
     start = time.perf_counter()
     try:
+        if request.is_person:
+            person = reconstructor.run_person(request.photos, request.options, on_stage)
+            return Result(job_id, tuple(person.files), {
+                "faces": 1, "photos": len(request.photos), "used_photos": list(person.kept),
+                "left_out": {request.photos[k].name: why for k, why in person.fit.left_out.items()},
+                "gpu_memory_mb": gpu_memory_mb(reconstructor.device),
+                "timings_ms": {k: round(v, 2) for k, v in person.timings_ms.items()},
+                "worker_ms": round((time.perf_counter() - start) * 1000, 2)})
         outcome = reconstructor.run(request.photo, request.photo_name, request.options, on_stage)
     except ProtocolError as exc:
-        return Error(exc.code, exc.message, job_id=job_id)
+        return Error(exc.code, exc.message, job_id=job_id, photo_name=exc.photo_name)
     except Exception as exc:                                      # a bug: report it, keep serving
         log.error("job %s failed:\n%s", job_id, traceback.format_exc())
         return Error(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", job_id=job_id)

@@ -126,6 +126,49 @@ class Pipeline:
             topology.triangles, topology.uvs, uv_vertex, identity, expression, face.landmarks, ibug68)
         return reconstruction, result.photo.rgb
 
+    def reconstruct_person(self, photos: list[tuple[bytes, str]], model: str, texture_size: int = 512,
+                           subdivision: int = 1) -> tuple[Reconstruction | None, object]:
+        """Several photos of one person (`Reconstructor.run_person`): (the head as a Reconstruction
+        of its reference photo, or None when that is not the first photo, and the
+        PersonReconstruction itself). Seen texels: those any used photo saw."""
+        from shared_protocol import PersonPhoto, ReconstructOptions
+        person = self.reconstructor.run_person([PersonPhoto(name, data) for data, name in photos], ReconstructOptions(
+            model=model, texture_size=texture_size, outputs=("json",), subdivision=subdivision))
+        if person.reference != 0:
+            return None, person
+        face = person.located[0]
+        assert face is not None
+        recon = self._reconstruction(person.model, person.fit.fits[0], person.texture_vertices,
+                                     person.completed.texture, face.landmarks, person.fused.texel_weight > 0)
+        return recon, person
+
+    def _reconstruction(self, model_, fit, texture_vertices: np.ndarray, texture: np.ndarray,  # type: ignore[no-untyped-def]
+                        landmarks: np.ndarray, seen: np.ndarray) -> Reconstruction:
+        topology = model_.topology
+        mesh = model_.head_mesh(fit)
+        ibug68 = model_.ibug68(fit, landmarks)
+        if mesh.neutral is None:
+            vertices = np.asarray(texture_vertices)
+            uv_vertex = np.arange(len(vertices))
+            neutral, identity, expression = None, None, None
+            face_region = np.arange(len(vertices))
+            points468, valid = fit.landmark_points, np.ones(468, bool)
+            triangles = topology.triangles
+        else:
+            morphable = model_.model
+            vertices = fit.pose.apply(mesh.posed)
+            refine = topology.refine
+            uv_vertex = refine.cols if isinstance(refine, SparseRows) else np.arange(len(vertices))
+            neutral, identity, expression = mesh.neutral, fit.identity, fit.expression
+            face_region = morphable.face_region
+            points468, valid = fit.landmark_points, morphable.mediapipe.valid
+            triangles = morphable.triangles
+        size = texture.shape[0]
+        return Reconstruction(
+            model_.name, model_.name, vertices, triangles, neutral, fit.pose, fit.camera, np.asarray(points468),
+            np.asarray(valid), face_region, texture, seen, texel_map(topology.triangles, topology.uvs, size).covered(),
+            topology.triangles, topology.uvs, uv_vertex, identity, expression, landmarks, ibug68)
+
     def write_result_files(self, photo: bytes, name: str, model: str, folder: Path, texture_size: int = 1024) -> Path:
         """Reconstruct and write every output file (obj, mtl, png, json, neutral, shape keys) into
         `folder`, as the add-on receives them; returns the .obj's path."""
