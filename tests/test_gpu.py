@@ -164,7 +164,9 @@ def test_evaluate_rerender_on_gpu_matches_cpu(prepared):
     texture = bake_texture(p.photo.rgb, face.texture_vertices, topology, camera, 2048, delit=False).texture  # lit
     cpu = photo_metrics(p.photo.rgb, face.texture_vertices, topology, texture, camera, "cpu")
     cuda = photo_metrics(p.photo.rgb, face.texture_vertices, topology, texture, camera, "cuda:0")
-    assert cpu["psnr_db"] > 30 and abs(cpu["psnr_db"] - cuda["psnr_db"]) < 0.2
+    assert cpu["psnr_db"] > 30
+    rms_levels = [255.0 * 10 ** (-m["psnr_db"] / 20) for m in (cpu, cuda)]      # RMS error in 8-bit levels
+    assert abs(rms_levels[0] - rms_levels[1]) < 0.1, rms_levels   # at ~45 dB, 0.2 dB is only 0.04 levels
     assert abs(cpu["ssim"] - cuda["ssim"]) < 0.005
 
 
