@@ -123,6 +123,7 @@ def test_a_photo_link_that_leads_nowhere_is_reported(tmp_path, grace_hopper_byte
     assert "loop.jpg: cannot read" in done.stdout and "gone.jpg: cannot read" in done.stdout
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")   # the dropped interrupt, on purpose
 def test_a_ctrl_c_that_python_drops_inside_a_destructor_still_stops_the_batch():
     """A KeyboardInterrupt raised while a __del__ runs is printed and dropped by Python; CtrlC notes
     the key press, so the batch's next check stops it (the CLI checks after every photo and at the end)."""
