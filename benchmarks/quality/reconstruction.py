@@ -94,37 +94,9 @@ class Pipeline:
         from shared_protocol import ReconstructOptions
         result = self.reconstructor.run(photo, name, ReconstructOptions(
             model=model, texture_size=texture_size, outputs=("json",), subdivision=subdivision))
-        face, model_ = result.faces[0], result.model
-        topology = model_.topology
-        fit = face.fit
-        facing, tolerance = _bake_rule()
-        texture = face.bake.texture
-        mesh = model_.head_mesh(fit)
-        ibug68 = model_.ibug68(fit, face.landmarks)
-        if mesh.neutral is None:                                 # the built-in model: per-vertex geometry
-            vertices = np.asarray(face.texture_vertices)
-            uv_vertex = np.arange(len(vertices))
-            neutral, identity, expression = None, None, None
-            face_region = np.arange(len(vertices))
-            points468, valid = fit.landmark_points, np.ones(468, bool)
-            triangles = topology.triangles
-        else:
-            morphable = model_.model                                # type: ignore[attr-defined]
-            vertices = fit.pose.apply(mesh.posed)
-            refine = topology.refine
-            uv_vertex = refine.cols if isinstance(refine, SparseRows) else np.arange(len(vertices))
-            neutral, identity, expression = mesh.neutral, fit.identity, fit.expression
-            face_region = morphable.face_region
-            points468, valid = fit.landmark_points, morphable.mediapipe.valid
-            triangles = morphable.triangles
-        positions = vertices[uv_vertex]
-        size = texture.shape[0]
-        seen = visible_texels(topology.triangles, topology.uvs, positions, fit.camera, size, facing, tolerance)
-        reconstruction = Reconstruction(
-            model, model, vertices, triangles, neutral, fit.pose, fit.camera, np.asarray(points468),
-            np.asarray(valid), face_region, texture, seen, texel_map(topology.triangles, topology.uvs, size).covered(),
-            topology.triangles, topology.uvs, uv_vertex, identity, expression, face.landmarks, ibug68)
-        return reconstruction, result.photo.rgb
+        face = result.faces[0]
+        return self._reconstruction(result.model, model, face.fit, face.texture_vertices, face.bake.texture,
+                                    face.landmarks), result.photo.rgb
 
     def reconstruct_person(self, photos: list[tuple[bytes, str]], model: str, texture_size: int = 512,
                            subdivision: int = 1) -> tuple[Reconstruction | None, object]:
@@ -138,12 +110,14 @@ class Pipeline:
             return None, person
         face = person.located[0]
         assert face is not None
-        recon = self._reconstruction(person.model, person.fit.fits[0], person.texture_vertices,
+        recon = self._reconstruction(person.model, person.model.name, person.fit.fits[0], person.texture_vertices,
                                      person.completed.texture, face.landmarks, person.fused.texel_weight > 0)
         return recon, person
 
-    def _reconstruction(self, model_, fit, texture_vertices: np.ndarray, texture: np.ndarray,  # type: ignore[no-untyped-def]
-                        landmarks: np.ndarray, seen: np.ndarray) -> Reconstruction:
+    def _reconstruction(self, model_, name: str, fit, texture_vertices: np.ndarray,  # type: ignore[no-untyped-def]
+                        texture: np.ndarray, landmarks: np.ndarray, seen: np.ndarray | None = None) -> Reconstruction:
+        """One fitted face as a Reconstruction; seen: the texels the photos saw (None: those this
+        fit's camera sees, by the bake's own facing and depth rule)."""
         topology = model_.topology
         mesh = model_.head_mesh(fit)
         ibug68 = model_.ibug68(fit, landmarks)
@@ -164,8 +138,12 @@ class Pipeline:
             points468, valid = fit.landmark_points, morphable.mediapipe.valid
             triangles = morphable.triangles
         size = texture.shape[0]
+        if seen is None:
+            facing, tolerance = _bake_rule()
+            seen = visible_texels(topology.triangles, topology.uvs, vertices[uv_vertex], fit.camera, size, facing,
+                                  tolerance)
         return Reconstruction(
-            model_.name, model_.name, vertices, triangles, neutral, fit.pose, fit.camera, np.asarray(points468),
+            name, name, vertices, triangles, neutral, fit.pose, fit.camera, np.asarray(points468),
             np.asarray(valid), face_region, texture, seen, texel_map(topology.triangles, topology.uvs, size).covered(),
             topology.triangles, topology.uvs, uv_vertex, identity, expression, landmarks, ibug68)
 
