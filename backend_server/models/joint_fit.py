@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..geometry import Camera, Pose
+from ..geometry import Camera
 from .morphable_fit import CONTOUR_EVERY, START_DAMPING, ModelFit, ModelFitter, _Problem, _State
 
 JOINT_EXTRA_ITERATIONS = 4            # the joint fit takes the Weighting's `iterations` (16 uncalibrated,
@@ -151,17 +151,7 @@ def joint_fit(fitter: ModelFitter, landmarks: list[np.ndarray], cameras: list[Ca
     used = len(problem.used)
     mismatch = ((joint_cost - single_cost).clamp_min(0) / used / MISMATCH_LIMIT).cpu().numpy()
 
-    points = problem.points(fitter.anatomy_bases.permute(1, 0, 2).expand(count, -1, -1, -1), state)
-    fixed_ids = torch.as_tensor(fitter.fixed, device=dev)
-    error = ((problem.project(points[:, fixed_ids]) - marks[:, fixed_ids, :2]) ** 2).sum(2).mean(1).sqrt().cpu().numpy()
-    rotation = state.rotation.cpu().double().numpy()
-    translation = state.translation().cpu().double().numpy()
-    coefficients = state.coefficients.cpu().double().numpy()
-    at_points = points.cpu().double().numpy()
-    fits = [ModelFit(pose=Pose(rotation[b], translation[b]), camera=cameras[b], landmark_points=at_points[b],
-                     identity=coefficients[b, :k_id], expression=coefficients[b, k_id:],
-                     reprojection_rms_px=float(error[b])) for b in range(count)]
-    return JointResult(fits, mismatch)
+    return JointResult(fitter.model_fits(problem, state, marks, cameras), mismatch)
 
 
 def _single_tensors(fits: list[ModelFit], device: torch.device) -> tuple[torch.Tensor, ...]:

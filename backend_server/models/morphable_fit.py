@@ -225,8 +225,16 @@ class ModelFitter:
             state = state.where(better, trial)
             damping = torch.where(better, damping / 3, damping * 4).clamp(1e-7, 1e7)
 
+        return self.model_fits(problem, state, marks, cameras)
+
+    def model_fits(self, problem: _Problem, state: _State, marks: torch.Tensor, cameras: list[Camera]
+                   ) -> list[ModelFit]:
+        """The fitted state of B faces as ModelFits: the pose, the coefficients, MediaPipe's 468
+        anatomical points (B, 468, 3) and the reprojection RMS of the fixed points against `marks`
+        (B, 478, 3) photo pixels, on the host in float64."""
+        count = len(cameras)
         points = problem.points(self.anatomy_bases.permute(1, 0, 2).expand(count, -1, -1, -1), state)  # (B, 468, 3)
-        fixed = torch.as_tensor(self.fixed, device=dev)
+        fixed = torch.as_tensor(self.fixed, device=points.device)
         error = ((problem.project(points[:, fixed]) - marks[:, fixed, :2]) ** 2).sum(2).mean(1).sqrt().cpu().numpy()
         rotation = state.rotation.cpu().double().numpy()
         translation = state.translation().cpu().double().numpy()
