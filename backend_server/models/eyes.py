@@ -23,7 +23,7 @@ from functools import cached_property
 import numpy as np
 
 from ..render.rasterize import rasterize
-from ..render.shade import srgb8_of_linear
+from ..render.shade import srgb8_of_linear, srgb_to_linear
 from .face_model import triangulate
 from .morphable import MorphableModel
 
@@ -137,10 +137,6 @@ def eye_texture_layout(model: MorphableModel, eye: Eye, size: int = EYE_TEXTURE_
     radius = np.where(raster.covered, angle_from_axis(points.reshape(-1, 3)).reshape(size, size), np.nan)
     azimuth = np.arctan2(points[..., 1], points[..., 0])
     return EyeTextureLayout(size, (radius / eye.iris_angle_rad).astype(np.float32), azimuth.astype(np.float32))
-
-
-def srgb_to_linear(srgb: np.ndarray) -> np.ndarray:
-    return np.where(srgb <= 0.04045, srgb / 12.92, ((srgb + 0.055) / 1.055) ** 2.4)
 
 
 def smoothstep(edge0: float, edge1: float, x: np.ndarray) -> np.ndarray:

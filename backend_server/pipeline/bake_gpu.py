@@ -52,7 +52,6 @@ class GpuBaker:
         torch.cuda.set_device(self.device)
         self._uv_maps: dict[tuple[int, int], UvMap] = {}
         self._triangles: dict[int, torch.Tensor] = {}
-        self._triangle_indices: dict[int, torch.Tensor] = {}
 
     def warm_up(self, topology: MeshTopology, size: int) -> None:
         self.uv_map(topology, size)
@@ -114,13 +113,6 @@ class GpuBaker:
                                        keep_seen)
         return texture[0].cpu().numpy()
 
-    def triangle_indices(self, topology: MeshTopology) -> torch.Tensor:
-        """(T, 3) int64 triangles on the device (for index_add_ and gathers)."""
-        key = id(topology)
-        if key not in self._triangle_indices:
-            self._triangle_indices[key] = self.triangles(topology).long()
-        return self._triangle_indices[key]
-
     @torch.inference_mode()
     def _bake_pass(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
                    topology: MeshTopology, size: int, targets: Sequence[np.ndarray],
@@ -132,7 +124,7 @@ class GpuBaker:
         width = -(-max(c.width for c in cameras) // 8) * 8
         mesh = torch.as_tensor(np.stack(vertices), dtype=torch.float32, device=device)                  # (B, V, 3)
         camera = torch.tensor([[c.focal_px, c.cx, c.cy] for c in cameras], dtype=torch.float32, device=device)
-        normals, areas = _normals_and_areas(mesh, self.triangle_indices(topology))
+        normals, areas = _normals_and_areas(mesh, self.triangles(topology).long())
         depth = -mesh[..., 2]                                                                            # (B, V)
         screen = torch.stack([camera[:, 1, None] + camera[:, 0, None] * mesh[..., 0] / depth,
                               camera[:, 2, None] - camera[:, 0, None] * mesh[..., 1] / depth], -1)      # (B, V, 2)

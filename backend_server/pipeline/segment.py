@@ -23,6 +23,8 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from ..render.shade import srgb_to_linear
+
 SKIN_LANDMARKS = (
     9, 8, 168, 6, 197, 195, 5, 4,                                # between the brows, down the nose
     151, 108, 337, 109, 338, 107, 336,                           # lower forehead
@@ -47,16 +49,14 @@ class SkinMap:
 
 
 LUMINANCE_WEIGHTS = np.array([0.2126, 0.7152, 0.0722], np.float32)
-_SRGB = np.arange(256, dtype=np.float64) / 255.0
-LINEAR_OF_SRGB8 = (np.where(_SRGB <= 0.04045, _SRGB / 12.92, ((_SRGB + 0.055) / 1.055) ** 2.4)
-                   + 1e-3).astype(np.float32)                         # linear light, + 1e-3 before any log
-LOG_LINEAR_LUT = np.repeat(np.log(LINEAR_OF_SRGB8)[None, :, None], 3, axis=2)          # (1, 256, 3) for cv2.LUT
-LUMINANCE_LUT = (LINEAR_OF_SRGB8[None, :, None] * LUMINANCE_WEIGHTS).astype(np.float32)   # (1, 256, 3)
+SKIN_LINEAR_OF_SRGB8 = (srgb_to_linear(np.arange(256) / 255.0) + 1e-3).astype(np.float32)   # + 1e-3 before any log
+LOG_LINEAR_LUT = np.repeat(np.log(SKIN_LINEAR_OF_SRGB8)[None, :, None], 3, axis=2)      # (1, 256, 3) for cv2.LUT
+LUMINANCE_LUT = (SKIN_LINEAR_OF_SRGB8[None, :, None] * LUMINANCE_WEIGHTS).astype(np.float32)   # (1, 256, 3)
 
 
 def skin_features(rgb: np.ndarray) -> np.ndarray:
     """(..., 3) uint8 sRGB -> (..., 3) float32 (log r/g, log b/g, log luminance), linear light."""
-    linear = LINEAR_OF_SRGB8[rgb]
+    linear = SKIN_LINEAR_OF_SRGB8[rgb]
     g = linear[..., 1]
     return np.stack([np.log(linear[..., 0] / g), np.log(linear[..., 2] / g),
                      np.log(linear @ LUMINANCE_WEIGHTS)], axis=-1)
