@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
-from typing import Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import cv2
 import numpy as np
@@ -40,6 +40,9 @@ from ..models.topology import MeshTopology
 from ..render.rasterize import rasterize
 from ..render.shade import srgb_to_linear
 from .lighting import MIN_SHADING, Lighting, fit_lighting
+
+if TYPE_CHECKING:
+    import torch
 
 MIN_FACING_COS = 0.15          # surface seen at more than ~81 degrees off its normal is not used
 FULL_FACING_COS = 0.5          # ... and counts fully from 60 degrees on
@@ -237,10 +240,11 @@ def observe_texels(texels: TexelMap, attributes: np.ndarray, zbuffer: np.ndarray
 class Observation:
     """One photo's steps 1 and 2 without the completion (`observe_photo`; what a fusion of several
     photos combines, fuse.py): observed (size, size, 3) float32 linear RGB and texel_weight (size,
-    size) float32, as `Bake.observed` / `Bake.texel_weight`; lighting: the photo's light."""
+    size) float32, as `Bake.observed` / `Bake.texel_weight`: numpy arrays, or tensors on a GPU
+    baker's device (`GpuBaker.observe`); lighting: the photo's light."""
 
-    observed: np.ndarray
-    texel_weight: np.ndarray
+    observed: np.ndarray | torch.Tensor
+    texel_weight: np.ndarray | torch.Tensor
     lighting: Lighting = field(default_factory=Lighting.flat)
 
     @classmethod
@@ -290,7 +294,7 @@ def bake_texture(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopo
     light out; keep_observation: keep `observed` and `texel_weight` in the Bake."""
     from .complete import complete_texture, mirrored_fraction
     observation, covered = _observe(photo_rgb, vertices, topology, camera, size, skin, delit)
-    observed_2d, weight_2d = observation.observed, observation.texel_weight
+    observed_2d, weight_2d = np.asarray(observation.observed), np.asarray(observation.texel_weight)
     covered_count = max(int(covered.sum()), 1)
     seen_fraction = float((weight_2d > 0).sum()) / covered_count
     mirrored = mirrored_fraction(weight_2d, covered, topology.uv_mirror_symmetric)
@@ -302,7 +306,17 @@ def bake_texture(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopo
 
 
 def covered_texels(topology: MeshTopology, size: int) -> np.ndarray:
-    """(size, size) bool: the texels inside the UV islands."""
+    """(size, size) bool: the texels inside the UV islands; kept up to CACHED_TEXEL_MAP_SIZE, as
+    the texel maps, so the caller must not write to it."""
+    return _cached_covered(topology, size) if size <= CACHED_TEXEL_MAP_SIZE else _covered(topology, size)
+
+
+@lru_cache(maxsize=8)
+def _cached_covered(topology: MeshTopology, size: int) -> np.ndarray:
+    return _covered(topology, size)
+
+
+def _covered(topology: MeshTopology, size: int) -> np.ndarray:
     covered = np.zeros(size * size, bool)
     for band in texel_maps(topology, size):
         covered[band.texel] = True
@@ -332,8 +346,9 @@ class Baker(Protocol):
     optional (H, W) uint8 skin probabilities, one per photo (segment.SkinMap; None: all skin);
     delit: divide the light out; keep_observation: keep `observed` and `texel_weight`.
     For several photos of one person (fuse.py): `observe` is steps 1 and 2 alone (an `Observation`
-    per photo, as `observe_photo`), `complete` step 3 alone on this device for observations
-    combined elsewhere (`complete.complete_texture`'s arguments and result)."""
+    per photo, as `observe_photo`; its arrays stay on the baker's device), `complete` step 3 alone
+    on this device for observations fused there (`complete.complete_texture`'s arguments, numpy
+    arrays or tensors on this device, and its result)."""
 
     def warm_up(self, topology: MeshTopology, size: int) -> None: ...
 
@@ -346,8 +361,8 @@ class Baker(Protocol):
                 topology: MeshTopology, size: int, skins: Sequence[np.ndarray | None] | None = None,
                 delit: bool = True) -> list[Observation]: ...
 
-    def complete(self, observed: np.ndarray, texel_weight: np.ndarray, mirror_symmetric: bool,
-                 keep_seen: bool = False) -> np.ndarray: ...
+    def complete(self, observed: np.ndarray | torch.Tensor, texel_weight: np.ndarray | torch.Tensor,
+                 mirror_symmetric: bool, keep_seen: bool = False) -> np.ndarray: ...
 
 
 class CpuBaker:
@@ -377,10 +392,10 @@ class CpuBaker:
         return [observe_photo(photo, v, topology, camera, size, skin, delit)
                 for photo, v, camera, skin in zip(photos, vertices, cameras, skins)]
 
-    def complete(self, observed: np.ndarray, texel_weight: np.ndarray, mirror_symmetric: bool,
-                 keep_seen: bool = False) -> np.ndarray:
+    def complete(self, observed: np.ndarray | torch.Tensor, texel_weight: np.ndarray | torch.Tensor,
+                 mirror_symmetric: bool, keep_seen: bool = False) -> np.ndarray:
         from .complete import complete_texture
-        return complete_texture(observed, texel_weight, mirror_symmetric, keep_seen)
+        return complete_texture(np.asarray(observed), np.asarray(texel_weight), mirror_symmetric, keep_seen)
 
 
 def baker_for(device: str) -> Baker:

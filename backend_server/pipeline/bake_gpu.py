@@ -24,7 +24,7 @@ from ..geometry import Camera, uv_to_texture_px
 from ..render.shade import SRGB8_OF_LINEAR, SRGB_LUT_SIZE, sh_basis_torch
 from .bake import (CLIP_END_LINEAR, CLIP_START_LINEAR, DEPTH_TOLERANCE_M, FULL_FACING_COS, LINEAR_OF_SRGB8,
                    MIN_FACING_COS, SHADOW_SHADING, Bake, Observation)
-from .complete import DETAIL_GAIN, DETAIL_PATCH_FRACTION, FEATHER_FRACTION, FULL_WEIGHT, LOW_CELLS
+from .complete import DETAIL_GAIN, DETAIL_PATCH_FRACTION, FULL_WEIGHT, LOW_CELLS, seen_border_torch
 from .lighting import MIN_SHADING, Lighting, fit_lighting_torch
 
 FACES_PER_PASS = 8          # faces baked together: ~250 MB of GPU memory a face at 2048²; a pass launches
@@ -95,20 +95,30 @@ class GpuBaker:
                                      topology, size, targets[start:stop], skins[start:stop], delit, keep_observation)
         return bakes
 
+    @torch.inference_mode()
     def observe(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
                 topology: MeshTopology, size: int, skins: Sequence[np.ndarray | None] | None = None,
                 delit: bool = True) -> list[Observation]:
-        """Steps 1 and 2 (the bake's kept observations; its completion here costs little)."""
-        return [Observation.of(bake) for bake in self.bake(photos, vertices, cameras, topology, size, skins=skins,
-                                                           delit=delit, keep_observation=True)]
+        """Steps 1 and 2, not completed; the Observations' arrays stay on this device as tensors
+        (fuse.py fuses them there): observed (size, size, 3) and texel_weight (size, size) float32."""
+        skins = skins if skins is not None else [None] * len(photos)
+        out: list[Observation] = []
+        for start in range(0, len(photos), self.faces_per_pass):
+            stop = start + self.faces_per_pass
+            observed, texel_weight, light = self._observe_pass(
+                photos[start:stop], vertices[start:stop], cameras[start:stop], topology, size, skins[start:stop], delit)
+            out += [Observation(o.reshape(size, size, 3), w.reshape(size, size), lighting)
+                    for o, w, lighting in zip(observed, texel_weight, _lightings(light))]
+        return out
 
     @torch.inference_mode()
-    def complete(self, observed: np.ndarray, texel_weight: np.ndarray, mirror_symmetric: bool,
-                 keep_seen: bool = False) -> np.ndarray:
+    def complete(self, observed: np.ndarray | torch.Tensor, texel_weight: np.ndarray | torch.Tensor,
+                 mirror_symmetric: bool, keep_seen: bool = False) -> np.ndarray:
         """`complete.complete_texture` on this device (`complete_texture_gpu`): observed (S, S, 3)
-        float32 linear RGB, texel_weight (S, S) float32 -> (S, S, 3) uint8 sRGB."""
-        observed_t = torch.from_numpy(np.ascontiguousarray(observed, np.float32)).to(self.device)
-        weight_t = torch.from_numpy(np.ascontiguousarray(texel_weight, np.float32)).to(self.device)
+        float32 linear RGB, texel_weight (S, S) float32 (numpy, or tensors already here) -> (S, S, 3)
+        uint8 sRGB."""
+        observed_t = torch.as_tensor(observed, dtype=torch.float32, device=self.device)
+        weight_t = torch.as_tensor(texel_weight, dtype=torch.float32, device=self.device)
         texture = complete_texture_gpu(observed_t.permute(2, 0, 1)[None], weight_t[None, None], mirror_symmetric,
                                        keep_seen)
         return texture[0].cpu().numpy()
@@ -118,6 +128,40 @@ class GpuBaker:
                    topology: MeshTopology, size: int, targets: Sequence[np.ndarray],
                    skins: Sequence[np.ndarray | None], delit: bool, keep_observation: bool) -> list[Bake]:
         """Everything on the GPU with no host synchronisation until the textures come back."""
+        device, count, uv = self.device, len(photos), self.uv_map(topology, size)
+        observed, texel_weight, light = self._observe_pass(photos, vertices, cameras, topology, size, skins, delit)
+        texel = uv.texel.expand(count, -1)
+
+        # Step 3: complete; then the one wait for the GPU, as the textures come back.
+        observed_image = observed.reshape(count, size, size, 3).permute(0, 3, 1, 2)
+        weight_image = texel_weight.reshape(count, 1, size, size)
+        textures = complete_texture_gpu(observed_image, weight_image, topology.uv_mirror_symmetric,
+                                        keep_seen=not delit)
+        covered = max(int(uv.texel.numel()), 1)
+        known = texel_weight > 0
+        fractions = [known.sum(1).float() / covered]
+        if topology.uv_mirror_symmetric:
+            unseen_with_mirror = ~known.gather(1, texel) & known.gather(1, uv.mirror.expand(count, -1))
+            fractions.append(unseen_with_mirror.sum(1).float() / covered)
+        else:
+            fractions.append(torch.zeros(count, device=device))
+        for texture, target in zip(textures, targets):
+            torch.from_numpy(target).copy_(texture)
+        seen_fraction, mirrored_fraction = torch.stack(fractions).cpu().tolist()
+        lightings = _lightings(light)
+        out = []
+        for k in range(count):
+            kept = ((observed[k].reshape(size, size, 3).cpu().numpy(),
+                     texel_weight[k].reshape(size, size).cpu().numpy()) if keep_observation else (None, None))
+            out.append(Bake(targets[k], seen_fraction[k], mirrored_fraction[k], lightings[k], *kept))
+        return out
+
+    def _observe_pass(self, photos: Sequence[np.ndarray], vertices: Sequence[np.ndarray], cameras: Sequence[Camera],
+                      topology: MeshTopology, size: int, skins: Sequence[np.ndarray | None], delit: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Steps 1 and 2 for up to faces_per_pass faces, queued on this device with no wait:
+        observed (B, size², 3) and texel_weight (B, size²) float32, and the lighting fit's tensors
+        (`_lightings` makes them Lightings)."""
         device, count = self.device, len(photos)
         uv = self.uv_map(topology, size)
         height = -(-max(c.height for c in cameras) // 8) * 8
@@ -178,30 +222,12 @@ class GpuBaker:
         observed.scatter_(1, texel[..., None].expand(-1, -1, 3), colours)
         texel_weight.scatter_(1, texel, weight)
         del per_texel, colours, skin, depth_at
+        return observed, texel_weight, (sh, rms, points)
 
-        # Step 3: complete; then the one wait for the GPU, as the textures come back.
-        observed_image = observed.reshape(count, size, size, 3).permute(0, 3, 1, 2)
-        weight_image = texel_weight.reshape(count, 1, size, size)
-        textures = complete_texture_gpu(observed_image, weight_image, topology.uv_mirror_symmetric,
-                                        keep_seen=not delit)
-        covered = max(int(uv.texel.numel()), 1)
-        known = texel_weight > 0
-        fractions = [known.sum(1).float() / covered]
-        if topology.uv_mirror_symmetric:
-            unseen_with_mirror = ~known.gather(1, texel) & known.gather(1, uv.mirror.expand(count, -1))
-            fractions.append(unseen_with_mirror.sum(1).float() / covered)
-        else:
-            fractions.append(torch.zeros(count, device=device))
-        for texture, target in zip(textures, targets):
-            torch.from_numpy(target).copy_(texture)
-        seen_fraction, mirrored_fraction = torch.stack(fractions).cpu().tolist()
-        lightings = Lighting.from_arrays(sh.cpu().numpy(), rms.cpu().numpy(), points.cpu().numpy())
-        out = []
-        for k in range(count):
-            kept = ((observed[k].reshape(size, size, 3).cpu().numpy(),
-                     texel_weight[k].reshape(size, size).cpu().numpy()) if keep_observation else (None, None))
-            out.append(Bake(targets[k], seen_fraction[k], mirrored_fraction[k], lightings[k], *kept))
-        return out
+
+def _lightings(light: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> list[Lighting]:
+    """`_observe_pass`'s lighting tensors (sh, rms, points) -> one Lighting per face (waits for the GPU)."""
+    return Lighting.from_arrays(*(part.cpu().numpy() for part in light))
 
 
 def _normals_and_areas(mesh: torch.Tensor, triangles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,13 +256,6 @@ def _padded_skin(skin: np.ndarray | None, height: int, width: int, device: torch
     return F.pad(mask, (0, width - skin.shape[1], 0, height - skin.shape[0]), mode="replicate")[0]
 
 
-def _box_blur(image: torch.Tensor, kernel: int) -> torch.Tensor:
-    """cv2.blur (normalised box, BORDER_REFLECT_101) of (B, C, S, S): a row pass then a column pass."""
-    radius = kernel // 2
-    rows = F.avg_pool2d(F.pad(image, (radius, radius, 0, 0), mode="reflect"), (1, kernel), stride=1)
-    return F.avg_pool2d(F.pad(rows, (0, 0, radius, radius), mode="reflect"), (kernel, 1), stride=1)
-
-
 def _area_mean(image: torch.Tensor, cell: int) -> torch.Tensor:
     """(B, C, S, S) -> (B, C, S / cell, S / cell) means over cell x cell blocks (F.avg_pool2d(image, cell),
     cv2 INTER_AREA for whole cells) as one reduction: avg_pool2d's kernel loops over the cell per
@@ -247,10 +266,7 @@ def _area_mean(image: torch.Tensor, cell: int) -> torch.Tensor:
 
 def feathered_gpu(weight: torch.Tensor) -> torch.Tensor:
     """complete.feathered for (B, 1, S, S)."""
-    size = weight.shape[-1]
-    kernel = 2 * max(1, size // FEATHER_FRACTION // 2) + 1
-    inside = _box_blur((weight > 0).float(), kernel)
-    return (weight / FULL_WEIGHT).clamp(0, 1) * (2 * inside - 1).clamp(0, 1)
+    return (weight / FULL_WEIGHT).clamp(0, 1) * seen_border_torch(weight[:, 0])[:, None]
 
 
 def coarse_band_gpu(observed: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

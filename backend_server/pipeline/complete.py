@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from ..render.shade import srgb8_of_linear
 from .bake import pull_push_fill
@@ -59,6 +61,21 @@ def seen_border(weight: np.ndarray, fraction: int = FEATHER_FRACTION) -> np.ndar
     inside: np.ndarray = cv2.blur((weight > 0).astype(np.float32), (kernel, kernel),
                                   borderType=cv2.BORDER_REFLECT_101)
     return np.clip(2 * inside - 1, 0, 1)
+
+
+def seen_border_torch(weight: torch.Tensor, fraction: int = FEATHER_FRACTION) -> torch.Tensor:
+    """`seen_border` of (B, S, S) float32 weights on their device -> (B, S, S) float32: on the CPU
+    `seen_border` itself (OpenCV's box filter: 10x faster than torch's there at 3 x 2048²), on a GPU
+    the same box filter (BORDER_REFLECT_101) as a row pass and a column pass."""
+    if weight.device.type == "cpu":
+        return torch.from_numpy(np.stack([seen_border(w, fraction) for w in weight.numpy()]))
+    size = weight.shape[-1]
+    kernel = 2 * max(1, size // fraction // 2) + 1
+    radius = kernel // 2
+    seen = (weight > 0).float()[:, None]
+    rows = F.avg_pool2d(F.pad(seen, (radius, radius, 0, 0), mode="reflect"), (1, kernel), stride=1)
+    inside = F.avg_pool2d(F.pad(rows, (0, 0, radius, radius), mode="reflect"), (kernel, 1), stride=1)[:, 0]
+    return (2 * inside - 1).clamp(0, 1)
 
 
 def feathered(weight: np.ndarray) -> np.ndarray:
@@ -133,9 +150,12 @@ def complete_texture(observed: np.ndarray, texel_weight: np.ndarray, mirror_symm
     return texture
 
 
-def mirrored_fraction(texel_weight: np.ndarray, covered: np.ndarray, mirror_symmetric: bool) -> float:
-    """Share of the covered texels that the photo did not see and whose mirror texel it did."""
+def mirrored_fraction(texel_weight: np.ndarray | torch.Tensor, covered: np.ndarray | torch.Tensor,
+                      mirror_symmetric: bool) -> float:
+    """Share of the covered texels that the photo did not see and whose mirror texel it did.
+    texel_weight (S, S) float32, covered (S, S) bool: numpy arrays or tensors (on texel_weight's device)."""
     if not mirror_symmetric:
         return 0.0
-    seen = texel_weight > 0
-    return float((covered & ~seen & seen[:, ::-1]).sum() / max(int(covered.sum()), 1))
+    seen = torch.as_tensor(texel_weight) > 0
+    inside = torch.as_tensor(covered, device=seen.device)
+    return float((inside & ~seen & seen.flip(1)).sum()) / max(int(inside.sum()), 1)

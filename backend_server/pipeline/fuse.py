@@ -32,14 +32,14 @@ texels it shares with the others (in sRGB levels of the observations).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
-import cv2
 import numpy as np
+import torch
 
 from ..render.shade import linear_to_srgb
 from .bake import Observation
-from .complete import mirrored_fraction, seen_border
+from .complete import mirrored_fraction, seen_border_torch
 
 SHARPNESS = 4.0                 # blend weight = texel_weight ** SHARPNESS
 FEATHER_FRACTION = 64           # a photo's blend weight ramps to 0 at its seen border over ~side/128 texels
@@ -58,14 +58,15 @@ SHADOW_LEVEL = 12.0           # and so does deep shadow (noise)
 @dataclass(frozen=True)
 class FusedTexture:
     """observed (S, S, 3) float32 linear RGB / texel_weight (S, S) float32: the fused Observation's
-    arrays (complete.complete_texture's input); covered (S, S) bool: texels inside the UV islands;
+    arrays (a baker's `complete` input), numpy arrays or tensors on the device, as the observations
+    were; covered (S, S) bool: texels inside the UV islands, as given;
     contribution (P,): each photo's share of the seen texels (its normalised blend weight summed
     over them, over their count; sums to 1 where any texel was seen); seen_fraction (P,): covered
     texels each photo saw alone; gains (P, 3): the per-channel linear colour gains applied."""
 
-    observed: np.ndarray
-    texel_weight: np.ndarray
-    covered: np.ndarray
+    observed: np.ndarray | torch.Tensor
+    texel_weight: np.ndarray | torch.Tensor
+    covered: np.ndarray | torch.Tensor
     contribution: np.ndarray
     seen_fraction: np.ndarray
     gains: np.ndarray
@@ -82,16 +83,27 @@ class CompletedTexture:
 
 def completed(texture: np.ndarray, fused: FusedTexture, mirror_symmetric: bool) -> CompletedTexture:
     """The completed fused texture (`Baker.complete` of `fused`) with its seen and mirrored shares."""
-    known = fused.texel_weight > 0
-    count = max(int(fused.covered.sum()), 1)
-    return CompletedTexture(texture, float((known & fused.covered).sum()) / count,
-                            mirrored_fraction(fused.texel_weight, fused.covered, mirror_symmetric))
+    weight = torch.as_tensor(fused.texel_weight)
+    inside = torch.as_tensor(fused.covered, device=weight.device)
+    seen = float(((weight > 0) & inside).sum()) / max(int(inside.sum()), 1)
+    return CompletedTexture(texture, seen, mirrored_fraction(weight, inside, mirror_symmetric))
 
 
-def _sampled(observations: Sequence[Observation]) -> list[Observation]:
-    """Every photo's arrays on a APPEARANCE_TEXELS² grid (means and medians: a sample will do)."""
+def _on_host(array: np.ndarray | torch.Tensor) -> np.ndarray:
+    return array.cpu().numpy() if isinstance(array, torch.Tensor) else array
+
+
+class _Sample(NamedTuple):
+    observed: np.ndarray          # (s, s, 3) float32
+    texel_weight: np.ndarray      # (s, s) float32
+
+
+def _sampled(observations: Sequence[Observation]) -> list[_Sample]:
+    """Every photo's arrays on a APPEARANCE_TEXELS² grid, as numpy arrays (means and medians: a
+    sample will do)."""
     step = max(1, observations[0].texel_weight.shape[0] // APPEARANCE_TEXELS)
-    return [Observation(o.observed[::step, ::step], o.texel_weight[::step, ::step]) for o in observations]
+    return [_Sample(np.ascontiguousarray(_on_host(o.observed[::step, ::step])),
+                    np.ascontiguousarray(_on_host(o.texel_weight[::step, ::step]))) for o in observations]
 
 
 def colour_gains(observations: Sequence[Observation], reference: int) -> np.ndarray:
@@ -130,37 +142,37 @@ def colour_gains(observations: Sequence[Observation], reference: int) -> np.ndar
     return gains
 
 
+@torch.inference_mode()
 def fuse_observations(observations: Sequence[Observation], covered: np.ndarray, reference: int = 0
                       ) -> FusedTexture:
     """Several photos' Observations of one UV layout -> one (see the module's docstring); colours
-    are equalised to photo `reference`'s (the photo the head is posed as)."""
+    are equalised to photo `reference`'s (the photo the head is posed as). The arrays are fused
+    with torch where they are (numpy arrays on the CPU, the GPU baker's tensors on its device);
+    the fused arrays are of the observations' kind. covered: (S, S) bool, numpy or tensor."""
     gains = colour_gains(observations, reference)
-    weights = [o.texel_weight for o in observations]
-    best = np.maximum.reduce(weights)
-    seen = best > 0
-    blend = [_sharpened(w) * seen_border(w, FEATHER_FRACTION) for w in weights]
-    total = np.add.reduce(blend)
+    weights = torch.stack([torch.as_tensor(o.texel_weight) for o in observations])          # (P, S, S)
+    device = weights.device
+    seen = weights.amax(0) > 0
+    sharp = _sharpened(weights)
+    blend = sharp * seen_border_torch(weights, FEATHER_FRACTION)
     # A texel seen only at the ramped border of every photo that saw it keeps their plain weights.
-    fallback = seen & (total <= 1e-12)
-    if fallback.any():
-        for b, w in zip(blend, weights):
-            b[fallback] = _sharpened(w[fallback])
-        total = np.add.reduce(blend)
-    inverse = 1.0 / np.maximum(total, 1e-30)
-    size = weights[0].shape[0]
-    colour = np.zeros((size, size, 3), np.float32)
-    seen_count = max(int(seen.sum()), 1)
-    contribution = []
-    for b, obs, gain in zip(blend, observations, gains):
-        share = b * inverse                                   # 0 where this photo did not see the texel
-        contribution.append(float(share.sum()) / seen_count)
-        colour += obs.observed * cv2.merge([share * gain[0], share * gain[1], share * gain[2]])
-    covered_count = max(int(covered.sum()), 1)
-    seen_fraction = np.array([float((w[covered] > 0).sum()) / covered_count for w in weights])
-    return FusedTexture(colour, best.astype(np.float32), covered, np.array(contribution), seen_fraction, gains)
+    blend = torch.where(seen & (blend.sum(0) <= 1e-12), sharp, blend)
+    share = blend / blend.sum(0).clamp_min(1e-30)               # 0 where a photo did not see the texel
+    del sharp, blend
+    gain = torch.as_tensor(gains, device=device)
+    colour = torch.zeros_like(torch.as_tensor(observations[0].observed))
+    for k, observation in enumerate(observations):
+        colour += torch.as_tensor(observation.observed) * (share[k, ..., None] * gain[k])
+    inside = torch.as_tensor(covered, device=device)
+    contribution = share.sum((1, 2), dtype=torch.float64) / seen.sum().clamp_min(1)
+    seen_fraction = ((weights > 0) & inside).sum((1, 2), dtype=torch.float64) / inside.sum().clamp_min(1)
+    best = weights.amax(0)
+    on_host = isinstance(observations[0].texel_weight, np.ndarray)
+    return FusedTexture(colour.numpy() if on_host else colour, best.numpy() if on_host else best, covered,
+                        contribution.cpu().numpy(), seen_fraction.cpu().numpy(), gains)
 
 
-def _sharpened(weight: np.ndarray) -> np.ndarray:
+def _sharpened(weight: torch.Tensor) -> torch.Tensor:
     """weight ** SHARPNESS (SHARPNESS = 4: two squarings, ~10x faster than a float power)."""
     if SHARPNESS == 4.0:
         squared = weight * weight
@@ -168,22 +180,25 @@ def _sharpened(weight: np.ndarray) -> np.ndarray:
     return weight ** SHARPNESS
 
 
-def _chroma(colours: np.ndarray) -> np.ndarray:
-    """(N, 3) sRGB levels -> (3,) median log ratio of each channel to the texel's mean (brightness
-    and exposure cancel; the skin's hue and saturation stay)."""
-    colours = np.maximum(colours, 1.0)
-    return np.median(np.log(colours / colours.mean(1, keepdims=True)), axis=0)
+def _log_chroma(levels: np.ndarray) -> np.ndarray:
+    """(..., 3) sRGB levels -> (..., 3) log ratio of each channel to the texel's mean (brightness
+    and exposure cancel; the skin's hue and saturation stay): a photo's skin chroma is its median."""
+    levels = np.maximum(levels, 1.0)
+    red, green, blue = np.moveaxis(levels, -1, 0)     # numpy reduces a 3-long last axis slowly
+    return np.log(levels / ((red + green + blue) / 3.0)[..., None])
 
 
 def _usable(levels: np.ndarray, texel_weight: np.ndarray) -> np.ndarray:
     """(S, S) texels whose colour says something about the skin: seen at least EQUALISE_MIN_WEIGHT,
     neither clipped (a channel at CLIPPED_LEVEL or more: highlights) nor in deep shadow.
     levels: (S, S, 3) sRGB levels 0..255."""
-    return (texel_weight >= EQUALISE_MIN_WEIGHT) & (levels.max(-1) < CLIPPED_LEVEL) & (levels.min(-1) > SHADOW_LEVEL)
+    red, green, blue = np.moveaxis(levels, -1, 0)     # numpy reduces a 3-long last axis slowly
+    brightest, darkest = np.maximum(np.maximum(red, green), blue), np.minimum(np.minimum(red, green), blue)
+    return (texel_weight >= EQUALISE_MIN_WEIGHT) & (brightest < CLIPPED_LEVEL) & (darkest > SHADOW_LEVEL)
 
 
 def appearance_mismatch(observations: Sequence[Observation]) -> np.ndarray:
-    """(P,) per photo: the skin chroma distance (sum over channels of |difference of `_chroma`|,
+    """(P,) per photo: the skin chroma distance (sum over channels of |difference of the medians of `_log_chroma`|,
     sRGB levels, over the texels both photos saw at least EQUALISE_MIN_WEIGHT) to the photo it
     resembles most, over APPEARANCE_LIMIT. A photo of another person is far from every other photo;
     NaN where a photo shares too few texels with any other."""
@@ -191,12 +206,13 @@ def appearance_mismatch(observations: Sequence[Observation]) -> np.ndarray:
     sampled = _sampled(observations)
     levels = [255.0 * linear_to_srgb(np.clip(o.observed, 0.0, 1.0)) for o in sampled]
     usable = [_usable(c, o.texel_weight) for c, o in zip(levels, sampled)]
+    chroma = [_log_chroma(c) for c in levels]
     distance = np.full((count, count), np.nan)
     for a in range(count):
         for b in range(a + 1, count):
             both = usable[a] & usable[b]
             if both.sum() >= 64:
-                difference = _chroma(levels[a][both]) - _chroma(levels[b][both])
+                difference = np.median(chroma[a][both], 0) - np.median(chroma[b][both], 0)
                 distance[a, b] = distance[b, a] = float(np.abs(difference).sum())
     with np.errstate(all="ignore"):
         nearest = np.array([np.nanmin(row) if np.isfinite(row).any() else np.nan for row in distance])
