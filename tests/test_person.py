@@ -204,11 +204,16 @@ def person_photos() -> list[PersonPhoto]:
 
 
 def test_run_person_makes_one_head_leaves_out_another_person_and_lists_every_photo(reconstructor, person_photos):
-    stages = []
-    result = reconstructor.run_person(person_photos, QUICK, lambda s, f, p: stages.append((s, p)))
+    stages, fractions = [], []
+    result = reconstructor.run_person(person_photos, QUICK,
+                                      lambda s, f, p: (stages.append((s, p)), fractions.append(f)))
     assert result.kept == [0, 1] and "skin colour" in result.fit.left_out[2]
-    assert stages[:3] == [("decode", 0), ("detect", 0), ("landmarks", 0)]
-    assert ("landmarks", 2) in stages and ("bake", 1) in stages and stages[-1] == ("export", None)
+    # The photos are located in parallel: each photo's own stages in order, the fractions never back
+    # (until the other person is left out and the rest fitted again).
+    for k in range(3):
+        assert [s for s, p in stages if p == k][:3] == ["decode", "detect", "landmarks"], stages
+    assert stages.index(("fit", None)) == 9 and fractions[:10] == sorted(fractions[:10])
+    assert ("bake", 1) in stages and stages[-1] == ("export", None)
     names = sorted(f.name for f in result.files)
     assert names == ["me.json", "me.mtl", "me.obj", "me.png"]
     facts = json.loads(next(f.data for f in result.files if f.name == "me.json"))

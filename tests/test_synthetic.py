@@ -201,8 +201,8 @@ def test_mediapipe_finds_the_face_in_a_frontal_fast_render(ict_model, reconstruc
     from backend_server.pipeline.decode import decode_photo
     from backend_server.pipeline.detect import select_faces
     photo = decode_photo(buffer.getvalue(), "synthetic.png")
-    [(_, box)] = select_faces(reconstructor.detector(photo.rgb), 0, "synthetic.png")
-    marks = reconstructor.landmarker(photo.rgb, box, "synthetic.png")[:468, :2]
+    [(_, box)] = select_faces(reconstructor.locator.detector(photo.rgb), 0, "synthetic.png")
+    marks = reconstructor.locator.landmarker(photo.rgb, box, "synthetic.png")[:468, :2]
     view = sample.views[0]
     c = ict_model.mediapipe
     truth = view.camera.project(np.einsum("nk,nkc->nc", c.bary, scene.in_view(view)[c.corners]))
