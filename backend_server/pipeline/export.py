@@ -27,7 +27,6 @@ import json
 import re
 from array import array
 from dataclasses import dataclass
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
@@ -219,45 +218,42 @@ def face_files(name: str, mesh: HeadMesh, texture: np.ndarray, outputs: Sequence
     looks = part_looks(name, layout, texture, part_textures)
     materials = [look.material for look in looks]
     blocks = [(material, faces) for material, faces in zip(materials, text.part_faces) if faces]
+    pngs: dict[str, bytes] = {}
 
     def obj(vertices: np.ndarray) -> bytes:
         return obj_bytes(vertices, vertex_normals(vertices, layout.triangles), text.uv_block, blocks,
                          f"{name}.mtl", name)
 
-    def encoded() -> dict[str, bytes]:         # each used image encoded once, for every format
+    def images() -> dict[str, bytes]:          # each used image encoded once, for every format
         used = {look.image for look in looks if look.image is not None} | {FACE_TEXTURE}
-        return {key: png_bytes(pixels) for key, pixels in face_images(texture, part_textures).items() if key in used}
+        for key, pixels in face_images(texture, part_textures).items():
+            if key in used and key not in pngs:
+                pngs[key] = png_bytes(pixels)
+        return pngs
 
-    # The PNGs are encoded in a thread (fpng lets go of the GIL) while the OBJ text is formatted here.
-    with ThreadPoolExecutor(1, thread_name_prefix="png") as pool:
-        encoding = pool.submit(encoded) if {"png", "usdc", "glb"} & set(outputs) else None
-
-        def images() -> dict[str, bytes]:
-            return encoding.result() if encoding is not None else {}
-
-        files = []
-        if "obj" in outputs:
-            files.append(ResultFile(f"{name}.obj", "obj", obj(mesh.posed)))
-        if "neutral_obj" in outputs and mesh.neutral is not None:
-            files.append(ResultFile(f"{name}{NEUTRAL_SUFFIX}", "neutral_obj", obj(mesh.neutral)))
-        if "mtl" in outputs:
-            files.append(ResultFile(f"{name}.mtl", "mtl", mtl_bytes([
-                (look.material, image_file(name, look.image) if look.image else None, look.colour) for look in looks])))
-        if "png" in outputs or "usdc" in outputs:
-            files += [ResultFile(image_file(name, key), "png", data) for key, data in images().items()]
-        if "shape_keys" in outputs and text.shape_keys:
-            keys = [ShapeKey(key_name, float(value), array("I", ids), array("f", offsets))
-                    for (key_name, ids, offsets), value in zip(text.shape_keys, mesh.expression)]
-            vertex_count = len(mesh.posed)
-            files.append(ResultFile(f"{name}{SHAPE_KEYS_SUFFIX}", "shape_keys", encode_shape_keys(vertex_count, keys)))
-        if "glb" in outputs:
-            from .export_gltf import glb_bytes
-            files.append(ResultFile(f"{name}.glb", "glb", glb_bytes(name, mesh, looks, images())))
-        if "usdc" in outputs:
-            from .export_usd import usdc_bytes
-            files.append(ResultFile(f"{name}.usdc", "usdc", usdc_bytes(
-                name, mesh, looks, {key: image_file(name, key) for key in images()})))
-        return files
+    files = []
+    if "obj" in outputs:
+        files.append(ResultFile(f"{name}.obj", "obj", obj(mesh.posed)))
+    if "neutral_obj" in outputs and mesh.neutral is not None:
+        files.append(ResultFile(f"{name}{NEUTRAL_SUFFIX}", "neutral_obj", obj(mesh.neutral)))
+    if "mtl" in outputs:
+        files.append(ResultFile(f"{name}.mtl", "mtl", mtl_bytes([
+            (look.material, image_file(name, look.image) if look.image else None, look.colour) for look in looks])))
+    if "png" in outputs or "usdc" in outputs:
+        files += [ResultFile(image_file(name, key), "png", data) for key, data in images().items()]
+    if "shape_keys" in outputs and text.shape_keys:
+        keys = [ShapeKey(key_name, float(value), array("I", ids), array("f", offsets))
+                for (key_name, ids, offsets), value in zip(text.shape_keys, mesh.expression)]
+        vertex_count = len(mesh.posed)
+        files.append(ResultFile(f"{name}{SHAPE_KEYS_SUFFIX}", "shape_keys", encode_shape_keys(vertex_count, keys)))
+    if "glb" in outputs:
+        from .export_gltf import glb_bytes
+        files.append(ResultFile(f"{name}.glb", "glb", glb_bytes(name, mesh, looks, images())))
+    if "usdc" in outputs:
+        from .export_usd import usdc_bytes
+        files.append(ResultFile(f"{name}.usdc", "usdc", usdc_bytes(
+            name, mesh, looks, {key: image_file(name, key) for key in images()})))
+    return files
 
 
 def face_facts(photo: PhotoInfo, face: LocatedFace, fit: FaceFit, model: FaceModel, mesh: HeadMesh, bake: Bake,
