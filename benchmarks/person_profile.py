@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--texture-size", type=int, default=2048)
     parser.add_argument("--photos", type=Path, nargs="+", required=True)
     parser.add_argument("--fit-device", help="the person fit's device (default: the pipeline's choice)")
+    parser.add_argument("--profile-export", action="store_true", help="cProfile the last request's export")
     args = parser.parse_args()
     import torch
     from backend_server.pipeline import reconstruct as R
@@ -66,6 +67,8 @@ def main() -> None:
         if run == 1:
             timings.clear()
             totals.clear()
+        if args.profile_export and run == args.runs:
+            profile_export(R)
         sync()
         start = time.perf_counter()
         out = reconstructor.run_person(photos, options)
@@ -78,6 +81,20 @@ def main() -> None:
         per_run = sum(values) / args.runs
         print(f"  {label:20s} {per_run:8.1f} ms a request ({len(values) // args.runs} calls, median call "
               f"{statistics.median(values):.1f} ms)")
+
+
+def profile_export(R) -> None:
+    """Wrap R.export_person to print its cProfile (cumulative, top 25) when next called."""
+    import cProfile
+    import pstats
+    original = R.export_person
+
+    def profiled(*a, **k):
+        profile = cProfile.Profile()
+        out = profile.runcall(original, *a, **k)
+        pstats.Stats(profile).sort_stats("cumulative").print_stats(25)
+        return out
+    R.export_person = profiled
 
 
 if __name__ == "__main__":
