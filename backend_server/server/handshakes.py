@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+from collections import deque
 import socket as stdlib_socket
 import time
 
@@ -54,7 +55,9 @@ class RefusalLog:
         self.monitor = socket.get_monitor_socket(EVENTS)
         self._refused_keys: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
         self._peers: dict[int, str | None] = {}           # fd -> address, for open connections
-        self._failed: str | None = None                   # a failure waiting for its DISCONNECTED event
+        # Failures waiting for their DISCONNECTED events, oldest first: two connections' events can
+        # interleave (a failure carries no fd), and a single slot lost the first one's line.
+        self._failed: deque[str] = deque()
         self._window_start = time.monotonic()
         self._lines = 0
         self._suppressed = 0
@@ -79,12 +82,11 @@ class RefusalLog:
                 self._peers[value] = _peer_of(value)
             elif kind == zmq.EVENT_DISCONNECTED:
                 peer = self._peers.pop(value, None)
-                if self._failed is not None:
+                if self._failed:
                     self._warn(f"refused a connection from {peer or 'an unknown address (closed before it was read)'}"
-                               f": {self._failed}")
-                    self._failed = None
+                               f": {self._failed.popleft()}")
             else:                                          # a failed handshake; its DISCONNECTED follows
-                self._failed = _describe(kind, value)
+                self._failed.append(_describe(kind, value))
 
     def close(self) -> None:
         self.drain()
