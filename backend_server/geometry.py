@@ -102,8 +102,8 @@ def vertex_normals(vertices: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     a, b, c = (vertices[triangles[:, k]] for k in range(3))
     face = np.cross(b - a, c - a)
     corners = triangles.T.ravel()                  # every triangle's first corners, then second, third
-    normals = np.stack([np.bincount(corners, np.tile(face[:, j], 3), len(vertices)) for j in range(3)], 1)
-    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-12)
+    summed = np.stack([np.bincount(corners, np.tile(face[:, j], 3), len(vertices)) for j in range(3)], 1)
+    normals = summed / np.maximum(np.linalg.norm(summed, axis=1, keepdims=True), 1e-12)
     return normals.astype(vertices.dtype, copy=False)      # summed in float64 (np.add.at: 2x slower)
 
 
