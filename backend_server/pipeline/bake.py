@@ -247,13 +247,6 @@ class Observation:
     texel_weight: np.ndarray | torch.Tensor
     lighting: Lighting = field(default_factory=Lighting.flat)
 
-    @classmethod
-    def of(cls, bake: Bake) -> Observation:
-        """A bake's kept observation (ValueError if the baker was not asked to keep it)."""
-        if bake.observed is None or bake.texel_weight is None:
-            raise ValueError("the bake kept no observation: bake with keep_observation=True")
-        return cls(bake.observed, bake.texel_weight, bake.lighting)
-
 
 def observe_photo(photo_rgb: np.ndarray, vertices: np.ndarray, topology: MeshTopology, camera: Camera, size: int,
                   skin: np.ndarray | None = None, delit: bool = True) -> Observation:
