@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import shared_photo
@@ -180,12 +181,6 @@ def test_fusion_equalises_colours_blends_the_best_view_and_mirrors_only_what_nob
     assert odd_photo_out(mismatch) == 2 and odd_photo_out(mismatch[[0, 1]]) is None
 
 
-def test_a_bake_that_kept_no_observation_cannot_be_fused():
-    from backend_server.pipeline.bake import Bake, Observation
-    with pytest.raises(ValueError, match="keep_observation"):
-        Observation.of(Bake(np.zeros((4, 4, 3), np.uint8), 0.5, 0.0))
-
-
 def png_bytes(rgb: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rgb).save(buffer, format="PNG")
@@ -315,6 +310,25 @@ def test_run_person_errors_name_the_photo_and_no_face_anywhere_is_no_usable_phot
     assert facts["person"]["reference_photo"] == 1 and facts["photo"]["name"] == "me.jpg"
 
 
+def test_a_person_cancelled_while_its_photos_are_located_stops_and_the_next_request_runs(reconstructor,
+                                                                                         grace_hopper_bytes):
+    """The photos are located in threads; a cancel (the progress callback raising, as a worker's
+    does) stops the job there, and the Locators are free for the next request."""
+    photos = [PersonPhoto(f"grace{k}.jpg", grace_hopper_bytes) for k in range(3)]
+    stages = []
+
+    def cancel_at_detect(stage, fraction, photo):
+        stages.append(stage)
+        if stage == "detect":
+            raise ProtocolError(ErrorCode.CANCELLED, "cancelled before stage 'detect'")
+
+    with pytest.raises(ProtocolError) as info:
+        reconstructor.run_person(photos, QUICK, cancel_at_detect)
+    assert info.value.code == ErrorCode.CANCELLED and "fit" not in stages and "bake" not in stages
+    result = reconstructor.run_person(photos, QUICK)
+    assert result.kept == [0, 1, 2]
+
+
 def test_cli_person_and_people(tmp_path, person_photos):
     from backend_server.cli.facerecon import main
     for k, photo in enumerate(person_photos[:2]):
@@ -334,33 +348,54 @@ def test_cli_person_and_people(tmp_path, person_photos):
     assert main(["reconstruct", "--person", *files, "--face", "all", "-o", str(tmp_path / "x"), *args]) == 2
 
 
-CUDA = __import__("torch").cuda.is_available()
+CUDA = torch.cuda.is_available()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the lent GPU machine)")
 def test_joint_fit_and_person_bake_on_the_gpu_match_the_cpu(ict_model, person_photos):
     from backend_server.models import registry
-    from backend_server.pipeline.reconstruct import Reconstructor
     face = registry.face_model("ict-facekit")
     marks, cameras = views_of(ict_model, np.random.default_rng(1).normal(0, 1, len(ict_model.identity_basis)),
                               (0, 55, -55))
     on_cpu, on_gpu = face.fit_person(marks, cameras, "cpu"), face.fit_person(marks, cameras, "cuda:0")
     assert on_gpu.kept == on_cpu.kept
     assert np.abs(on_gpu.fits[0].identity - on_cpu.fits[0].identity).max() < 0.05
+    assert_person_bake_on_the_gpu_matches_the_cpu(person_photos, [0, 1])
+
+
+def assert_person_bake_on_the_gpu_matches_the_cpu(photos: list[PersonPhoto], kept: list[int]) -> None:
+    """The GPU worker's person bake (each observation left on the GPU, fused there with torch,
+    completed there) against the CPU's, from the same fits: the GPU worker's joint fit, on its
+    device, is held to the CPU's above, here it runs on the CPU too so only the bake differs."""
+    from backend_server.pipeline.reconstruct import Reconstructor
     gpu, cpu = Reconstructor("cuda:0"), Reconstructor("cpu")
+    gpu.person_fit_device = "cpu"
     for lit in (False, True):
         options = ReconstructOptions(texture_size=512, subdivision=0, lit_texture=lit)
-        ours, theirs = gpu.run_person(person_photos, options), cpu.run_person(person_photos, options)
-        assert ours.kept == theirs.kept == [0, 1] and ours.completed.texture.shape == (512, 512, 3)
+        ours, theirs = gpu.run_person(photos, options), cpu.run_person(photos, options)
+        assert ours.kept == theirs.kept == kept and ours.completed.texture.shape == (512, 512, 3)
+        assert isinstance(ours.fused.observed, torch.Tensor) and ours.fused.observed.is_cuda
         assert np.abs(ours.fused.gains - theirs.fused.gains).max() < 0.02
         for mine, its in zip(ours.lightings, theirs.lightings):
             assert np.abs(mine.sh - its.sh).max() < 0.02 * np.abs(its.sh).max()
+        assert np.abs(ours.fused.contribution - theirs.fused.contribution).max() < 0.01
         # the GPU baker's completion of the fused arrays (complete_texture_gpu), as its bakes compare
         difference = np.abs(ours.completed.texture.astype(int) - theirs.completed.texture.astype(int))
         assert difference.mean() < 1.0 and np.percentile(difference, 99) <= 8, (difference.mean(),
                                                                                 np.percentile(difference, 99))
         assert ours.completed.seen_fraction == pytest.approx(theirs.completed.seen_fraction, abs=0.01)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the lent GPU machine)")
+def test_person_bake_on_the_gpu_matches_the_cpu_on_a_photo_matplotlib_ships(grace_hopper_bytes):
+    """The same as above without ../shared (the GPU machine has none): the photo and a mirrored,
+    darker copy of it."""
+    me = np.asarray(Image.open(io.BytesIO(grace_hopper_bytes)).convert("RGB"))
+    darker = (me[:, ::-1].astype(np.float32) * 0.85).astype(np.uint8)
+    assert_person_bake_on_the_gpu_matches_the_cpu(
+        [PersonPhoto("grace.jpg", grace_hopper_bytes), PersonPhoto("grace_mirrored.png", png_bytes(darker))], [0, 1])
 
 
 @pytest.mark.gpu
