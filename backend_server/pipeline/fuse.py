@@ -19,7 +19,7 @@ Texture frame: that of bake.py (row 0 at the top; UV origin bottom-left).
    (lighting.py), the face's colour does not change);
 2. blended: each photo's weight sharpened (w ** SHARPNESS, so a photo that saw a texel better
    dominates it) and ramped to 0 toward the border of what that photo saw
-   (`complete.seen_border`, over the side / FEATHER_FRACTION: no photo's edge shows as a seam),
+   (`complete.seen_border_torch`, over the side / FEATHER_FRACTION: no photo's edge shows as a seam),
    then the weighted mean of the equalised colours;
 3. the fused weight: the best photo's texel_weight (0 where no photo saw the texel).
 The completion is then the single photo's (`complete.complete_texture`, or its GPU twin, through

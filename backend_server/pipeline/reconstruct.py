@@ -293,11 +293,10 @@ class Reconstructor:
         reasons: dict[int, str] = {}
         for k, (item, outcome) in enumerate(zip(photos, self._locate_all(photos, options, clock, on_stage))):
             if isinstance(outcome, ProtocolError):
-                exc = outcome
-                if exc.code not in LEFT_OUT_CODES:
-                    raise ProtocolError(exc.code, f"photo {k + 1} of {count} ({item.name}): {exc.message}",
+                if outcome.code not in LEFT_OUT_CODES:
+                    raise ProtocolError(outcome.code, f"photo {k + 1} of {count} ({item.name}): {outcome.message}",
                                         item.name) from None
-                reasons[k] = exc.message
+                reasons[k] = outcome.message
                 located.append(None)
                 cameras.append(Camera.for_photo(64, 64))          # unused: the photo has no face
                 infos.append(PhotoInfo(item.name, (0, 0), (0, 0), 1.0))

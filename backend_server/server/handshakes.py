@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import queue
-from collections import deque
 import socket as stdlib_socket
 import time
+from collections import deque
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
