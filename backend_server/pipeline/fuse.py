@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from ..render.shade import linear_to_srgb
-from .bake import Observation
+from .bake import Observation, channel_max, channel_min
 from .complete import mirrored_fraction, seen_border_torch
 
 SHARPNESS = 4.0                 # blend weight = texel_weight ** SHARPNESS
@@ -192,9 +192,8 @@ def _usable(levels: np.ndarray, texel_weight: np.ndarray) -> np.ndarray:
     """(S, S) texels whose colour says something about the skin: seen at least EQUALISE_MIN_WEIGHT,
     neither clipped (a channel at CLIPPED_LEVEL or more: highlights) nor in deep shadow.
     levels: (S, S, 3) sRGB levels 0..255."""
-    red, green, blue = np.moveaxis(levels, -1, 0)     # numpy reduces a 3-long last axis slowly
-    brightest, darkest = np.maximum(np.maximum(red, green), blue), np.minimum(np.minimum(red, green), blue)
-    return (texel_weight >= EQUALISE_MIN_WEIGHT) & (brightest < CLIPPED_LEVEL) & (darkest > SHADOW_LEVEL)
+    return ((texel_weight >= EQUALISE_MIN_WEIGHT) & (channel_max(levels) < CLIPPED_LEVEL)
+            & (channel_min(levels) > SHADOW_LEVEL))
 
 
 def appearance_mismatch(observations: Sequence[Observation]) -> np.ndarray:
