@@ -53,11 +53,15 @@ def upsampled(coarse: np.ndarray, size: int) -> np.ndarray:
     return cv2.resize(coarse, (size, size), interpolation=cv2.INTER_LINEAR).reshape(size, size, 3)
 
 
+def border_kernel(size: int, fraction: int) -> int:
+    """The odd box-filter side of `seen_border` (and its torch twin) for a side of `size` texels."""
+    return 2 * max(1, size // fraction // 2) + 1
+
+
 def seen_border(weight: np.ndarray, fraction: int = FEATHER_FRACTION) -> np.ndarray:
     """(S, S) float32: 1 inside the seen texels (weight > 0), falling to 0 over about the side /
     `fraction` / 2 texels toward their border (a box filter of the side / `fraction`), 0 outside."""
-    size = weight.shape[0]
-    kernel = 2 * max(1, size // fraction // 2) + 1
+    kernel = border_kernel(weight.shape[0], fraction)
     inside: np.ndarray = cv2.blur((weight > 0).astype(np.float32), (kernel, kernel),
                                   borderType=cv2.BORDER_REFLECT_101)
     return np.clip(2 * inside - 1, 0, 1)
@@ -69,8 +73,7 @@ def seen_border_torch(weight: torch.Tensor, fraction: int = FEATHER_FRACTION) ->
     the same box filter (BORDER_REFLECT_101) as a row pass and a column pass."""
     if weight.device.type == "cpu":
         return torch.from_numpy(np.stack([seen_border(w, fraction) for w in weight.numpy()]))
-    size = weight.shape[-1]
-    kernel = 2 * max(1, size // fraction // 2) + 1
+    kernel = border_kernel(weight.shape[-1], fraction)
     radius = kernel // 2
     seen = (weight > 0).float()[:, None]
     rows = F.avg_pool2d(F.pad(seen, (radius, radius, 0, 0), mode="reflect"), (1, kernel), stride=1)

@@ -152,7 +152,8 @@ def fuse_observations(observations: Sequence[Observation], covered: np.ndarray, 
     gains = colour_gains(observations, reference)
     weights = torch.stack([torch.as_tensor(o.texel_weight) for o in observations])          # (P, S, S)
     device = weights.device
-    seen = weights.amax(0) > 0
+    best = weights.amax(0)
+    seen = best > 0
     sharp = _sharpened(weights)
     blend = sharp * seen_border_torch(weights, FEATHER_FRACTION)
     # A texel seen only at the ramped border of every photo that saw it keeps their plain weights.
@@ -166,7 +167,6 @@ def fuse_observations(observations: Sequence[Observation], covered: np.ndarray, 
     inside = torch.as_tensor(covered, device=device)
     contribution = share.sum((1, 2), dtype=torch.float64) / seen.sum().clamp_min(1)
     seen_fraction = ((weights > 0) & inside).sum((1, 2), dtype=torch.float64) / inside.sum().clamp_min(1)
-    best = weights.amax(0)
     on_host = isinstance(observations[0].texel_weight, np.ndarray)
     return FusedTexture(colour.numpy() if on_host else colour, best.numpy() if on_host else best, covered,
                         contribution.cpu().numpy(), seen_fraction.cpu().numpy(), gains)
