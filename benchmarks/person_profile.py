@@ -1,5 +1,6 @@
 """Where a three-photo request's time goes, in process (no ZeroMQ): each pipeline call of
-`Reconstructor.run_person` timed with a device synchronisation around it.
+`Reconstructor.run_person` timed with a device synchronisation around it (`Locator.locate` runs
+in a thread per photo: its row sums the threads' times, more than the wall time they took).
 
     .venv/bin/python benchmarks/person_profile.py --device cuda:0 --model ict-facekit --photos A B C
 """
@@ -59,7 +60,7 @@ def main() -> None:
     for owner, name in [(R, "fuse_observations"), (R, "appearance_mismatch"), (R, "completed"),
                         (R, "export_person"), (R, "covered_texels"), (type(model), "fit_person"),
                         (type(model), "texture_vertices"), (type(reconstructor.baker), "observe"),
-                        (type(reconstructor.baker), "complete"), (R.Reconstructor, "locate")]:
+                        (type(reconstructor.baker), "complete"), (R.Locator, "locate")]:
         timed(owner, name, name)
     photos = [PersonPhoto(p.name, p.read_bytes()) for p in args.photos]
     totals = []
