@@ -314,7 +314,9 @@ def texture(recon: Reconstruction, truth: HeadTruth, k: int) -> dict:
             "seam_truth": seam_ratio(reference, recon.texel_seen, valid),
             "flat_psnr_seen": psnr(flat, reference, seen), "flat_psnr_filled": psnr(flat, reference, filled),
             "gain_flat_psnr_seen": psnr(gained_flat, reference, seen),
-            "seen_fraction": float(seen.sum() / max(valid.sum(), 1))}
+            "seen_fraction": float(seen.sum() / max(valid.sum(), 1)),
+            **({} if recon.texel_used is None else
+               {"used_fraction": float((recon.texel_used & valid).sum() / max(valid.sum(), 1))})}
 
 
 def novel_view(recon: Reconstruction, truth: HeadTruth, source: int, target: int, device: str = "cpu") -> dict:

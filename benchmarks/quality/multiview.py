@@ -6,7 +6,9 @@ often a photo of another person among three is left out.
 Records (one per head, model and method; `method` is "<model> 3 photos", "<model> front photo" or
 "<model> mean face"): the geometry of `metrics.geometry` for the front view (vertex errors over
 the face area; ICT-FaceKit only, which shares the truth's topology; the 468 points for every
-model), the texture of `metrics.texture` (seen share of the face area, PSNR on the seen texels),
+model), the texture of `metrics.texture` (seen share of the face area: texels a used photo sees, in view,
+facing it and not hidden, the same rule for one photo and for three; used share: texels whose
+colour the bake took from a photo, skin not clipped nor in deep shadow; PSNR on the seen texels),
 and `psnr_face`: PSNR of the whole face area (seen and filled texels) against the truth albedo.
 Outlier records (`kind` "outlier"): three photos, the first two of head i (front, +60°), the
 third another head's -60° view; `flagged`: that photo, and only it, was left out.
@@ -70,6 +72,8 @@ def run(folders: list[Path], models: list[str], texture_size: int = 512, tries: 
             base = {"head": folder.name, "model": name, "kind": "person", "ok": True}
             model = morphable.get(name)
             single, _ = pipeline.reconstruct(*photos[0], name, texture_size)
+            alone, _ = pipeline.reconstruct_person(photos[:1], name, texture_size)   # its used texels, as fused
+            single.texel_used = None if alone is None else alone.texel_used
             records.append({**base, "method": f"{name} front photo", **measured(single, truth, views[0], model, True)})
             mean_face = baselines(single, model)[0]
             records.append({**base, "method": f"{name} mean face", **measured(mean_face, truth, views[0], model,
@@ -126,8 +130,8 @@ def table(records: list[dict], models: list[str]) -> str:
         return "–" if not np.isfinite(value) else f"{value:.{digits}f}"
 
     lines = ["| method | heads | vertex rigid (face area) | 468-pt rigid | surface | neutral vertex | neutral 468-pt "
-             "| seen share of face | UV PSNR seen | UV PSNR face area | s per request |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| seen share of face | used share of face | UV PSNR seen | UV PSNR face area | s per request |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in models:
         for suffix in ("3 photos", "front photo", "mean face"):
             method = f"{name} {suffix}"
@@ -136,7 +140,8 @@ def table(records: list[dict], models: list[str]) -> str:
                 continue
             ok = sum(1 for r in rows if r.get("ok"))
             values = [("vertex_rigid", 2), ("points_rigid", 2), ("surface", 2), ("neutral_vertex", 2),
-                      ("neutral_points", 2), ("seen_fraction", 3), ("psnr_seen", 2), ("psnr_face", 2), ("seconds", 2)]
+                      ("neutral_points", 2), ("seen_fraction", 3), ("used_fraction", 3), ("psnr_seen", 2),
+                      ("psnr_face", 2), ("seconds", 2)]
             lines.append(f"| {method} | {ok}/{len(rows)} | "
                          + " | ".join(cell(_mean(records, method, key), d) for key, d in values) + " |")
     outliers = ["", "| model | another person's photo among three: flagged (only it left out) |", "|---|---|"]

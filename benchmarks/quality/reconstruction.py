@@ -32,15 +32,18 @@ class Reconstruction:
     pose: head frame -> camera frame; camera: the photo's intrinsics;
     points468 (468, 3): MediaPipe's points on the reconstruction (camera frame), points468_valid (468,);
     face_region (n,): vertex ids of the model's face area;
-    texture (S, S, 3) uint8 sRGB in the model's UV layout; texel_seen (S, S) bool: texels sampled
-        from the photo; texel_covered (S, S) bool: texels inside the UV islands;
+    texture (S, S, 3) uint8 sRGB in the model's UV layout; texel_seen (S, S) bool: texels the
+        photo (any of the photos) sees: in view, facing it, not hidden (the bake's rule), whether or
+        not the bake then trusted their colour; texel_covered (S, S) bool: texels inside the UV islands;
     uv_triangles (T, 3) over texture vertices, uvs (R, 2) (origin bottom-left), uv_vertex (R,) the
         vertex of each texture vertex;
     identity, expression: coefficients (None for the built-in model);
     landmarks (478, 3): MediaPipe's landmarks in photo pixels; ibug68_px (68, 2): the iBUG-68 points
         of the reconstruction in photo pixels (NaN where the model has none);
     photo_vertices (V, 3) or None: camera-frame vertices that reproject as the method's own camera
-        does (eos: scaled orthographic), for re-rendering into the photo; None: `vertices`.
+        does (eos: scaled orthographic), for re-rendering into the photo; None: `vertices`;
+    texel_used (S, S) bool or None: texels whose colour came from a photo (the bake's weight above 0:
+        skin, not clipped, not in deep shadow); None where not known.
     """
 
     method: str
@@ -64,6 +67,7 @@ class Reconstruction:
     landmarks: np.ndarray
     ibug68_px: np.ndarray
     photo_vertices: np.ndarray | None = None
+    texel_used: np.ndarray | None = None
 
     @property
     def head_vertices(self) -> np.ndarray:
@@ -102,7 +106,8 @@ class Pipeline:
                            subdivision: int = 1) -> tuple[Reconstruction | None, object]:
         """Several photos of one person (`Reconstructor.run_person`): (the head as a Reconstruction
         of its reference photo, or None when that is not the first photo, and the
-        PersonReconstruction itself). Seen texels: those any used photo saw."""
+        PersonReconstruction itself). Seen texels: those any used photo sees, by the rule a single
+        photo's are (`_visible`); used texels: those the fusion took a colour for."""
         from shared_protocol import PersonPhoto, ReconstructOptions
         person = self.reconstructor.run_person([PersonPhoto(name, data) for data, name in photos], ReconstructOptions(
             model=model, texture_size=texture_size, outputs=("json",), subdivision=subdivision))
@@ -110,8 +115,14 @@ class Pipeline:
             return None, person
         face = person.located[0]
         assert face is not None
+        size = texture_size
+        kept = [person.fit.fits[k] for k in person.kept]
+        seen = np.zeros((size, size), bool)
+        for fit, vertices in zip(kept, person.model.texture_vertices(kept)):
+            seen |= self._visible(person.model, fit, vertices, size)
         recon = self._reconstruction(person.model, person.model.name, person.fit.fits[0], person.texture_vertices,
-                                     person.completed.texture, face.landmarks, person.fused.texel_weight > 0)
+                                     person.completed.texture, face.landmarks, seen)
+        recon.texel_used = np.asarray(person.fused.texel_weight) > 0
         return recon, person
 
     def _reconstruction(self, model_, name: str, fit, texture_vertices: np.ndarray,  # type: ignore[no-untyped-def]
@@ -139,13 +150,26 @@ class Pipeline:
             triangles = morphable.triangles
         size = texture.shape[0]
         if seen is None:
-            facing, tolerance = _bake_rule()
-            seen = visible_texels(topology.triangles, topology.uvs, vertices[uv_vertex], fit.camera, size, facing,
-                                  tolerance)
+            seen = self._visible(model_, fit, texture_vertices, size)
         return Reconstruction(
             name, name, vertices, triangles, neutral, fit.pose, fit.camera, np.asarray(points468),
             np.asarray(valid), face_region, texture, seen, texel_map(topology.triangles, topology.uvs, size).covered(),
             topology.triangles, topology.uvs, uv_vertex, identity, expression, landmarks, ibug68)
+
+    @staticmethod
+    def _visible(model_, fit, texture_vertices: np.ndarray, size: int) -> np.ndarray:  # type: ignore[no-untyped-def]
+        """(size, size) bool: the texels one fitted photo sees by the bake's facing and depth rule.
+        texture_vertices: (topology.vertex_count, 3) camera-frame metres (`FaceModel.texture_vertices`)."""
+        topology = model_.topology
+        mesh = model_.head_mesh(fit)
+        if mesh.neutral is None:                                   # the built-in mesh: its texture vertices
+            positions = np.asarray(texture_vertices)
+        else:
+            refine = topology.refine
+            uv_vertex = refine.cols if isinstance(refine, SparseRows) else np.arange(len(mesh.posed))
+            positions = fit.pose.apply(mesh.posed)[uv_vertex]
+        facing, tolerance = _bake_rule()
+        return visible_texels(topology.triangles, topology.uvs, positions, fit.camera, size, facing, tolerance)
 
     def write_result_files(self, photo: bytes, name: str, model: str, folder: Path, texture_size: int = 1024) -> Path:
         """Reconstruct and write every output file (obj, mtl, png, json, neutral, shape keys) into
