@@ -127,7 +127,9 @@ def main() -> None:
     folders = generate(args)
     if args.multiview:
         from benchmarks.quality import multiview
-        records = multiview.run(folders, args.models, args.texture_size, args.tries, results=args.results)
+        from benchmarks.quality.peer_eos import EosPeer
+        records = multiview.run(folders, args.models, args.texture_size, args.tries, results=args.results,
+                                peer=None if peer is None else EosPeer(peer))
         print(f"\n## Several photos of one person: {args.heads} heads, front + ±{multiview.SIDE_YAW_DEG}°, "
               f"texture {args.texture_size}²\n")
         print(multiview.table(records, args.models))

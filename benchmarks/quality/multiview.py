@@ -3,8 +3,8 @@ its three views front and ±60° together (`Reconstructor.run_person`; the set h
 ±60, ±90), and the model's mean face placed on the front fit, measured against the truth; and how
 often a photo of another person among three is left out.
 
-Records (one per head, model and method; `method` is "<model> 3 photos", "<model> front photo" or
-"<model> mean face"): the geometry of `metrics.geometry` for the front view (vertex errors over
+Records (one per head, model and method; `method` is "<model> 3 photos", "<model> front photo",
+"<model> mean face" or, with the peer, "eos (sfm) front photo": eos fits one photo): the geometry of `metrics.geometry` for the front view (vertex errors over
 the face area; ICT-FaceKit only, which shares the truth's topology; the 468 points for every
 model), the texture of `metrics.texture` (seen share of the face area: texels a used photo sees, in view,
 facing it and not hidden, the same rule for one photo and for three; used share: texels whose
@@ -27,10 +27,12 @@ from backend_server.synthetic.dataset import RenderedHead
 
 from . import metrics
 from .baselines import baselines
+from .peer_eos import EosPeer
 from .reconstruction import Pipeline
-from .synthetic_v2 import TRUTH_MODEL, photo_bytes
+from .synthetic_v2 import PEER, TRUTH_MODEL, photo_bytes
 
 SIDE_YAW_DEG = 60
+PEER_FRONT = f"{PEER} front photo"
 
 
 def view_at(head: RenderedHead, yaw_deg: float) -> int:
@@ -55,9 +57,11 @@ def measured(recon, truth: metrics.HeadTruth, k: int, model, with_texture: bool)
 
 
 def run(folders: list[Path], models: list[str], texture_size: int = 512, tries: int = 10,
-        log: Callable[[str], None] = print, results: Path | None = None) -> list[dict]:
+        log: Callable[[str], None] = print, results: Path | None = None, peer: EosPeer | None = None) -> list[dict]:
     """Every record (see the module's docstring). results: also write each head's result files
-    (single front photo and three photos) under results/<head>/<model>/{front,three} for pictures."""
+    (single front photo and three photos) under results/<head>/<model>/{front,three} for pictures;
+    peer: also eos on each front photo (method PEER_FRONT; eos fits one photo), from the first
+    model's MediaPipe landmarks."""
     truth_model = store.load_model(TRUTH_MODEL)
     morphable = {name: store.load_model(name) for name in models if name != BUILTIN}
     pipeline = Pipeline()
@@ -68,10 +72,14 @@ def run(folders: list[Path], models: list[str], texture_size: int = 512, tries: 
         truth = metrics.HeadTruth(head, truth_model, texture_size)
         views = [view_at(head, y) for y in (0, SIDE_YAW_DEG, -SIDE_YAW_DEG)]
         photos = [(photo_bytes(head.images[k]), f"{folder.name}_{head.sample.views[k].name}.png") for k in views]
-        for name in models:
+        for index, name in enumerate(models):
             base = {"head": folder.name, "model": name, "kind": "person", "ok": True}
             model = morphable.get(name)
-            single, _ = pipeline.reconstruct(*photos[0], name, texture_size)
+            single, front_rgb = pipeline.reconstruct(*photos[0], name, texture_size)
+            if peer is not None and index == 0:
+                eos_front = peer.fit(front_rgb, single.landmarks, texture_size)
+                records.append({**base, "model": "sfm", "method": PEER_FRONT,
+                                **measured(eos_front, truth, views[0], peer.sfm, True)})
             alone, _ = pipeline.reconstruct_person(photos[:1], name, texture_size)   # its used texels, as fused
             single.texel_used = None if alone is None else alone.texel_used
             records.append({**base, "method": f"{name} front photo", **measured(single, truth, views[0], model, True)})
@@ -132,7 +140,7 @@ def table(records: list[dict], models: list[str]) -> str:
     lines = ["| method | heads | vertex rigid (face area) | 468-pt rigid | surface | neutral vertex | neutral 468-pt "
              "| seen share of face | used share of face | UV PSNR seen | UV PSNR face area | s per request |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name in models:
+    for name in [*models, PEER]:
         for suffix in ("3 photos", "front photo", "mean face"):
             method = f"{name} {suffix}"
             rows = [r for r in records if r.get("method") == method and r["kind"] == "person"]
