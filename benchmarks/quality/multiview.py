@@ -4,12 +4,13 @@ its three views front and ±60° together (`Reconstructor.run_person`; the set h
 often a photo of another person among three is left out.
 
 Records (one per head, model and method; `method` is "<model> 3 photos", "<model> front photo",
-"<model> mean face" or, with the peer, "eos (sfm) front photo": eos fits one photo): the geometry of `metrics.geometry` for the front view (vertex errors over
-the face area; ICT-FaceKit only, which shares the truth's topology; the 468 points for every
-model), the texture of `metrics.texture` (seen share of the face area: texels a used photo sees, in view,
-facing it and not hidden, the same rule for one photo and for three; used share: texels whose
-colour the bake took from a photo, skin not clipped nor in deep shadow; PSNR on the seen texels),
-and `psnr_face`: PSNR of the whole face area (seen and filled texels) against the truth albedo.
+"<model> mean face" or, with the peer, "eos (sfm) front photo": eos fits one photo): the geometry
+of `metrics.geometry` for the front view (vertex errors over the face area; ICT-FaceKit only,
+which shares the truth's topology; the 468 points for every model), the texture of
+`metrics.texture` (seen share of the face area: texels a used photo sees, in view, facing it and
+not hidden, the same rule for one photo and for three; used share: texels whose colour the bake
+took from a photo, skin not clipped nor in deep shadow; PSNR on the seen texels), and
+`psnr_face`: PSNR of the whole face area (seen and filled texels) against the truth albedo.
 Outlier records (`kind` "outlier"): three photos, the first two of head i (front, +60°), the
 third another head's -60° view; `flagged`: that photo, and only it, was left out.
 """
