@@ -2,12 +2,15 @@
 and MediaPipe on them, learn from the pairs (models/calibration.py), store the result beside the
 model's cache (models/store.py). Run by `facerecon-backend models install` and `models calibrate`.
 
-    calibrate(model, renders=DEFAULT_RENDERS, seed=0, device="cpu", workers=2, progress=callback) -> Calibration
+    calibrate(model, renders=DEFAULT_RENDERS, seed=0, device="cpu", workers=2, progress=callback,
+              view_heads=renders // 2) -> Calibration
 
 Per head (`synthetic.sampling.sample_head`, one seed each): a random identity (N(0, 1)), up to
 three expressions, a light, an albedo from a small pool (albedo textures are the slow part of a
 scene and their variety matters less than the geometry's), and VIEWS_PER_HEAD views at random
-yaws up to ±MAX_YAW_DEG. Rendering is the fast renderer (CPU, or batched on a CUDA device);
+yaws up to ±MAX_YAW_DEG. Then `view_heads` other heads, each seen once in each of the ViewsPrior's
+yaw spans (front and both sides, models/calibration.py VIEW_SPANS_DEG), for the read-out of a
+person's three photos. Rendering is the fast renderer (CPU, or batched on a CUDA device);
 detection runs on the CPU, in `workers` processes. Deterministic for a seed and a count.
 """
 from __future__ import annotations
@@ -17,13 +20,14 @@ import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
 from .geometry import Camera, Pose, rigid_fit
 from .models.builtin import load_builtin
-from .models.calibration import DEFAULT_RENDERS, Calibration, CalibrationSample, learn, learn_shape_correction
+from .models.calibration import (DEFAULT_RENDERS, VIEW_SPANS_DEG, Calibration, CalibrationSample, ViewsPrior, learn,
+                                 learn_shape_correction, learn_views)
 from .models.morphable import MorphableModel
 from .models.morphable_fit import ModelFitter, Weighting
 from .render.rasterize import rasterize
@@ -37,6 +41,8 @@ CHUNK_HEADS = 8                      # heads rendered per batch (a GPU renders t
 DETECT_CHUNK = 4                     # renders per task of a detection process
 HOLD_OUT_EVERY = 5                   # every 5th render with landmarks judges the noise scale
 NOISE_SCALES = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)
+VIEWS_PER_TRIPLE = len(VIEW_SPANS_DEG)  # renders of a head for the ViewsPrior
+VIEW_SEED_OFFSET = 7_919             # its heads' seed: not the one-view renders' heads
 Progress = Callable[[int, int], None]  # (renders done, renders in all)
 
 
@@ -54,10 +60,15 @@ class _Render:
 
 
 def calibrate(model: MorphableModel, renders: int = DEFAULT_RENDERS, seed: int = 0, device: str = "cpu",
-              workers: int = 2, progress: Progress | None = None) -> Calibration:
-    """Render `renders` views of random heads of `model`, detect, learn. See the module docstring."""
+              workers: int = 2, progress: Progress | None = None, view_heads: int | None = None) -> Calibration:
+    """Render `renders` views of random heads of `model`, detect, learn; then `view_heads` more heads
+    (default renders // 2) each in the three views of a ViewsPrior (3 renders a head), and learn
+    it. progress: (renders done, renders in all) over both. See the module docstring."""
     started = time.perf_counter()
-    samples = render_and_detect(model, renders, seed, device, workers, progress)
+    view_heads = renders // 2 if view_heads is None else view_heads
+    total = renders + VIEWS_PER_TRIPLE * view_heads
+    samples = render_and_detect(model, renders, seed, device, workers,
+                                None if progress is None else (lambda done, _: progress(done, total)))
     reference = load_builtin().reference_vertices
     calibration = learn(model, samples, reference)
     calibration.facts.update(tune_noise_scale(model, samples, reference, device))
@@ -65,6 +76,11 @@ def calibrate(model: MorphableModel, renders: int = DEFAULT_RENDERS, seed: int =
     correction = learn_shape_correction(model, detected, reference)
     correction.facts.update(held_out_points_error_mm=builtin_errors(model, detected, reference))
     calibration = replace(calibration, shape_correction=correction)
+    if view_heads:
+        triples = render_and_detect(model, VIEWS_PER_TRIPLE * view_heads, seed + VIEW_SEED_OFFSET, device, workers,
+                                    None if progress is None else (lambda done, _: progress(renders + done, total)),
+                                    spans=VIEW_SPANS_DEG)
+        calibration = replace(calibration, views=learn_views_judged(model, calibration, triples, reference))
     calibration.facts.update(seed=seed, device=device, renders=len(samples),
                              detected_renders=sum(s.landmarks is not None for s in samples),
                              seconds=round(time.perf_counter() - started, 1))
@@ -72,8 +88,11 @@ def calibrate(model: MorphableModel, renders: int = DEFAULT_RENDERS, seed: int =
 
 
 def render_and_detect(model: MorphableModel, renders: int, seed: int = 0, device: str = "cpu", workers: int = 2,
-                      progress: Progress | None = None) -> list[CalibrationSample]:
-    """The (truth, MediaPipe) pairs of `renders` renders (see the module docstring)."""
+                      progress: Progress | None = None, spans: Sequence[tuple[float, float]] | None = None
+                      ) -> list[CalibrationSample]:
+    """The (truth, MediaPipe) pairs of `renders` renders (see the module docstring), head after
+    head. spans: each head seen once in each of these yaw spans (degrees), in their order, instead
+    of VIEWS_PER_HEAD random yaws."""
     samples: list[CalibrationSample] = []
     context = multiprocessing.get_context("spawn")
     from .models.face_model import triangulate
@@ -88,7 +107,7 @@ def render_and_detect(model: MorphableModel, renders: int, seed: int = 0, device
             if progress:
                 progress(len(samples), renders)
 
-        for batch in _render_batches(model, renders, seed, device):      # rendering overlaps detection
+        for batch in _render_batches(model, renders, seed, device, spans):  # rendering overlaps detection
             jobs = [(r.rgb, r.posed_camera.astype(np.float32), r.camera) for r in batch]
             for start in range(0, len(jobs), DETECT_CHUNK):                  # spread over the workers
                 pending.append((pool.submit(_detect_batch, jobs[start:start + DETECT_CHUNK]),
@@ -118,6 +137,42 @@ def tune_noise_scale(model: MorphableModel, samples: list[CalibrationSample], re
                                                                Weighting.uncalibrated(model), device), 3),
                                          "mean_face": round(mean_face_error_mm(model, held_out), 3)},
             "noise_scale_errors_mm": {str(s): round(e, 3) for s, e in errors.items()}}
+
+
+def learn_views_judged(model: MorphableModel, calibration: Calibration, samples: list[CalibrationSample],
+                       reference: np.ndarray) -> ViewsPrior | None:
+    """The ViewsPrior of `samples` (three a head, VIEW_SPANS_DEG's order), with in its facts the
+    neutral face-area error (mm, rigid) on a held-out fifth of the heads: its read-out learnt on
+    the rest, the mean of `calibration`'s three one-view predictions, the front view's, the mean face."""
+    triples = [samples[k:k + VIEWS_PER_TRIPLE] for k in range(0, len(samples) - VIEWS_PER_TRIPLE + 1,
+                                                                VIEWS_PER_TRIPLE)]
+    views = learn_views(triples, reference)
+    found = [t for t in triples if all(s.landmarks is not None for s in t)]
+    held_out, train = found[::HOLD_OUT_EVERY], [t for k, t in enumerate(found) if k % HOLD_OUT_EVERY]
+    judge = learn_views(train, reference)
+    if views is None or judge is None or not held_out:
+        return views
+    k_id = len(model.identity_basis)
+
+    def error(identities: list[np.ndarray]) -> float:
+        return round(float(np.mean([neutral_error_mm(model, mine, t[0].identity)
+                                    for mine, t in zip(identities, held_out)])), 3)
+    one_view = [[calibration.predict(s.landmarks, reference, s.camera)[:k_id] for s in t]  # type: ignore[arg-type]
+                for t in held_out]
+    views.facts.update(held_out_heads=len(held_out), held_out_neutral_error_mm={
+        "three_views": error([judge.predict([s.landmarks for s in t], reference, [s.camera for s in t])  # type: ignore[misc]
+                              for t in held_out]),
+        "mean_of_one_view_predictions": error([np.mean(p, axis=0) for p in one_view]),
+        "front_view_prediction": error([p[0] for p in one_view]),
+        "mean_face": error([np.zeros(k_id) for _ in held_out])})
+    return views
+
+
+def neutral_error_mm(model: MorphableModel, identity: np.ndarray, truth: np.ndarray) -> float:
+    """Mean distance (mm) over the face area between two identities' neutral shapes, rigidly aligned."""
+    region = model.face_region
+    mine, theirs = model.vertices(identity)[region], model.vertices(truth)[region]
+    return 1000 * float(np.linalg.norm(rigid_fit(mine, theirs).apply(mine) - theirs, axis=1).mean())
 
 
 def builtin_errors(model: MorphableModel, samples: list[CalibrationSample], reference: np.ndarray) -> dict:
@@ -171,14 +226,15 @@ def yaws(rng: np.random.Generator) -> tuple[float, ...]:
     return tuple(float(y) for y in rng.uniform(-MAX_YAW_DEG, MAX_YAW_DEG, VIEWS_PER_HEAD))
 
 
-def _render_batches(model: MorphableModel, renders: int, seed: int, device: str) -> Iterator[list[_Render]]:
-    """The renders, CHUNK_HEADS heads at a time."""
+def _render_batches(model: MorphableModel, renders: int, seed: int, device: str,
+                    spans: Sequence[tuple[float, float]] | None = None) -> Iterator[list[_Render]]:
+    """The renders, CHUNK_HEADS heads at a time (`render_and_detect`'s spans)."""
     from .synthetic.albedo import albedo_texture, vertex_albedo
     from .synthetic.sampling import sample_head
     from .synthetic.scene import SyntheticScene, model_render_mesh
     from .render.shade import Light, render_batch
     rng = np.random.default_rng(seed)
-    heads = -(-renders // VIEWS_PER_HEAD)
+    heads = -(-renders // (VIEWS_PER_HEAD if spans is None else len(spans)))
     albedos = [sample_head(model, seed * 100_003 + k).albedo for k in range(ALBEDO_POOL)]
     looks: dict[int, tuple] = {}                                  # pool index -> (texture, render mesh)
     made = 0
@@ -193,7 +249,8 @@ def _render_batches(model: MorphableModel, renders: int, seed: int, device: str)
         cameras: list[Camera] = []
         lights: list[Light | None] = []
         for k in range(start, min(heads, start + CHUNK_HEADS)):
-            sample = sample_head(model, seed * 100_003 + ALBEDO_POOL + k, yaws_deg=yaws(rng), size_px=RENDER_SIZE_PX)
+            views = yaws(rng) if spans is None else tuple(float(rng.uniform(low, high)) for low, high in spans)
+            sample = sample_head(model, seed * 100_003 + ALBEDO_POOL + k, yaws_deg=views, size_px=RENDER_SIZE_PX)
             neutral = model.vertices(sample.identity)
             scene = SyntheticScene(model, sample, neutral, neutral + np.tensordot(sample.expression,
                                    model.expression_basis, axes=1), texture, np.zeros((model.vertex_count, 3)))

@@ -35,6 +35,12 @@ def test_calibration_beats_the_uncalibrated_fit_and_the_mean_face_on_held_out_re
     assert calibration.noise.shape == (468, 3) and np.all(calibration.noise > 0)
     builtin = calibration.shape_correction.facts["held_out_points_error_mm"]
     assert builtin["corrected"] < builtin["mediapipe"]
+    views = calibration.views                     # 20 more heads, each at 0 and about ±55 degrees
+    assert views is not None and views.facts["heads"] >= 16
+    from backend_server.models import store
+    assert views.weights.shape == (3 * 1404, len(store.load_model("sfm").identity_basis))
+    assert set(views.facts["held_out_neutral_error_mm"]) == {"three_views", "mean_of_one_view_predictions",
+                                                             "front_view_prediction", "mean_face"}
 
 
 def test_the_stored_calibration_is_what_the_fit_uses_until_the_model_changes(calibrated_sfm, caplog):
@@ -44,6 +50,8 @@ def test_the_stored_calibration_is_what_the_fit_uses_until_the_model_changes(cal
     store.load_calibration.cache_clear()
     loaded = store.load_calibration("sfm", folder)
     assert loaded is not None and np.array_equal(loaded.prior_weights, calibration.prior_weights)
+    assert loaded.views is not None and np.array_equal(loaded.views.weights, calibration.views.weights)
+    assert loaded.views.facts == calibration.views.facts and "views" not in loaded.facts
     model = store.load_model("sfm")
     face = MorphableFaceModel(model, loaded)
     assert face.weighting.calibration is loaded

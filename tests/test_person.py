@@ -98,6 +98,37 @@ def test_the_joint_fit_takes_the_calibrated_weighting(ict_model):
     assert error < 0.2 * mean
 
 
+def test_a_front_and_both_sides_take_the_three_view_read_out_and_fewer_views_do_not(ict_model):
+    """A calibration whose one-view prior says "the mean face" and whose three-view read-out
+    (ViewsPrior) knows the true identity, and is sure of it: three photos at 0 and ±55° come out
+    at the truth; a front and one side (no three-view read-out) stay near the mean face; photos
+    at yaws the read-out was not learnt for (0, ±25°) too."""
+    from backend_server.models.calibration import Calibration, ViewsPrior
+    from backend_server.models.morphable_face import MorphableFaceModel
+    from backend_server.models.morphable_fit import Weighting
+    truth = np.random.default_rng(8).normal(0, 1, len(ict_model.identity_basis))
+    k_id, k_exp = len(ict_model.identity_basis), len(ict_model.expression_basis)
+    views = ViewsPrior(np.zeros((3 * 1404, k_id)), truth, np.full(k_id, 0.05), np.zeros(3 * 1404), {})
+    calibration = Calibration(ict_model.correspondence(), Weighting.uncalibrated(ict_model).sigma,
+                              np.zeros((1404, k_id + k_exp)), np.zeros(k_id + k_exp),
+                              np.r_[np.full(k_id, 0.05), np.ones(k_exp)], np.zeros(1404), {"noise_scale": 128.0},
+                              views=views)
+    face = MorphableFaceModel(ict_model, calibration)
+    mean = neutral_error_mm(ict_model, np.zeros_like(truth), truth)
+
+    def error(yaws):
+        marks, cameras = views_of(ict_model, truth, yaws)
+        person = face.fit_person(marks, cameras)
+        assert person.kept == list(range(len(yaws)))
+        return neutral_error_mm(ict_model, person.fits[0].identity, truth)
+    three, two, near_front = error((0, 55, -55)), error((0, 55)), error((0, 25, -25))
+    print(f"neutral error: three views {three:.2f}, front and one side {two:.2f}, 0/±25° {near_front:.2f} mm "
+          f"(mean face {mean:.2f})")
+    assert three < 0.2 * mean
+    assert two > 0.8 * mean and near_front > 0.8 * mean
+    assert ViewsPrior.pick([-50.0, 2.0, 61.0, 40.0]) == [1, 2, 0]
+    assert ViewsPrior.pick([2.0, 61.0]) is None
+
 def test_a_photo_that_has_no_face_is_left_out_and_none_left_is_for_the_pipeline(ict_model):
     from backend_server.models import registry
     face = registry.face_model("ict-facekit")

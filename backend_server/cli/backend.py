@@ -224,7 +224,8 @@ def after_install(args: argparse.Namespace, manifest: dict) -> int:
     if args.calibration_renders <= 0:
         print(f"not calibrated (--calibration-renders 0): run `facerecon-backend models calibrate {manifest['name']}`")
         return 0
-    return calibrate_installed(manifest["name"], args.calibration_renders, args.seed, args.device, args.workers)
+    return calibrate_installed(manifest["name"], args.calibration_renders, args.seed, args.device, args.workers,
+                               args.view_heads)
 
 
 def run_models_calibrate(args: argparse.Namespace) -> int:
@@ -235,14 +236,16 @@ def run_models_calibrate(args: argparse.Namespace) -> int:
         print(f"facerecon-backend: no installed model {args.name!r} (installed: {installed}); "
               "install it first with `facerecon-backend models install`", file=sys.stderr)
         return 1
-    return calibrate_installed(args.name, args.renders, args.seed, args.device, args.workers)
+    return calibrate_installed(args.name, args.renders, args.seed, args.device, args.workers, args.view_heads)
 
 
-def calibrate_installed(name: str, renders: int, seed: int, device: str, workers: int) -> int:
+def calibrate_installed(name: str, renders: int, seed: int, device: str, workers: int,
+                        view_heads: int | None = None) -> int:
     """Calibrate installed model `name` to MediaPipe (backend_server/calibration.py) with a progress
-    bar, store the result in its cache and print what it gained on held-out renders."""
+    bar, store the result in its cache and print what it gained on held-out renders. view_heads:
+    heads rendered in three views for the read-out of a person's photos (None: renders // 2)."""
     from tqdm import tqdm
-    from backend_server.calibration import calibrate
+    from backend_server.calibration import VIEWS_PER_TRIPLE, calibrate
     from backend_server.devices import parse_devices
     from backend_server.models import store
     from backend_server.models.calibration import MIN_RENDERS
@@ -255,13 +258,15 @@ def calibrate_installed(name: str, renders: int, seed: int, device: str, workers
     except ValueError as exc:
         print(f"facerecon-backend: {exc}", file=sys.stderr)
         return 2
-    print(f"calibrating {name} to MediaPipe: {renders} synthetic renders on {torch_device}, "
-          f"{workers} detection processes ...", flush=True)
-    with tqdm(total=renders, unit="render", desc=f"calibrate {name}") as bar:
+    view_heads = renders // 2 if view_heads is None else max(0, view_heads)
+    total = renders + VIEWS_PER_TRIPLE * view_heads
+    print(f"calibrating {name} to MediaPipe: {renders} synthetic renders, then {view_heads} heads in three "
+          f"views each, on {torch_device}, {workers} detection processes ...", flush=True)
+    with tqdm(total=total, unit="render", desc=f"calibrate {name}") as bar:
         def progress(done: int, total: int) -> None:
             bar.update(done - bar.n)
         try:
-            calibration = calibrate(store.load_model(name), renders, seed, torch_device, workers, progress)
+            calibration = calibrate(store.load_model(name), renders, seed, torch_device, workers, progress, view_heads)
         except ValueError as exc:                     # too few renders gave landmarks
             print(f"facerecon-backend: cannot calibrate {name}: {exc}; try more --renders", file=sys.stderr)
             return 1
@@ -271,7 +276,14 @@ def calibrate_installed(name: str, renders: int, seed: int, device: str, workers
     print(f"calibrated {name} in {facts['seconds']} s: landmarks placed on {facts['detected_renders']} of "
           f"{facts['renders']} renders; on {facts['held_out_renders']} held-out renders the face-area vertex "
           f"error is {errors['calibrated']} mm (uncalibrated fit {errors['uncalibrated']} mm, mean face "
-          f"{errors['mean_face']} mm). Saved {path}; restart a running server to use it.")
+          f"{errors['mean_face']} mm).")
+    if calibration.views is not None and "held_out_neutral_error_mm" in calibration.views.facts:
+        views = calibration.views.facts["held_out_neutral_error_mm"]
+        print(f"three photos of one person (front and both sides) read together: on "
+              f"{calibration.views.facts['held_out_heads']} held-out heads the neutral face-area error is "
+              f"{views['three_views']} mm (the three views' one-photo predictions averaged "
+              f"{views['mean_of_one_view_predictions']} mm, mean face {views['mean_face']} mm).")
+    print(f"Saved {path}; restart a running server to use it.")
     return 0
 
 
@@ -302,6 +314,9 @@ def add_calibration_options(parser: argparse.ArgumentParser, renders_flag: str) 
     parser.add_argument("--device", default="cpu", help="renders on cpu (default) or a GPU such as 0 or cuda:0")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="processes running the detector and MediaPipe on the renders (default: one per core)")
+    parser.add_argument("--view-heads", type=int, default=None,
+                        help="heads rendered in three views (front, both sides) to learn how a person's three "
+                        "photos read together (default: half the renders; 0 skips it)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,12 @@ the detected point lies (`CalibrationSample`). `learn` turns those pairs into a 
 - **prior**: a ridge regression from the landmarks, brought into a canonical head frame by a
   similarity fit of the built-in reference face, to the identity and expression coefficients, and
   the spread of its error per coefficient: the fit starts at the prediction and is pulled toward it
-  as strongly as the prediction deserves; where the points say little, that is the mean.
+  as strongly as the prediction deserves; where the points say little, that is the mean;
+- **views** (`ViewsPrior`, optional): the same read-out of the identity from three photos of one
+  face at once, front and both sides (VIEW_SPANS_DEG), learnt on renders of heads seen so: three
+  views' points carry more of the identity than one view's or the mean of three one-view
+  predictions (docs/quality.md). The joint fit of several photos (joint_fit.py) takes it as the
+  identity's prior mean when its photos include those three views.
 
 Frames: head frame of the model (metres); landmarks in photo pixels (geometry.py).
 """
@@ -40,6 +45,10 @@ JAW_CONTOUR = (454, 323, 361, 288, 397, 365, 379, 378, 400, 377, 152, 148, 176, 
 MIN_HITS = 12                               # renders a point must have landed on the surface in
 RIDGE_GRID = (1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)   # relative to the features' size
 FOLDS = 5
+VIEW_SPANS_DEG = ((-8.0, 8.0), (43.0, 67.0), (-67.0, -43.0))   # yaw spans of the views ViewsPrior reads:
+                                            # front, one side, the other (the renderer's and Pose's yaw)
+VIEW_MATCH_DEG = 12.0                       # a photo stands for a span within this of it (its fitted yaw)
+MIN_VIEW_HEADS = 10                         # heads seen in all three views a ViewsPrior needs
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,7 @@ class Calibration:
     feature_mean: np.ndarray
     facts: dict
     shape_correction: ShapeCorrection | None = None      # for the built-in model; stored apart (store.py)
+    views: ViewsPrior | None = None                       # three views at once; in the same file
 
     def predict(self, landmarks: np.ndarray, reference: np.ndarray, camera: Camera) -> np.ndarray:
         """(K,) the prior's coefficients for (478, 3) landmarks."""
@@ -87,16 +97,69 @@ class Calibration:
                   "valid": self.correspondence.valid, "residual_m": self.correspondence.residual_m,
                   "noise": self.noise, "prior_weights": self.prior_weights, "prior_bias": self.prior_bias,
                   "prior_sigma": self.prior_sigma, "feature_mean": self.feature_mean}
-        save_arrays(path, self.facts, arrays)
+        facts = dict(self.facts)
+        if self.views is not None:
+            arrays.update({f"views_{name}": getattr(self.views, name) for name in ViewsPrior.ARRAYS})
+            facts["views"] = self.views.facts
+        save_arrays(path, facts, arrays)
 
     @classmethod
     def load(cls, path: Path) -> Calibration:
-        """ValueError, naming the file, for a damaged file or one of another version."""
+        """ValueError, naming the file, for a damaged file or one of another version. A file
+        without a ViewsPrior (calibrated before it existed) loads with `views` None."""
         facts, arrays = load_arrays(path, ("corners", "bary", "valid", "residual_m", "noise", "prior_weights",
                                            "prior_bias", "prior_sigma", "feature_mean"), "calibrate the model again")
         correspondence = Correspondence(arrays["corners"], arrays["bary"], arrays["valid"], arrays["residual_m"])
+        views = None
+        if "views" in facts:
+            _, parts = load_arrays(path, tuple(f"views_{name}" for name in ViewsPrior.ARRAYS),
+                                   "calibrate the model again")
+            views = ViewsPrior(**{name: parts[f"views_{name}"] for name in ViewsPrior.ARRAYS},
+                               facts=facts.pop("views"))
         return cls(correspondence, arrays["noise"], arrays["prior_weights"], arrays["prior_bias"],
-                   arrays["prior_sigma"], arrays["feature_mean"], facts)
+                   arrays["prior_sigma"], arrays["feature_mean"], facts, views=views)
+
+
+@dataclass(frozen=True, eq=False)
+class ViewsPrior:
+    """The identity from one face's three views at once (the module docstring's **views**): the
+    views' canonical landmarks (`canonical_landmarks`, flattened, in VIEW_SPANS_DEG's order,
+    concatenated: 3 x 1 404 features) less `feature_mean` (3F,), times `weights` (3F, K_id), plus
+    `bias` (K_id,): identity coefficients; `sigma` (K_id,): its cross-validated error per
+    coefficient."""
+
+    ARRAYS = ("weights", "bias", "sigma", "feature_mean")
+
+    weights: np.ndarray
+    bias: np.ndarray
+    sigma: np.ndarray
+    feature_mean: np.ndarray
+    facts: dict
+
+    def predict(self, landmarks: Sequence[np.ndarray], reference: np.ndarray, cameras: Sequence[Camera]
+                ) -> np.ndarray:
+        """(K_id,) for the three views' (478, 3) landmarks (photo pixels) and cameras, in
+        VIEW_SPANS_DEG's order."""
+        return self.features(landmarks, reference, cameras) @ self.weights + self.bias
+
+    def features(self, landmarks: Sequence[np.ndarray], reference: np.ndarray, cameras: Sequence[Camera]
+                 ) -> np.ndarray:
+        return np.concatenate([canonical_landmarks(marks, reference, camera).ravel()
+                               for marks, camera in zip(landmarks, cameras)]) - self.feature_mean
+
+    @staticmethod
+    def pick(yaws_deg: Sequence[float]) -> list[int] | None:
+        """The photos (indices into `yaws_deg`, their fitted yaws in degrees) that stand for the
+        three views, in VIEW_SPANS_DEG's order: per span the photo nearest its centre, within
+        VIEW_MATCH_DEG of the span; None unless three different photos are found."""
+        chosen: list[int] = []
+        for low, high in VIEW_SPANS_DEG:
+            near = [k for k, yaw in enumerate(yaws_deg)
+                    if low - VIEW_MATCH_DEG <= yaw <= high + VIEW_MATCH_DEG and k not in chosen]
+            if not near:
+                return None
+            chosen.append(min(near, key=lambda k: abs(yaws_deg[k] - (low + high) / 2)))
+        return chosen
 
 
 @dataclass(frozen=True, eq=False)
@@ -180,6 +243,21 @@ def learn_shape_correction(model: MorphableModel, samples: list[CalibrationSampl
     weights, bias, _, ridge = ridge_prior(features - feature_mean, np.array(targets))
     return ShapeCorrection(weights, bias, feature_mean, {"learnt_from": model.name, "renders": len(samples),
                                                          "ridge": ridge})
+
+
+def learn_views(triples: Sequence[Sequence[CalibrationSample]], reference: np.ndarray) -> ViewsPrior | None:
+    """A ViewsPrior from heads each seen in VIEW_SPANS_DEG's three views (`triples`: per head its
+    three samples in that order); heads where a view has no landmarks are left out; None when
+    fewer than MIN_VIEW_HEADS remain."""
+    seen = [t for t in triples if all(s.landmarks is not None for s in t)]
+    if len(seen) < MIN_VIEW_HEADS:
+        return None
+    features = np.array([np.concatenate([canonical_landmarks(s.landmarks, reference, s.camera).ravel()  # type: ignore[arg-type]
+                                         for s in t]) for t in seen])
+    feature_mean = features.mean(0)
+    weights, bias, sigma, ridge = ridge_prior(features - feature_mean, np.array([t[0].identity for t in seen]))
+    return ViewsPrior(weights, bias, sigma, feature_mean, {"heads": len(seen), "ridge": ridge,
+                                                           "spans_deg": [list(s) for s in VIEW_SPANS_DEG]})
 
 
 def canonical_landmarks(landmarks: np.ndarray, reference: np.ndarray, camera: Camera) -> np.ndarray:

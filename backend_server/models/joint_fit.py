@@ -5,15 +5,17 @@ calibrated `Weighting` applies where the model has a calibration).
 
 Objective: the sum over photos of each photo's objective in `morphable_fit` with the identity
 shared, each photo's landmark terms weighted by cos(yaw)^VIEW_WEIGHT_POWER; the identity's prior
-counts once per photo (its mean: the mean of the photos' predicted means where a calibration
-predicts one, else 0). Counting it once let the identity chase the turned views' landmark biases:
-on the synthetic heads the neutral shape got worse than the front photo's own fit (4.6 against
+counts once per photo (its mean: where a calibration predicts one, its three-view read-out when
+the photos include a front and both sides (`calibration.ViewsPrior`), else the mean of the
+photos' predicted means; else 0). Counting it once let the identity chase the turned views'
+landmark biases: on the synthetic heads the neutral shape got worse than the front photo's own fit (4.6 against
 3.6 mm); as it is, it is level with the model's mean face (3.5 mm), see docs/quality.md.
 Solved by Levenberg-Marquardt over all parameters at once (the Weighting's `iterations` plus
 JOINT_EXTRA_ITERATIONS steps):
 per photo (rotation increment, direction, log distance, expression), then the identity, a dense
 (B·(6 + K_exp) + K_id)² normal system (277² for three photos of ICT-FaceKit) assembled from each
-photo's JᵀJ. Start: each photo's own fit (`ModelFitter.fit`, batched), identity their mean.
+photo's JᵀJ. Start: each photo's own fit (`ModelFitter.fit`, batched), identity the prior's mean
+(with a calibration) or their mean.
 
 Leaving a photo out: per photo the *mismatch* is its landmarks' cost under the joint fit minus
 under its own fit, per landmark, over MISMATCH_LIMIT. While the largest is over 1, that photo is
@@ -53,17 +55,24 @@ class JointResult:
 
 
 def _prior_mean(fitter: ModelFitter, landmarks: list[np.ndarray], cameras: list[Camera],
-                reference: np.ndarray) -> np.ndarray:
+                reference: np.ndarray, yaws_deg: list[float]) -> np.ndarray:
     """(B, K_id + K_exp): each photo's prior mean (the calibration's prediction, or 0), with the
-    identity part replaced by the photos' mean."""
+    identity part replaced by one for all: the calibration's three-view read-out where it has one
+    and the photos (by their own fits' yaws) include its three views, else the photos' mean."""
     count = len(landmarks)
     mean = np.zeros((count, fitter.k_identity + fitter.k_expression))
     calibration = fitter.weighting.calibration
-    if calibration is not None:
-        mean = np.array([calibration.predict(marks, reference, camera) for marks, camera in zip(landmarks, cameras)])
-        mean[:, fitter.k_identity:] = np.clip(mean[:, fitter.k_identity:], 0, 1) * \
-            fitter.expression_mask.cpu().numpy()
-    mean[:, :fitter.k_identity] = mean[:, :fitter.k_identity].mean(0)
+    if calibration is None:
+        return mean
+    mean = np.array([calibration.predict(marks, reference, camera) for marks, camera in zip(landmarks, cameras)])
+    mean[:, fitter.k_identity:] = np.clip(mean[:, fitter.k_identity:], 0, 1) * fitter.expression_mask.cpu().numpy()
+    views = calibration.views
+    chosen = None if views is None else views.pick(yaws_deg)
+    if views is not None and chosen is not None:
+        mean[:, :fitter.k_identity] = views.predict([landmarks[k] for k in chosen], reference,
+                                                    [cameras[k] for k in chosen])
+    else:
+        mean[:, :fitter.k_identity] = mean[:, :fitter.k_identity].mean(0)
     return mean
 
 
@@ -97,9 +106,11 @@ def joint_fit(fitter: ModelFitter, landmarks: list[np.ndarray], cameras: list[Ca
     dev, f32 = fitter.device, torch.float32
     k_id, k_exp = fitter.k_identity, fitter.k_expression
     marks = torch.as_tensor(np.array([m[:468] for m in landmarks]), dtype=f32, device=dev)
-    prior_mean = _prior_mean(fitter, landmarks, cameras, reference)
+    prior_mean = _prior_mean(fitter, landmarks, cameras, reference,
+                             [f.pose.euler_degrees()["yaw"] for f in singles])
     problem = _Problem(fitter, marks, cameras, torch.as_tensor(prior_mean, dtype=f32, device=dev))
-    state = _state_of(singles, np.mean([f.identity for f in singles], axis=0), dev)
+    state = _state_of(singles, prior_mean[0, :k_id] if fitter.weighting.calibration is not None
+                      else np.mean([f.identity for f in singles], axis=0), dev)
 
     # Global parameter ids: photo b's (rotation, direction, log distance, expression) at b·L, the
     # identity after every photo's; g[b] maps photo b's local parameters (6, identity, expression).
