@@ -78,10 +78,8 @@ class Heads:
         return np.einsum("nk,nkc->nc", c.bary, v[c.corners])
 
     def neutral_error_mm(self, identity: np.ndarray, truth: np.ndarray) -> float:
-        from backend_server.geometry import rigid_fit
-        region = self.model.face_region
-        mine, theirs = self.model.vertices(identity)[region], self.model.vertices(truth)[region]
-        return 1000 * float(np.linalg.norm(rigid_fit(mine, theirs).apply(mine) - theirs, axis=1).mean())
+        from backend_server.calibration import neutral_error_mm
+        return neutral_error_mm(self.model, identity, truth)
 
 
 def detector_error(heads: Heads, count: int = 300) -> None:
