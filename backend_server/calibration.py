@@ -65,7 +65,7 @@ def calibrate(model: MorphableModel, renders: int = DEFAULT_RENDERS, seed: int =
     (default renders // 2) each in the three views of a ViewsPrior (3 renders a head), and learn
     it. progress: (renders done, renders in all) over both. See the module docstring."""
     started = time.perf_counter()
-    view_heads = renders // 2 if view_heads is None else view_heads
+    view_heads = view_heads_for(renders, view_heads)
     total = renders + VIEWS_PER_TRIPLE * view_heads
     samples = render_and_detect(model, renders, seed, device, workers,
                                 None if progress is None else (lambda done, _: progress(done, total)))
@@ -85,6 +85,11 @@ def calibrate(model: MorphableModel, renders: int = DEFAULT_RENDERS, seed: int =
                              detected_renders=sum(s.landmarks is not None for s in samples),
                              seconds=round(time.perf_counter() - started, 1))
     return calibration
+
+
+def view_heads_for(renders: int, asked: int | None) -> int:
+    """The heads `calibrate` renders in three views: `asked` (none below 0), or half the renders."""
+    return renders // 2 if asked is None else max(0, asked)
 
 
 def render_and_detect(model: MorphableModel, renders: int, seed: int = 0, device: str = "cpu", workers: int = 2,

@@ -33,20 +33,18 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FRONT, LEFT, RIGHT = (-8.0, 8.0), (43.0, 67.0), (-67.0, -43.0)
+from backend_server.models.calibration import VIEW_SPANS_DEG  # noqa: E402 - front, one side, the other
 HELD_OUT = 200
 LAMBDAS = (0.03, 0.1, 0.3, 1.0, 3.0)
 
 
 def render(heads: int, device: str, out: Path, seed: int) -> None:
-    import backend_server.calibration as calibration
+    from backend_server.calibration import render_and_detect
     from backend_server.models.store import load_model
-    calibration.VIEWS_PER_HEAD = 3                    # the calibration's renderer, three view bins per head
-    calibration.yaws = lambda rng: tuple(float(rng.uniform(*span)) for span in (FRONT, LEFT, RIGHT))
     started = time.perf_counter()
-    samples = calibration.render_and_detect(load_model("ict-facekit"), 3 * heads, seed, device, os.cpu_count() or 2,
-                                            lambda done, total: print(f"{done}/{total}", flush=True)
-                                            if done % 600 < 4 else None)
+    samples = render_and_detect(load_model("ict-facekit"), 3 * heads, seed, device, os.cpu_count() or 2,
+                                lambda done, total: print(f"{done}/{total}", flush=True) if done % 600 < 4 else None,
+                                spans=VIEW_SPANS_DEG)
     marks = np.array([s.landmarks if s.landmarks is not None else np.zeros((478, 3)) for s in samples], np.float32)
     np.savez_compressed(out, landmarks=marks, valid=np.array([s.landmarks is not None for s in samples]),
                         identity=np.array([s.identity for s in samples], np.float32),

@@ -139,3 +139,10 @@ def test_every_head_turned_up_to_65_degrees_gets_landmarks(ict_model, monkeypatc
         boxes = detector(render.rgb)
         assert boxes, f"no face found at yaw {render.yaw_deg:.1f}"
         assert landmarker(render.rgb, boxes[0], "render").shape == (478, 3)
+
+
+def test_the_three_view_heads_default_to_half_the_renders_and_never_go_below_zero():
+    from backend_server.calibration import view_heads_for
+    assert view_heads_for(4000, None) == 2000 and view_heads_for(41, None) == 20
+    assert view_heads_for(4000, 1200) == 1200 and view_heads_for(4000, 0) == 0
+    assert view_heads_for(4000, -5) == 0                    # --view-heads -5: skipped, as 0

@@ -129,6 +129,7 @@ def test_a_front_and_both_sides_take_the_three_view_read_out_and_fewer_views_do_
     assert ViewsPrior.pick([-50.0, 2.0, 61.0, 40.0]) == [1, 2, 0]
     assert ViewsPrior.pick([2.0, 61.0]) is None
 
+
 def test_a_photo_that_has_no_face_is_left_out_and_none_left_is_for_the_pipeline(ict_model):
     from backend_server.models import registry
     face = registry.face_model("ict-facekit")

@@ -245,7 +245,7 @@ def calibrate_installed(name: str, renders: int, seed: int, device: str, workers
     bar, store the result in its cache and print what it gained on held-out renders. view_heads:
     heads rendered in three views for the read-out of a person's photos (None: renders // 2)."""
     from tqdm import tqdm
-    from backend_server.calibration import VIEWS_PER_TRIPLE, calibrate
+    from backend_server.calibration import VIEWS_PER_TRIPLE, calibrate, view_heads_for
     from backend_server.devices import parse_devices
     from backend_server.models import store
     from backend_server.models.calibration import MIN_RENDERS
@@ -258,7 +258,7 @@ def calibrate_installed(name: str, renders: int, seed: int, device: str, workers
     except ValueError as exc:
         print(f"facerecon-backend: {exc}", file=sys.stderr)
         return 2
-    view_heads = renders // 2 if view_heads is None else max(0, view_heads)
+    view_heads = view_heads_for(renders, view_heads)
     total = renders + VIEWS_PER_TRIPLE * view_heads
     print(f"calibrating {name} to MediaPipe: {renders} synthetic renders, then {view_heads} heads in three "
           f"views each, on {torch_device}, {workers} detection processes ...", flush=True)

@@ -144,8 +144,7 @@ class ViewsPrior:
 
     def features(self, landmarks: Sequence[np.ndarray], reference: np.ndarray, cameras: Sequence[Camera]
                  ) -> np.ndarray:
-        return np.concatenate([canonical_landmarks(marks, reference, camera).ravel()
-                               for marks, camera in zip(landmarks, cameras)]) - self.feature_mean
+        return views_features(landmarks, reference, cameras) - self.feature_mean
 
     @staticmethod
     def pick(yaws_deg: Sequence[float]) -> list[int] | None:
@@ -252,12 +251,19 @@ def learn_views(triples: Sequence[Sequence[CalibrationSample]], reference: np.nd
     seen = [t for t in triples if all(s.landmarks is not None for s in t)]
     if len(seen) < MIN_VIEW_HEADS:
         return None
-    features = np.array([np.concatenate([canonical_landmarks(s.landmarks, reference, s.camera).ravel()  # type: ignore[arg-type]
-                                         for s in t]) for t in seen])
+    features = np.array([views_features([s.landmarks for s in t], reference, [s.camera for s in t])  # type: ignore[misc]
+                         for t in seen])
     feature_mean = features.mean(0)
     weights, bias, sigma, ridge = ridge_prior(features - feature_mean, np.array([t[0].identity for t in seen]))
     return ViewsPrior(weights, bias, sigma, feature_mean, {"heads": len(seen), "ridge": ridge,
                                                            "spans_deg": [list(s) for s in VIEW_SPANS_DEG]})
+
+
+def views_features(landmarks: Sequence[np.ndarray], reference: np.ndarray, cameras: Sequence[Camera]) -> np.ndarray:
+    """(3 x 1 404,) a ViewsPrior's features before its mean is taken out: the views' canonical
+    landmarks, flattened and concatenated in VIEW_SPANS_DEG's order."""
+    return np.concatenate([canonical_landmarks(marks, reference, camera).ravel()
+                           for marks, camera in zip(landmarks, cameras)])
 
 
 def canonical_landmarks(landmarks: np.ndarray, reference: np.ndarray, camera: Camera) -> np.ndarray:

@@ -160,16 +160,9 @@ class Pipeline:
     def _visible(model_, fit, texture_vertices: np.ndarray, size: int) -> np.ndarray:  # type: ignore[no-untyped-def]
         """(size, size) bool: the texels one fitted photo sees by the bake's facing and depth rule.
         texture_vertices: (topology.vertex_count, 3) camera-frame metres (`FaceModel.texture_vertices`)."""
-        topology = model_.topology
-        mesh = model_.head_mesh(fit)
-        if mesh.neutral is None:                                   # the built-in mesh: its texture vertices
-            positions = np.asarray(texture_vertices)
-        else:
-            refine = topology.refine
-            uv_vertex = refine.cols if isinstance(refine, SparseRows) else np.arange(len(mesh.posed))
-            positions = fit.pose.apply(mesh.posed)[uv_vertex]
         facing, tolerance = _bake_rule()
-        return visible_texels(topology.triangles, topology.uvs, positions, fit.camera, size, facing, tolerance)
+        return visible_texels(model_.topology.triangles, model_.topology.uvs, np.asarray(texture_vertices),
+                              fit.camera, size, facing, tolerance)
 
     def write_result_files(self, photo: bytes, name: str, model: str, folder: Path, texture_size: int = 1024) -> Path:
         """Reconstruct and write every output file (obj, mtl, png, json, neutral, shape keys) into
