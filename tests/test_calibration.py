@@ -146,3 +146,13 @@ def test_the_three_view_heads_default_to_half_the_renders_and_never_go_below_zer
     assert view_heads_for(4000, None) == 2000 and view_heads_for(41, None) == 20
     assert view_heads_for(4000, 1200) == 1200 and view_heads_for(4000, 0) == 0
     assert view_heads_for(4000, -5) == 0                    # --view-heads -5: skipped, as 0
+
+
+def test_a_calibration_from_before_the_three_view_read_out_still_loads(calibrated_sfm, tmp_path):
+    from dataclasses import replace
+    from backend_server.models.calibration import Calibration
+    _, calibration = calibrated_sfm
+    path = tmp_path / "calibration.npz"
+    replace(calibration, views=None).save(path)            # as written before ViewsPrior existed
+    loaded = Calibration.load(path)
+    assert loaded.views is None and np.array_equal(loaded.prior_weights, calibration.prior_weights)
